@@ -1,0 +1,32 @@
+"""``lingbot-ray`` console command: one entry, a subcommand per tool."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> (module, function taking argv, one-line help); imported lazily so that a light
+# command never pays for torch or ray.
+_COMMANDS = {
+    "build-tiny": ("lingbot_ray.models.tiny", "build_tiny_main", "write the embedded tiny checkpoint folder"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="lingbot-ray", description=__doc__)
+    parser.add_argument("command", choices=sorted(_COMMANDS), help="; ".join(f"{k}: {v[2]}" for k, v in _COMMANDS.items()))
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    args = parser.parse_args(argv[:1])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module, func, _ = _COMMANDS[args.command]
+    result = getattr(importlib.import_module(module), func)(argv[1:])
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""The realtime wire contract (PROTOCOL.md): typed messages both ways, validation, close codes.
+
+Imports neither torch nor ray, so clients, tests and the ingress use it cheaply.
+"""
+
+from .client_messages import (
+    ACTION_TOKENS,
+    MAX_PENDING_ENTRIES,
+    CameraState,
+    ClientEvent,
+    ConditionInputs,
+    InitLimits,
+    InitRequest,
+    StateTransition,
+    decode_event,
+    decode_init,
+    normalize_prompt,
+    parse_size,
+)
+from .errors import (
+    GENERATION_COMPLETE,
+    INVALID_EVENT,
+    INVALID_INIT,
+    AuthError,
+    CapacityError,
+    CloseCode,
+    InvalidEvent,
+    InvalidInit,
+    Outcome,
+    ProtocolError,
+    SessionLost,
+    outcome_for,
+)
+from .models_card import ModelCard, ModelList, ModelNotFound, model_not_found
+from .server_messages import (
+    MAX_WIRE_ARRAY,
+    ChunkStats,
+    ErrorMessage,
+    FrameBatch,
+    ServerMessage,
+    encode_server_message,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_")]
