@@ -1,0 +1,174 @@
+"""Camera actions → camera-to-world poses (MODEL.md, "Camera actions → Plücker map").
+
+Conventions: OpenCV camera axes (x right, y down, z forward), poses are camera-to-world 4×4
+matrices ``[[R, t], [0, 1]]`` in float64.
+
+Decisions where the spec leaves room:
+
+* **Latent frame 0** is the given first image: its pose is identity and the actions attached to
+  it are ignored (the image cannot be moved; the original pipeline also forces pose 0 to identity).
+  The actions of latent frame k ≥ 1 move the camera from frame k−1 to frame k.
+* **Within one latent frame** the tokens are a set of held keys (duplicates count once, opposite
+  keys cancel); the rotation is applied first, then the translation along the *new* heading.
+* **Frame-to-frame deltas**: the public LingBot-World code (``compute_relative_poses(...,
+  framewise=True)`` in its image-to-video pipeline, and the public ports of it) conditions on
+  ``pose_0 = I`` and ``pose_k = inv(rel_{k−1})·rel_k`` with ``rel_k = inv(c2w_0)·c2w_k``, and divides
+  translations by the largest translation norm *of those deltas*. That is the default
+  (``framewise=True``); ``framewise=False`` gives the plain relative-to-first poses instead. "The
+  history" is every latent frame of the session so far, up to and including the chunk's last.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Intrinsics:
+    """Pinhole intrinsics in pixels of the generated frame."""
+
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+
+    def __post_init__(self) -> None:
+        if not (self.fx > 0 and self.fy > 0):
+            raise ValueError(f"focal lengths must be positive, got fx={self.fx}, fy={self.fy}")
+
+    @classmethod
+    def default(cls, width: int, height: int, focal: float = 500.0) -> Intrinsics:
+        """fx = fy = ``focal`` (500, verify against the checkpoint's training intrinsics), principal
+        point at the image centre."""
+        return cls(fx=focal, fy=focal, cx=width / 2, cy=height / 2)
+
+
+def _rot_x(degrees: float) -> np.ndarray:
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+
+
+def _rot_y(degrees: float) -> np.ndarray:
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+
+
+def _horizontal(v: np.ndarray) -> np.ndarray:
+    """``v`` projected to the x-z plane and normalised (zero if it has no horizontal part)."""
+    flat = np.array([v[0], 0.0, v[2]])
+    norm = np.linalg.norm(flat)
+    return flat / norm if norm > 1e-12 else np.zeros(3)
+
+
+def se3_inverse(poses: np.ndarray) -> np.ndarray:
+    """Inverse of rigid transforms ``[..., 4, 4]`` (exact transpose, no general inversion)."""
+    rot_t = np.swapaxes(poses[..., :3, :3], -1, -2)
+    out = np.zeros_like(poses)
+    out[..., :3, :3] = rot_t
+    out[..., :3, 3] = -np.einsum("...ij,...j->...i", rot_t, poses[..., :3, 3])
+    out[..., 3, 3] = 1.0
+    return out
+
+
+class CameraTrajectory:
+    """One session's camera path, integrated from identity one latent frame at a time."""
+
+    def __init__(
+        self,
+        *,
+        pitch_step_deg: float = 4.0,
+        yaw_step_deg: float = 6.0,
+        move_step: float = 0.05,
+        pitch_limit_deg: float = 85.0,
+        framewise: bool = True,
+    ) -> None:
+        if not 0 <= pitch_limit_deg < 90:
+            raise ValueError(f"pitch_limit_deg must be in [0, 90), got {pitch_limit_deg}")
+        self.pitch_step_deg = pitch_step_deg
+        self.yaw_step_deg = yaw_step_deg
+        self.move_step = move_step
+        self.pitch_limit_deg = pitch_limit_deg
+        self.framewise = framewise
+        self._rotation = np.eye(3)
+        self._position = np.zeros(3)
+        self._pitch_deg = 0.0
+        self._poses: list[np.ndarray] = []
+        # Running max of the conditioning translations' norms, so a chunk needs no full rescan.
+        self._max_translation = 0.0
+
+    @property
+    def num_frames(self) -> int:
+        return len(self._poses)
+
+    @property
+    def pitch_deg(self) -> float:
+        return self._pitch_deg
+
+    @property
+    def poses(self) -> np.ndarray:
+        """Absolute camera-to-world poses of every latent frame so far, ``[N, 4, 4]``."""
+        return np.stack(self._poses) if self._poses else np.zeros((0, 4, 4))
+
+    def advance(self, actions: Iterable[str]) -> np.ndarray:
+        """Add the next latent frame, moved by ``actions``; returns its absolute pose."""
+        keys = set(actions)
+        if self._poses:
+            self._step(keys)
+        elif keys:
+            logger.debug("latent frame 0 is the given image; ignoring its actions %s", sorted(keys))
+        pose = np.eye(4)
+        pose[:3, :3] = self._rotation
+        pose[:3, 3] = self._position
+        if self._poses:
+            reference = self._poses[-1] if self.framewise else self._poses[0]
+            moved = np.linalg.norm(pose[:3, 3] - reference[:3, 3])
+            self._max_translation = max(self._max_translation, float(moved))
+        self._poses.append(pose)
+        return pose.copy()
+
+    def extend(self, actions_per_frame: Iterable[Iterable[str]]) -> None:
+        for actions in actions_per_frame:
+            self.advance(actions)
+
+    def _step(self, keys: set[str]) -> None:
+        pitch = self.pitch_step_deg * (("i" in keys) - ("k" in keys))
+        if pitch and abs(self._pitch_deg + pitch) > self.pitch_limit_deg + 1e-9:
+            pitch = 0.0  # a step that would pass the limit is skipped, not clipped
+        yaw = self.yaw_step_deg * (("l" in keys) - ("j" in keys))
+        if pitch or yaw:
+            self._pitch_deg += pitch
+            # Yaw about the world vertical, pitch about the camera's own x axis: no roll builds up.
+            self._rotation = _rot_y(yaw) @ self._rotation @ _rot_x(pitch)
+        forward = ("w" in keys) - ("s" in keys)
+        right = ("d" in keys) - ("a" in keys)
+        if forward or right:
+            self._position = self._position + self.move_step * (
+                forward * _horizontal(self._rotation[:, 2]) + right * _horizontal(self._rotation[:, 0])
+            )
+
+    def chunk_c2w(self, num_frames: int) -> np.ndarray:
+        """Conditioning poses ``[F, 4, 4]`` (float64) for the last ``num_frames`` latent frames.
+
+        Relative to the first frame, frame-to-frame deltas when ``framewise``, translations divided
+        by the largest translation norm of the session's history (unchanged when nothing moved).
+        """
+        if not 1 <= num_frames <= len(self._poses):
+            raise ValueError(f"num_frames {num_frames} must be in [1, {len(self._poses)}] (frames so far)")
+        start = len(self._poses) - num_frames
+        first = max(start - 1, 0) if self.framewise else start
+        relative = se3_inverse(self._poses[0]) @ np.stack(self._poses[first:])
+        if self.framewise:
+            deltas = se3_inverse(relative[:-1]) @ relative[1:]
+            out = deltas if start > 0 else np.concatenate([np.eye(4)[None], deltas])
+        else:
+            out = relative
+        if self._max_translation > 0:
+            out[:, :3, 3] /= self._max_translation
+        return out

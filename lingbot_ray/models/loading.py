@@ -1,0 +1,360 @@
+"""Load and save `CausalLingBotWorldTransformer3DModel` checkpoints in either tensor-name layout.
+
+Published checkpoints carry the original Wan names (`blocks.N.self_attn.q.weight`, ...); the model
+uses diffusers' names (`blocks.N.attn1.to_q.weight`, ...). Camera tensors have the same name in both.
+Folders hold `config.json` plus either `diffusion_pytorch_model.safetensors` or shards
+`diffusion_pytorch_model-000NN-of-000MM.safetensors` listed by `diffusion_pytorch_model.safetensors.index.json`.
+
+Loading builds the model on the meta device, checks every name and shape against the safetensors
+headers before reading any data, then streams the shards one at a time and assigns the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .transformer_lingbot import CausalLingBotWorldTransformer3DModel
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DIFFUSERS",
+    "ORIGINAL",
+    "check_state_dict_shapes",
+    "detect_layout",
+    "diffusers_to_original_name",
+    "keeps_fp32",
+    "load_transformer",
+    "original_to_diffusers_name",
+    "read_checkpoint_shapes",
+    "save_transformer",
+]
+
+ORIGINAL = "original"
+DIFFUSERS = "diffusers"
+LAYOUTS = (ORIGINAL, DIFFUSERS)
+PROBE_KEYS = {ORIGINAL: "blocks.0.self_attn.q.weight", DIFFUSERS: "blocks.0.attn1.to_q.weight"}
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+SHARD_PATTERN = re.compile(r"^diffusion_pytorch_model-\d{5}-of-\d{5}\.safetensors$")
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+# (original module path, diffusers module path); a name maps when it equals a path or continues it with ".".
+_TOP_LEVEL_NAMES = (
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("head.head", "proj_out"),
+    ("head.modulation", "scale_shift_table"),
+)
+_BLOCK_NAMES = (
+    ("modulation", "scale_shift_table"),
+    *(
+        (f"{orig}.{src}", f"{new}.{dst}")
+        for orig, new in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+        for src, dst in (
+            ("q", "to_q"),
+            ("k", "to_k"),
+            ("v", "to_v"),
+            ("o", "to_out.0"),
+            ("norm_q", "norm_q"),
+            ("norm_k", "norm_k"),
+        )
+    ),
+    ("ffn.0", "ffn.net.0.proj"),
+    ("ffn.2", "ffn.net.2"),
+    # The trap: the original's norm3 (affine, before cross-attention) is diffusers' norm2, and back.
+    ("norm3", "norm2"),
+    ("norm2", "norm3"),
+)
+_BLOCK_PREFIX = re.compile(r"^(blocks\.\d+\.)(.*)$")
+
+
+def _rename(name: str, table: Sequence[tuple[str, str]], reverse: bool) -> str | None:
+    for orig, new in table:
+        src, dst = (new, orig) if reverse else (orig, new)
+        if name == src:
+            return dst
+        if name.startswith(src + "."):
+            return dst + name[len(src) :]
+    return None
+
+
+def _convert_name(name: str, reverse: bool) -> str:
+    match = _BLOCK_PREFIX.match(name)
+    if match is not None:
+        renamed = _rename(match.group(2), _BLOCK_NAMES, reverse)
+        return name if renamed is None else match.group(1) + renamed
+    renamed = _rename(name, _TOP_LEVEL_NAMES, reverse)
+    # Camera tensors, patch_embedding and unknown names keep their name; unknown ones then fail the strict check.
+    return name if renamed is None else renamed
+
+
+def original_to_diffusers_name(name: str) -> str:
+    """`blocks.3.self_attn.o.weight` → `blocks.3.attn1.to_out.0.weight`; camera names unchanged."""
+    return _convert_name(name, reverse=False)
+
+
+def diffusers_to_original_name(name: str) -> str:
+    """Inverse of `original_to_diffusers_name`."""
+    return _convert_name(name, reverse=True)
+
+
+def to_model_name(name: str, layout: str) -> str:
+    """A name in `layout` → the model's (diffusers) name."""
+    _check_layout(layout)
+    return original_to_diffusers_name(name) if layout == ORIGINAL else name
+
+
+def from_model_name(name: str, layout: str) -> str:
+    """The model's (diffusers) name → its name in `layout`."""
+    _check_layout(layout)
+    return diffusers_to_original_name(name) if layout == ORIGINAL else name
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def detect_layout(names: Iterable[str]) -> str:
+    """`"original"` or `"diffusers"`, from the probe key present among `names`."""
+    names = set(names)
+    found = [layout for layout, probe in PROBE_KEYS.items() if probe in names]
+    if len(found) != 1:
+        raise ValueError(
+            f"cannot tell the checkpoint layout: expected exactly one of {sorted(PROBE_KEYS.values())} among "
+            f"{len(names)} tensor names, found {[PROBE_KEYS[layout] for layout in found]}"
+        )
+    return found[0]
+
+
+def keeps_fp32(model_name: str, patterns: Sequence[str] | None) -> bool:
+    """diffusers' rule: a tensor stays fp32 when any `_keep_in_fp32_modules` entry is a substring of its name."""
+    return bool(patterns) and any(pattern in model_name for pattern in patterns)
+
+
+def check_state_dict_shapes(
+    expected: Mapping[str, Sequence[int]],
+    found: Mapping[str, Sequence[int]],
+    *,
+    layout: str = DIFFUSERS,
+) -> None:
+    """Strict check of model-named shapes; the ValueError names every missing, unexpected and mismatched tensor.
+
+    Names in the message are given in `layout` (the checkpoint's), with the model's name where it differs.
+    """
+
+    def show(model_name: str) -> str:
+        disk_name = from_model_name(model_name, layout)
+        return disk_name if disk_name == model_name else f"{disk_name} (model: {model_name})"
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = sorted(
+        name for name in set(expected) & set(found) if tuple(expected[name]) != tuple(found[name])
+    )
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"checkpoint ({layout} layout) does not match the model:"]
+    if missing:
+        lines.append(f"missing {len(missing)}: " + ", ".join(show(n) for n in missing))
+    if unexpected:
+        lines.append(f"unexpected {len(unexpected)}: " + ", ".join(show(n) for n in unexpected))
+    if mismatched:
+        lines.append(
+            f"shape mismatch {len(mismatched)}: "
+            + ", ".join(f"{show(n)} checkpoint {list(found[n])} vs model {list(expected[n])}" for n in mismatched)
+        )
+    raise ValueError("\n".join(lines))
+
+
+def check_checkpoint_against_model(model: torch.nn.Module, shapes: Mapping[str, Sequence[int]]) -> str:
+    """Detect the layout of on-disk `shapes` (name → shape), convert, check strictly; returns the layout."""
+    layout = detect_layout(shapes)
+    converted: dict[str, Sequence[int]] = {}
+    for name, shape in shapes.items():
+        model_name = to_model_name(name, layout)
+        if model_name in converted:
+            raise ValueError(f"two checkpoint tensors map to {model_name!r} (one of them is {name!r})")
+        converted[model_name] = shape
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    check_state_dict_shapes(expected, converted, layout=layout)
+    return layout
+
+
+# ---------------------------------------------------------------------------------------- files
+
+
+def _resolve_folder(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file() and (folder / "transformer" / CONFIG_NAME).is_file():
+        # A whole pipeline folder: its transformer lives in the `transformer` component folder.
+        folder = folder / "transformer"
+    if not (folder / CONFIG_NAME).is_file():
+        raise ValueError(f"no {CONFIG_NAME} in {str(folder)!r} (nor in its 'transformer' subfolder)")
+    return folder
+
+
+def checkpoint_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """Tensor name → safetensors file, from the index if there is one, else the single weights file."""
+    folder = Path(folder)
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path} has no 'weight_map'")
+        files = {name: folder / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise ValueError(f"shard {shard.name!r} listed in {INDEX_NAME} is missing from {str(folder)!r}")
+        return files
+    single = folder / WEIGHTS_NAME
+    if not single.is_file():
+        raise ValueError(f"neither {INDEX_NAME} nor {WEIGHTS_NAME} in {str(folder)!r}")
+    with safe_open(single, framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+def read_checkpoint_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape, from the safetensors headers only (no tensor data is read)."""
+    files = checkpoint_files(folder)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in sorted(set(files.values())):
+        with safe_open(shard, framework="pt") as handle:
+            for name in handle.keys():
+                if files.get(name) != shard:
+                    raise ValueError(f"tensor {name!r} in {shard.name!r} is not listed for that shard in {INDEX_NAME}")
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    not_found = sorted(set(files) - set(shapes))
+    if not_found:
+        raise ValueError(f"{INDEX_NAME} lists tensors absent from their shards: {', '.join(not_found)}")
+    return shapes
+
+
+def load_transformer(
+    folder: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> CausalLingBotWorldTransformer3DModel:
+    r"""
+    Build the transformer from `folder/config.json` on the meta device and materialise it from the
+    safetensors in `folder` (either layout, sharded or single file).
+
+    Args:
+        folder: The transformer folder (or a pipeline folder with a `transformer` subfolder).
+        dtype: Target dtype of floating tensors; `_keep_in_fp32_modules` stay float32.
+        device: Where the tensors end up.
+
+    Raises:
+        ValueError: naming every missing / unexpected tensor and every shape mismatch, before any data is read.
+    """
+    # 1. Model skeleton without memory
+    folder = _resolve_folder(folder)
+    config = CausalLingBotWorldTransformer3DModel.load_config(folder)
+    with torch.device("meta"):
+        model = CausalLingBotWorldTransformer3DModel.from_config(config)
+
+    # 2. Strict name/shape check from the headers
+    files = checkpoint_files(folder)
+    layout = check_checkpoint_against_model(model, read_checkpoint_shapes(folder))
+    logger.info("loading %d tensors (%s layout) from %s", len(files), layout, folder)
+
+    # 3. Stream shard by shard, assigning as we go so at most one shard is in flight
+    fp32_patterns = model._keep_in_fp32_modules
+    for shard in sorted(set(files.values())):
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(shard, framework="pt", device="cpu") as handle:
+            for name in handle.keys():
+                model_name = to_model_name(name, layout)
+                tensor = handle.get_tensor(name)
+                if tensor.is_floating_point():
+                    target = torch.float32 if keeps_fp32(model_name, fp32_patterns) else dtype
+                    tensor = tensor.to(device=device, dtype=target)
+                else:
+                    tensor = tensor.to(device=device)
+                tensors[model_name] = tensor
+        model.load_state_dict(tensors, strict=False, assign=True)
+        logger.debug("assigned %d tensors from %s", len(tensors), shard.name)
+        del tensors
+
+    still_meta = [name for name, t in model.state_dict().items() if t.is_meta]
+    assert not still_meta, f"tensors left on the meta device: {still_meta}"
+    return model.eval()
+
+
+def save_transformer(
+    model: CausalLingBotWorldTransformer3DModel,
+    folder: str | os.PathLike,
+    *,
+    layout: str = ORIGINAL,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    r"""
+    Write `config.json` and the weights like the published checkpoint: one `diffusion_pytorch_model.safetensors`
+    when everything fits in `max_shard_bytes`, else `diffusion_pytorch_model-000NN-of-000MM.safetensors`
+    shards plus `diffusion_pytorch_model.safetensors.index.json`.
+
+    Args:
+        model: The transformer to save (tensors are written in their current dtype).
+        folder: Target folder, created if needed; weight files of an earlier save there are replaced.
+        layout: `"original"` (like the published checkpoints) or `"diffusers"` tensor names.
+        max_shard_bytes: Largest shard; a single larger tensor gets a shard of its own.
+
+    Returns:
+        The folder.
+    """
+    _check_layout(layout)
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.iterdir():
+        if stale.name in (WEIGHTS_NAME, INDEX_NAME) or SHARD_PATTERN.match(stale.name):
+            stale.unlink()
+
+    # 1. Config
+    model.save_config(folder)
+
+    # 2. Group tensors into shards in state-dict order
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    total_bytes = 0
+    for model_name, tensor in model.state_dict().items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][from_model_name(model_name, layout)] = tensor.detach().to("cpu").contiguous()
+        shard_bytes += size
+        total_bytes += size
+
+    # 3. Files (+ index when sharded)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for number, shard in enumerate(shards, start=1):
+            shard_name = f"diffusion_pytorch_model-{number:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / shard_name), metadata={"format": "pt"})
+            weight_map.update({name: shard_name for name in shard})
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    logger.info("saved %d tensors (%s layout, %d file(s)) to %s", sum(map(len, shards)), layout, len(shards), folder)
+    return folder

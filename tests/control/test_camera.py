@@ -1,0 +1,169 @@
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lingbot_ray.control import CameraTrajectory, Intrinsics
+
+S6, C6 = math.sin(math.radians(6)), math.cos(math.radians(6))
+S4, C4 = math.sin(math.radians(4)), math.cos(math.radians(4))
+
+
+def trajectory(*frames, **kwargs):
+    cam = CameraTrajectory(**kwargs)
+    cam.extend(frames)
+    return cam
+
+
+def test_first_latent_frame_is_identity_and_ignores_its_actions():
+    cam = trajectory(["w", "l", "i"])
+    np.testing.assert_array_equal(cam.poses[0], np.eye(4))
+    assert cam.pitch_deg == 0.0
+
+
+def test_forward_then_yaw_right_then_forward():
+    cam = trajectory([], ["w"], ["l"], ["w"])
+    poses = cam.poses
+    np.testing.assert_allclose(poses[1][:3, 3], [0, 0, 0.05], atol=1e-12)
+    yaw = np.array([[C6, 0, S6], [0, 1, 0], [-S6, 0, C6]])
+    np.testing.assert_allclose(poses[2][:3, :3], yaw, atol=1e-12)
+    np.testing.assert_allclose(poses[2][:3, 3], [0, 0, 0.05], atol=1e-12)
+    # "l" turns the view towards +x (right in OpenCV axes), so the next "w" moves that way.
+    np.testing.assert_allclose(poses[3][:3, 3], [0.05 * S6, 0, 0.05 + 0.05 * C6], atol=1e-12)
+
+
+def test_strafe_after_a_yaw_follows_the_new_right_vector():
+    cam = trajectory([], ["l"], ["d"], ["a"], ["a"])
+    poses = cam.poses
+    np.testing.assert_allclose(poses[2][:3, 3], [0.05 * C6, 0, -0.05 * S6], atol=1e-12)
+    np.testing.assert_allclose(poses[3][:3, 3], [0, 0, 0], atol=1e-12)
+    np.testing.assert_allclose(poses[4][:3, 3], [-0.05 * C6, 0, 0.05 * S6], atol=1e-12)
+
+
+def test_yaw_left_and_opposite_keys_cancel():
+    cam = trajectory([], ["j"], ["w", "s", "i", "k", "a", "d"])
+    np.testing.assert_allclose(cam.poses[1][:3, :3], [[C6, 0, -S6], [0, 1, 0], [S6, 0, C6]], atol=1e-12)
+    np.testing.assert_allclose(cam.poses[2], cam.poses[1], atol=1e-12)
+
+
+def test_pitch_up_looks_up_and_forward_stays_horizontal():
+    cam = trajectory([], ["i"], ["w"])
+    rot = cam.poses[1][:3, :3]
+    np.testing.assert_allclose(rot, [[1, 0, 0], [0, C4, -S4], [0, S4, C4]], atol=1e-12)
+    assert rot[1, 2] < 0  # the optical axis points to -y, which is up in OpenCV axes
+    np.testing.assert_allclose(cam.poses[2][:3, 3], [0, 0, 0.05], atol=1e-12)
+
+
+def test_pitch_steps_that_would_pass_85_degrees_are_skipped():
+    cam = trajectory([], *[["i"]] * 21)
+    assert cam.pitch_deg == pytest.approx(84)
+    cam.advance(["i"])  # 88 > 85: skipped, not clipped to 85
+    assert cam.pitch_deg == pytest.approx(84)
+    np.testing.assert_allclose(cam.poses[-1], cam.poses[-2], atol=1e-12)
+    cam.advance(["k"])
+    assert cam.pitch_deg == pytest.approx(80)
+    down = trajectory([], *[["k"]] * 30)
+    assert down.pitch_deg == pytest.approx(-84)
+    expected = np.array([[1, 0, 0], [0, math.cos(math.radians(-84)), math.sin(math.radians(84))], [0, 0, 0]])
+    np.testing.assert_allclose(down.poses[-1][:2, :3], expected[:2], atol=1e-12)
+
+
+def test_yaw_and_pitch_with_a_skipped_pitch_still_yaws():
+    cam = CameraTrajectory(pitch_limit_deg=3.0)
+    cam.extend([[], ["i", "l"]])
+    assert cam.pitch_deg == 0.0
+    np.testing.assert_allclose(cam.poses[1][:3, :3], [[C6, 0, S6], [0, 1, 0], [-S6, 0, C6]], atol=1e-12)
+
+
+def test_step_sizes_are_parameters():
+    cam = trajectory([], ["w"], ["l"], move_step=1.0, yaw_step_deg=90.0)
+    np.testing.assert_allclose(cam.poses[1][:3, 3], [0, 0, 1], atol=1e-12)
+    np.testing.assert_allclose(cam.poses[2][:3, 2], [1, 0, 0], atol=1e-12)
+    with pytest.raises(ValueError, match="pitch_limit_deg"):
+        CameraTrajectory(pitch_limit_deg=90)
+
+
+def test_chunk_poses_are_normalised_frame_to_frame_deltas():
+    cam = trajectory([], ["w"], ["l"], ["w"])
+    out = cam.chunk_c2w(4)
+    assert out.shape == (4, 4, 4) and out.dtype == np.float64
+    np.testing.assert_allclose(out[0], np.eye(4), atol=1e-12)
+    step = np.eye(4)
+    step[2, 3] = 1.0  # 0.05 forward, divided by the largest delta norm 0.05
+    np.testing.assert_allclose(out[1], step, atol=1e-12)
+    turn = np.eye(4)
+    turn[:3, :3] = [[C6, 0, S6], [0, 1, 0], [-S6, 0, C6]]
+    np.testing.assert_allclose(out[2], turn, atol=1e-12)
+    np.testing.assert_allclose(out[3], step, atol=1e-12)  # "w" after the turn is forward in its own frame
+    np.testing.assert_allclose(cam.chunk_c2w(2), out[2:], atol=1e-12)
+
+
+def test_relative_to_first_option_normalises_by_the_farthest_position():
+    cam = trajectory([], ["w"], ["l"], ["w"], framewise=False)
+    out = cam.chunk_c2w(3)
+    farthest = 0.05 * math.sqrt(2 + 2 * C6)
+    np.testing.assert_allclose(out[0][:3, 3], [0, 0, 0.05 / farthest], atol=1e-12)
+    np.testing.assert_allclose(out[2][:3, 3], [0.05 * S6 / farthest, 0, (0.05 + 0.05 * C6) / farthest], atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(out[2][:3, 3]), 1.0)
+    np.testing.assert_allclose(out[2][:3, :3], cam.poses[3][:3, :3], atol=1e-12)
+
+
+def test_normalisation_uses_the_whole_history_not_just_the_chunk():
+    cam = trajectory([], ["w", "d"], ["w"], ["l"])
+    last = cam.chunk_c2w(2)
+    np.testing.assert_allclose(np.linalg.norm(last[0][:3, 3]), 1 / math.sqrt(2), atol=1e-12)
+
+
+def test_no_motion_leaves_translations_unscaled():
+    cam = trajectory([], ["l"], ["i"])
+    out = cam.chunk_c2w(3)
+    assert np.all(np.isfinite(out)) and np.allclose(out[:, :3, 3], 0)
+
+
+def test_chunk_size_is_checked():
+    cam = trajectory([], [])
+    with pytest.raises(ValueError, match="num_frames 3"):
+        cam.chunk_c2w(3)
+    with pytest.raises(ValueError, match="num_frames 0"):
+        cam.chunk_c2w(0)
+
+
+def test_default_intrinsics():
+    assert Intrinsics.default(832, 480) == Intrinsics(fx=500.0, fy=500.0, cx=416.0, cy=240.0)
+    assert Intrinsics.default(64, 32, focal=40.0).fx == 40.0
+    with pytest.raises(ValueError, match="fx"):
+        Intrinsics(0.0, 1.0, 0.0, 0.0)
+
+
+def _reference_chunk(poses, num_frames, framewise):
+    """Straight from the definition, with general matrix inverses over the whole history."""
+    rel = np.stack([np.linalg.inv(poses[0]) @ p for p in poses])
+    if framewise:
+        rel = np.stack([np.eye(4)] + [np.linalg.inv(a) @ b for a, b in zip(rel[:-1], rel[1:])])
+    scale = np.linalg.norm(rel[:, :3, 3], axis=-1).max()
+    if scale > 0:
+        rel[:, :3, 3] /= scale
+    return rel[-num_frames:]
+
+
+frames = st.lists(st.lists(st.sampled_from("wsadikjl"), max_size=3), min_size=1, max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(frames, st.booleans(), st.integers(1, 8))
+def test_random_actions_keep_a_valid_rotation_and_match_the_definition(actions, framewise, chunk):
+    cam = trajectory(*actions, framewise=framewise)
+    poses = cam.poses
+    rot = poses[:, :3, :3]
+    np.testing.assert_allclose(rot @ np.swapaxes(rot, 1, 2), np.broadcast_to(np.eye(3), rot.shape), atol=1e-9)
+    np.testing.assert_allclose(np.linalg.det(rot), 1.0, atol=1e-9)
+    # No roll: the camera's x axis stays horizontal, and pitch read back from R matches the tracker.
+    np.testing.assert_allclose(rot[:, 1, 0], 0.0, atol=1e-9)
+    assert abs(cam.pitch_deg) <= 85 + 1e-9
+    np.testing.assert_allclose(math.degrees(math.asin(-rot[-1, 1, 2])), cam.pitch_deg, atol=1e-6)
+    np.testing.assert_allclose(poses[:, 1, 3], 0.0, atol=1e-12)  # moves stay in the x-z plane
+
+    chunk = min(chunk, len(actions))
+    np.testing.assert_allclose(cam.chunk_c2w(chunk), _reference_chunk(poses, chunk, framewise), atol=1e-9)
