@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from diffusers.models.transformers.transformer_wan import WanAttention
 
     from .kv_cache import BlockPlan, KVCache
+    from .sequence_parallel import SequenceParallel
 
 
 class PositionLimitError(ValueError):
@@ -137,6 +138,10 @@ class LingBotSelfAttnProcessor:
     r"""
     Self-attention with RoPE at absolute latent-frame positions, over either the tokens of the call
     (full-sequence path, optional mask) or a KV cache plus the block's own tokens (causal path).
+
+    With `sequence_parallel`, `hidden_states` is this rank's token shard; q/k/v are projected and
+    normalised on the shard (norm_q/norm_k span all heads), then exchanged so that RoPE, the KV cache
+    and attention see the full sequence on `heads / N` heads, and the output is exchanged back.
     """
 
     # Read and set by diffusers' `ModelMixin.set_attention_backend`.
@@ -157,8 +162,12 @@ class LingBotSelfAttnProcessor:
         kv_cache: "KVCache | None" = None,
         plan: "BlockPlan | None" = None,
         layer_idx: int | None = None,
+        sequence_parallel: "SequenceParallel | None" = None,
     ) -> torch.Tensor:
-        """`hidden_states [B, S, dim]` → `[B, S, dim]`."""
+        """`hidden_states [B, S, dim]` → `[B, S, dim]` (with `sequence_parallel`, S is this rank's shard length).
+
+        `rotary_emb` and `attention_mask` always cover the full sequence.
+        """
         if encoder_hidden_states is not None:
             raise ValueError("self-attention takes no encoder_hidden_states")
         if rotary_emb is None:
@@ -166,12 +175,19 @@ class LingBotSelfAttnProcessor:
         query = _rms_norm_fp32(attn.norm_q, attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         key = _rms_norm_fp32(attn.norm_k, attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
         value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if sequence_parallel is not None:
+            # One exchange for q, k and v stacked on the batch axis instead of three collectives. RoPE runs
+            # after it so that every token is rotated at its true (frame, h, w) position in the full sequence.
+            qkv = sequence_parallel.sequence_to_heads(torch.cat([query, key, value]), rotary_emb[0].shape[1])
+            query, key, value = qkv.chunk(3)
         query = apply_rope(query, *rotary_emb)
         key = apply_rope(key, *rotary_emb)
 
         out = self.core(
             query, key, value, attention_mask=attention_mask, kv_cache=kv_cache, plan=plan, layer_idx=layer_idx
         )
+        if sequence_parallel is not None:
+            out = sequence_parallel.heads_to_sequence(out)
         out = out.flatten(2).to(hidden_states.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 

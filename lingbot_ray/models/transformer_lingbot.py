@@ -8,6 +8,10 @@ Two entry points share the same block code:
 * `forward_block` — streaming: one block of latent frames attends to a per-session `KVCache` plus
   itself; text K/V (`TextCache`) and camera modulation (`CameraCache`) are precomputed by the caller.
 * `forward` — full-sequence reference with an optional frame-level mask, for tests and training.
+
+Both can run Ulysses sequence-parallel over a process group (`enable_sequence_parallel`): each rank
+keeps a shard of the tokens, self-attention exchanges them for a share of the heads, and every rank
+returns the full flow.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .attention import (
     rope_cos_sin,
 )
 from .kv_cache import BlockPlan, KVCache
+from .sequence_parallel import SequenceParallel
 
 
 logger = logging.getLogger(__name__)
@@ -67,12 +72,17 @@ class TextCache:
 
 @dataclass(frozen=True)
 class CameraCache:
-    """Per-layer camera modulation of one chunk, each `[B, num_frames * tokens_per_frame, dim]`."""
+    """Per-layer camera modulation of one chunk, each `[B, num_frames * tokens_per_frame, dim]`.
+
+    `shard` is `(rank, world_size)` when the tensors hold only that sequence-parallel rank's token shard
+    (`[B, ceil(num_frames * tokens_per_frame / world_size), dim]`); None when they hold every token.
+    """
 
     scales: tuple[torch.Tensor, ...]
     shifts: tuple[torch.Tensor, ...]
     num_frames: int
     tokens_per_frame: int
+    shard: tuple[int, int] | None = None
 
 
 class LingBotWorldTransformerBlock(nn.Module):
@@ -139,6 +149,7 @@ class LingBotWorldTransformerBlock(nn.Module):
         kv_cache: KVCache | None = None,
         plan: BlockPlan | None = None,
         layer_idx: int | None = None,
+        sequence_parallel: SequenceParallel | None = None,
     ) -> torch.Tensor:
         r"""
         Args:
@@ -149,6 +160,8 @@ class LingBotWorldTransformerBlock(nn.Module):
             camera_modulation: `(scale, shift)` `[B, S, dim]` of this layer, or None to skip the camera path.
             attention_mask (`torch.Tensor` `[1, 1, S, S]` bool, *optional*): Full-sequence path only.
             kv_cache, plan, layer_idx: Causal path only.
+            sequence_parallel (`SequenceParallel`, *optional*): Every `S` above is this rank's token shard,
+                except in `rotary_emb`, `attention_mask` and the KV cache, which cover the full sequence.
 
         Returns:
             `torch.Tensor` `[B, S, dim]` float32.
@@ -168,6 +181,7 @@ class LingBotWorldTransformerBlock(nn.Module):
             kv_cache=kv_cache,
             plan=plan,
             layer_idx=layer_idx,
+            sequence_parallel=sequence_parallel,
         )
         hidden_states = hidden_states + attn_out.float() * gate
 
@@ -295,6 +309,7 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
 
         self.gradient_checkpointing = False
+        self._sequence_parallel: SequenceParallel | None = None
 
     # ------------------------------------------------------------------------------ small helpers
 
@@ -314,6 +329,45 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
     def _compute_dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
 
+    # ------------------------------------------------------------------------------ sequence parallel
+
+    @property
+    def sequence_parallel(self) -> SequenceParallel | None:
+        return self._sequence_parallel
+
+    @property
+    def local_attention_heads(self) -> int:
+        """Self-attention heads this rank holds in its KV cache: all of them, or `heads / N` under SP."""
+        heads = self.config.num_attention_heads
+        sp = self._sequence_parallel
+        return heads if sp is None else sp.local_heads(heads)
+
+    def enable_sequence_parallel(self, sequence_parallel: SequenceParallel) -> None:
+        r"""
+        Run `forward_block` and `forward` Ulysses sequence-parallel over `sequence_parallel`'s group.
+
+        Every rank of the group holds the same weights and must make the same calls, in the same order,
+        with the same arguments; each returns the full flow. KV caches must be allocated (`new_kv_cache`)
+        and camera caches built (`build_camera_cache`) after this call: they then hold `heads / N` heads
+        and this rank's token shard respectively. Inference only.
+
+        Raises:
+            ValueError: if `num_attention_heads` is not divisible by the group's size.
+        """
+        sequence_parallel.check_heads(self.config.num_attention_heads)
+        self._sequence_parallel = sequence_parallel
+        logger.info(
+            "sequence parallel on: rank %d of %d, %d of %d attention heads per rank",
+            sequence_parallel.rank,
+            sequence_parallel.world_size,
+            self.local_attention_heads,
+            self.config.num_attention_heads,
+        )
+
+    def disable_sequence_parallel(self) -> None:
+        """Back to single-process forwards; caches built under sequence parallelism no longer fit."""
+        self._sequence_parallel = None
+
     # ------------------------------------------------------------------------------ session state
 
     def new_kv_cache(
@@ -327,7 +381,8 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
         dtype: torch.dtype | None = None,
     ) -> KVCache:
         r"""
-        Allocate a session's KV cache: per layer `[batch_size, window_frames * tokens_per_frame, heads, head_dim]`.
+        Allocate a session's KV cache: per layer `[batch_size, window_frames * tokens_per_frame, heads, head_dim]`,
+        where `heads` is `local_attention_heads` (`num_attention_heads / N` under sequence parallelism).
 
         Args:
             batch_size (`int`): Latent batch size.
@@ -350,7 +405,7 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
             num_layers=self.config.num_layers,
             batch_size=batch_size,
             tokens_per_frame=tokens_per_frame,
-            num_heads=self.config.num_attention_heads,
+            num_heads=self.local_attention_heads,
             head_dim=self.config.attention_head_dim,
             sink_frames=sink,
             window_frames=window,
@@ -391,7 +446,8 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
             plucker (`torch.Tensor` `[B, 384, F, H/8, W/8]`): Pixel-unshuffled Plücker map (channel c·64 + r·8 + s).
 
         Returns:
-            `CameraCache` with per-layer `[B, F * tokens_per_frame, dim]` scale and shift.
+            `CameraCache` with per-layer `[B, F * tokens_per_frame, dim]` scale and shift; under sequence
+            parallelism only this rank's token shard (see `CameraCache.shard`).
         """
         # 1. Patchify: [B, C, F, h*p_h, w*p_w] -> [B, F*h*w, C*p_t*p_h*p_w], features ordered (c, p_t, p_h, p_w)
         if plucker.ndim != 5 or plucker.shape[1] != CAMERA_CHANNELS:
@@ -402,6 +458,10 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
         h, w = height // p_h, width // p_w
         patches = plucker.to(self._compute_dtype).reshape(batch, channels, frames // p_t, p_t, h, p_h, w, p_w)
         patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(batch, frames * tokens_per_frame, -1)
+        sp = self._sequence_parallel
+        if sp is not None:
+            # Per-token maths: each rank computes (and holds, for every layer) only its own shard.
+            patches = sp.shard(patches)
 
         # 2. Model-level embedding: c = P(cam); c = c + L2(SiLU(L1(c)))
         camera_embeds = self.patch_embedding_wancamctrl(patches)
@@ -415,7 +475,8 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
             scale, shift = block.camera_modulation(camera_embeds)
             scales.append(scale)
             shifts.append(shift)
-        return CameraCache(tuple(scales), tuple(shifts), frames, tokens_per_frame)
+        shard = None if sp is None else (sp.rank, sp.world_size)
+        return CameraCache(tuple(scales), tuple(shifts), frames, tokens_per_frame, shard)
 
     # ------------------------------------------------------------------------------ forwards
 
@@ -453,6 +514,12 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
         # 1. Validate and plan (RoPE limit first, so a refused block leaves the cache untouched)
         batch, frames, height, width = self._check_latents(latents)
         tokens_per_frame = self.tokens_per_frame(height, width)
+        if kv_cache.num_heads != self.local_attention_heads:
+            raise ValueError(
+                f"kv_cache holds {kv_cache.num_heads} heads but this model runs {self.local_attention_heads} "
+                f"attention heads per rank ({self._sequence_parallel or 'no sequence parallelism'}); allocate "
+                "the cache with new_kv_cache after enabling or disabling sequence parallelism"
+            )
         rotary_emb = rope_cos_sin(
             self.config.attention_head_dim,
             start_frame,
@@ -579,6 +646,39 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
             temb, timestep_proj = temb[:, None], timestep_proj[:, None]
         return temb, timestep_proj.unflatten(-1, (6, -1))
 
+    def _camera_modulations(
+        self, camera_cache: CameraCache | None, batch: int, frames: int, tokens_per_frame: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per-layer `(scale, shift)` covering the tokens this rank runs; a full cache is sharded here."""
+        if camera_cache is None:
+            return None
+        sp = self._sequence_parallel
+        expected_shard = None if sp is None else (sp.rank, sp.world_size)
+        num_tokens = frames * tokens_per_frame
+        if camera_cache.shard is None:
+            expected_tokens = num_tokens
+        elif camera_cache.shard == expected_shard:
+            expected_tokens = sp.shard_length(num_tokens)
+        else:
+            raise ValueError(
+                f"camera_cache was built for sequence-parallel shard (rank, world_size)={camera_cache.shard}, "
+                f"but this model runs {expected_shard or 'without sequence parallelism'}"
+            )
+        if (
+            len(camera_cache.scales) != len(self.blocks)
+            or (camera_cache.num_frames, camera_cache.tokens_per_frame) != (frames, tokens_per_frame)
+            or tuple(camera_cache.scales[0].shape[:2]) != (batch, expected_tokens)
+        ):
+            raise ValueError(
+                f"camera_cache covers {camera_cache.num_frames} frames x {camera_cache.tokens_per_frame} tokens "
+                f"(shape {tuple(camera_cache.scales[0].shape)}); this call needs batch {batch}, "
+                f"{frames} frames x {tokens_per_frame} tokens"
+            )
+        pairs = zip(camera_cache.scales, camera_cache.shifts)
+        if sp is not None and camera_cache.shard is None:
+            return [(sp.shard(scale), sp.shard(shift)) for scale, shift in pairs]
+        return list(pairs)
+
     def _run(
         self,
         latents: torch.Tensor,
@@ -601,15 +701,7 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
                 f"text_cache has {len(text_cache.keys)} layers and batch {text_cache.batch_size}; "
                 f"expected {len(self.blocks)} layers and batch {batch} (or 1)"
             )
-        if camera_cache is not None and (
-            len(camera_cache.scales) != len(self.blocks)
-            or tuple(camera_cache.scales[0].shape[:2]) != (batch, num_tokens)
-        ):
-            raise ValueError(
-                f"camera_cache covers {camera_cache.num_frames} frames x {camera_cache.tokens_per_frame} tokens "
-                f"(shape {tuple(camera_cache.scales[0].shape)}); this call needs batch {batch}, "
-                f"{frames} frames x {tokens_per_frame} tokens"
-            )
+        camera_modulations = self._camera_modulations(camera_cache, batch, frames, tokens_per_frame)
 
         # 2. Patch embedding: [B, C, F, H, W] -> [B, S, dim] float32, tokens ordered (f, h, w)
         hidden_states = self.patch_embedding(latents.to(self._compute_dtype))
@@ -618,15 +710,23 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
         # 3. Time embedding: temb [B, 1|S, dim], timestep_proj [B, 1|S, 6, dim]
         temb, timestep_proj = self._time_embedding(timestep, batch, frames, tokens_per_frame)
 
+        # Sequence parallel: from here to the output projection every per-token tensor is this rank's
+        # shard [B, ceil(S/N), ...]; only self-attention sees all S tokens.
+        sp = self._sequence_parallel
+        if sp is not None:
+            hidden_states = sp.shard(hidden_states)
+            temb = temb if temb.shape[1] == 1 else sp.shard(temb)
+            timestep_proj = timestep_proj if timestep_proj.shape[1] == 1 else sp.shard(timestep_proj)
+
         # 4. Transformer blocks
         for index, block in enumerate(self.blocks):
-            camera_modulation = None
-            if camera_cache is not None:
-                camera_modulation = (camera_cache.scales[index], camera_cache.shifts[index])
+            camera_modulation = None if camera_modulations is None else camera_modulations[index]
             text_kv = (text_cache.keys[index], text_cache.values[index])
             if torch.is_grad_enabled() and self.gradient_checkpointing and kv_cache is None:
+                no_cache = (None, None, None)
                 hidden_states = self._gradient_checkpointing_func(
-                    block, hidden_states, timestep_proj, text_kv, rotary_emb, camera_modulation, attention_mask
+                    block, hidden_states, timestep_proj, text_kv, rotary_emb, camera_modulation, attention_mask,
+                    *no_cache, sp,
                 )
             else:
                 hidden_states = block(
@@ -639,12 +739,16 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
                     kv_cache,
                     plan,
                     index,
+                    sp,
                 )
 
         # 5. Output norm, projection, unpatchify: [B, S, out*p_t*p_h*p_w] -> [B, out, F, H, W]
         shift, scale = (self.scale_shift_table.float() + temb.unsqueeze(-2)).unbind(-2)
         hidden_states = self.norm_out(hidden_states) * (1 + scale) + shift
         hidden_states = self.proj_out(hidden_states.to(self.proj_out.weight.dtype)).float()
+        if sp is not None:
+            # Gathered after the projection, where a token is out*p_t*p_h*p_w wide instead of dim.
+            hidden_states = sp.gather(hidden_states, num_tokens)
         p_t = self.config.patch_size[0]
         hidden_states = hidden_states.reshape(batch, frames, h, w, p_t, p_h, p_w, -1)
         hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)

@@ -1,0 +1,57 @@
+"""The application builder: ``import_path: lingbot_ray.serve.app:build_app`` in ``serve_config.yaml``.
+
+Classes stay undecorated; this is the one place that turns them into deployments, with the options
+:func:`~lingbot_ray.serve.config.deployment_options` computes from config, and binds the graph::
+
+    Ingress ──▶ TextEncoder
+       │   ──▶ DiTGroup   (sticky)
+       │   ──▶ VAEDecoder (sticky)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import serve
+
+from .backend import InProcessBackend, RayBackend
+from .checkpoint import ensure_checkpoint
+from .config import ServeConfig, deployment_options, load_config
+from .deployments import DiTGroup, TextEncoder, VAEDecoder
+from .ingress import Ingress
+
+logger = logging.getLogger("ray.serve")
+
+
+class RayIngress(Ingress):
+    """The ingress as a Serve replica: stage handles in, Ray backend and metrics on."""
+
+    def __init__(self, config: ServeConfig, text, dit, vae):
+        from .metrics import IngressMetrics
+
+        super().__init__(config, RayBackend(text, dit, vae))
+        self.metrics = IngressMetrics(self.model_name)
+
+
+def build_app(args: dict[str, Any] | ServeConfig | None = None):
+    """Validate the config, make sure the checkpoint exists, and bind the deployment graph."""
+    config = load_config(args)
+    ensure_checkpoint(config.model)  # build the embedded model once, before replicas race for it
+    options = deployment_options(config)
+
+    def deploy(cls, name: str):
+        return serve.deployment(cls, name=name, **options[name])
+
+    text = deploy(TextEncoder, "TextEncoder").bind(config)
+    dit = deploy(DiTGroup, "DiTGroup").bind(config)
+    vae = deploy(VAEDecoder, "VAEDecoder").bind(config)
+    ingress = serve.deployment(serve.ingress()(RayIngress), name="Ingress", **options["Ingress"])
+    return ingress.bind(config, text, dit, vae)
+
+
+def build_in_process(args: dict[str, Any] | ServeConfig | None = None) -> Ingress:
+    """The same ingress and stages in this process, without Ray (tests, notebook, benchmark)."""
+    config = load_config(args)
+    backend = InProcessBackend(TextEncoder(config), DiTGroup(config), VAEDecoder(config))
+    return Ingress(config, backend)

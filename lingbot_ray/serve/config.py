@@ -1,0 +1,191 @@
+"""The application's configuration: the ``args`` of ``serve_config.yaml`` (or of ``build_app``).
+
+Every section rejects unknown keys, so a typo fails at deploy time with the key's name instead of
+being silently ignored. Each deployment computes its Ray resources from its section in one place
+(:func:`deployment_options`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import msgspec
+
+from lingbot_ray.protocol import InitLimits
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ModelConfig(_Section):
+    # Folder of a diffusers-style LingBot checkpoint (model_index.json at its root).
+    path: str = "checkpoints/lingbot-tiny"
+    # Build the embedded tiny checkpoint at ``path`` on first start when the folder is absent.
+    build_tiny_if_missing: bool = False
+    # Name served at /v1/models and accepted in init.model; default: the folder's name.
+    served_model_name: str | None = None
+    device: str = "cpu"
+    dit_dtype: Dtype = "float32"
+    text_encoder_dtype: Dtype = "float32"
+    # torch intra-op threads per stage replica (None: torch's default). Outputs are bit-exact only
+    # between runs with the same device, dtype and thread count.
+    torch_threads: int | None = None
+
+
+class DiTConfig(_Section):
+    # One replica = one actor group of ``sequence_parallel_degree`` ranks.
+    num_groups: int = 1
+    sequence_parallel_degree: int = 1
+    sessions_per_group: int = 2
+    num_cpus_per_rank: float = 1.0
+    num_gpus_per_rank: float = 0.0
+    # Keep DiT weights in host memory between chunks (saves GPU memory, costs transfer time).
+    cpu_offload: bool = False
+
+
+class StageConfig(_Section):
+    num_replicas: int = 1
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    # Sticky stages (VAE) refuse sessions beyond this; ignored by stateless stages.
+    sessions_per_replica: int = 8
+    # Text encoder only: run on CPU even when the device is a GPU.
+    cpu_offload: bool = False
+
+
+class PostProcessConfig(StageConfig):
+    rife_model_path: str | None = None
+    esrgan_model_path: str | None = None
+
+
+class IngressConfig(_Section):
+    num_replicas: int = 1
+    num_cpus: float = 0.5
+    # Concurrent WebSocket sessions one ingress replica carries (each holds a request slot).
+    max_sessions: int = 16
+    # API key: the value itself, or the name of an environment variable holding it.
+    api_key: str | None = None
+    api_key_env: str | None = "LINGBOT_API_KEY"
+    cors_allow_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    max_message_bytes: int = 8 * 2**20
+    # Chunks of one session between "DiT started" and "sent": bounds memory, gives backpressure.
+    max_chunks_in_flight: int = 2
+    # Seconds a stage call may take before the session is failed (guards against a dead group).
+    stage_timeout_s: float = 120.0
+    webui_dir: str | None = None
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key:
+            return self.api_key
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return None
+
+
+class MediaConfig(_Section):
+    allowed_dirs: list[str] = msgspec.field(default_factory=list)
+    allow_url_fetch: bool = False
+    max_bytes: int = 12 * 2**20
+    fetch_timeout_s: float = 5.0
+
+
+class ServeConfig(_Section):
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    dit: DiTConfig = msgspec.field(default_factory=DiTConfig)
+    vae: StageConfig = msgspec.field(default_factory=StageConfig)
+    text_encoder: StageConfig = msgspec.field(default_factory=StageConfig)
+    postprocess: PostProcessConfig = msgspec.field(default_factory=PostProcessConfig)
+    ingress: IngressConfig = msgspec.field(default_factory=IngressConfig)
+    media: MediaConfig = msgspec.field(default_factory=MediaConfig)
+    limits: InitLimits = msgspec.field(default_factory=InitLimits)
+
+    def __post_init__(self) -> None:
+        positive = {
+            "dit.num_groups": self.dit.num_groups,
+            "dit.sequence_parallel_degree": self.dit.sequence_parallel_degree,
+            "dit.sessions_per_group": self.dit.sessions_per_group,
+            "vae.num_replicas": self.vae.num_replicas,
+            "vae.sessions_per_replica": self.vae.sessions_per_replica,
+            "text_encoder.num_replicas": self.text_encoder.num_replicas,
+            "postprocess.num_replicas": self.postprocess.num_replicas,
+            "ingress.num_replicas": self.ingress.num_replicas,
+            "ingress.max_sessions": self.ingress.max_sessions,
+            "ingress.max_chunks_in_flight": self.ingress.max_chunks_in_flight,
+            "ingress.max_message_bytes": self.ingress.max_message_bytes,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{key}={value!r}: must be >= 1")
+        if self.ingress.max_message_bytes > 16 * 2**20:
+            raise ValueError(
+                f"ingress.max_message_bytes={self.ingress.max_message_bytes}: uvicorn caps WebSocket messages at 16 MiB"
+            )
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model.served_model_name or os.path.basename(os.path.normpath(self.model.path))
+
+
+def load_config(args: dict[str, Any] | ServeConfig | None) -> ServeConfig:
+    """Validate ``args`` (from YAML); errors name the offending key path."""
+    if isinstance(args, ServeConfig):
+        return args
+    try:
+        return msgspec.convert(args or {}, ServeConfig)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid serve config: {exc}") from None
+
+
+def deployment_options(config: ServeConfig) -> dict[str, dict[str, Any]]:
+    """Ray Serve options of every deployment, computed from config in this one place."""
+    dit = config.dit
+    ranks = dit.sequence_parallel_degree
+    rank_bundle = {"CPU": dit.num_cpus_per_rank, "GPU": dit.num_gpus_per_rank}
+    rank_bundle = {k: v for k, v in rank_bundle.items() if v}
+    dit_options: dict[str, Any] = {
+        "num_replicas": dit.num_groups,
+        # Sessions are long-lived: each open session plus one in-flight call per session.
+        "max_ongoing_requests": 2 * dit.sessions_per_group + 2,
+        "health_check_period_s": 10,
+        "request_router_config": {
+            "request_router_class": "lingbot_ray.serve.router:SessionRouter",
+            "request_routing_stats_period_s": 0.5,
+        },
+    }
+    if ranks > 1:
+        # Rank 0 runs in the replica itself; ranks 1..N-1 are child actors in the same group.
+        dit_options["placement_group_bundles"] = [dict(rank_bundle) or {"CPU": 0.01} for _ in range(ranks)]
+        dit_options["placement_group_strategy"] = "STRICT_PACK"
+        dit_options["ray_actor_options"] = {"num_cpus": 0}
+    else:
+        dit_options["ray_actor_options"] = {"num_cpus": dit.num_cpus_per_rank, "num_gpus": dit.num_gpus_per_rank}
+
+    def stage(section: StageConfig, sticky: bool) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "num_replicas": section.num_replicas,
+            "ray_actor_options": {"num_cpus": section.num_cpus, "num_gpus": section.num_gpus},
+            "max_ongoing_requests": 4 * section.sessions_per_replica + 4,
+        }
+        if sticky:
+            options["request_router_config"] = {
+                "request_router_class": "lingbot_ray.serve.router:SessionRouter",
+                "request_routing_stats_period_s": 0.5,
+            }
+        return options
+
+    return {
+        "TextEncoder": stage(config.text_encoder, sticky=False),
+        "DiTGroup": dit_options,
+        "VAEDecoder": stage(config.vae, sticky=True),
+        "PostProcess": stage(config.postprocess, sticky=False),
+        "Ingress": {
+            "num_replicas": config.ingress.num_replicas,
+            "ray_actor_options": {"num_cpus": config.ingress.num_cpus},
+            # Each open WebSocket holds one slot for its whole life.
+            "max_ongoing_requests": config.ingress.max_sessions + 4,
+        },
+    }

@@ -1,0 +1,166 @@
+"""The stage deployments, as plain classes (``app.build_app`` decorates and binds them).
+
+Each wraps one engine stage and adds only what serving needs: a session table for the sticky
+stages, capacity, routing stats, health, and a single worker thread so model work never blocks the
+replica's event loop (health checks and other sessions' small calls stay responsive).
+
+Tensors cross replica boundaries as numpy arrays (zero-copy between replicas on one node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from lingbot_ray.control.conditions import ChunkConditions
+from lingbot_ray.engine import DiTStage, SessionSpec, TextStage, VAEStage
+from lingbot_ray.protocol import CapacityError, SessionLost
+
+from .checkpoint import apply_threads, ensure_checkpoint, torch_dtype
+from .config import ServeConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+def replica_tag() -> str:
+    """This replica's id (``DiTGroup#abc123``), or a process tag outside Serve."""
+    try:
+        from ray import serve
+
+        context = serve.get_replica_context()
+        return f"{context.deployment}#{context.replica_id.unique_id}"
+    except Exception:  # not inside a Serve replica: in-process backends and tests
+        return f"local-{os.getpid()}"
+
+
+class _StageReplica:
+    """Shared plumbing: one model-work thread and a session table with a capacity."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.sessions: dict[str, Any] = {}
+        self.replica_id = replica_tag()
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    def _session(self, sid: str):
+        state = self.sessions.get(sid)
+        if state is None:
+            raise SessionLost(f"session {sid} is not held by {self.replica_id} (its replica restarted?)")
+        return state
+
+    def _admit(self, sid: str, what: str) -> None:
+        if sid in self.sessions:
+            raise ValueError(f"session_id={sid!r}: already open on {self.replica_id}")
+        if len(self.sessions) >= self.capacity:
+            raise CapacityError(f"{what} {self.replica_id} holds {len(self.sessions)}/{self.capacity} sessions")
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return {"sessions": len(self.sessions), "capacity": self.capacity}
+
+    def describe(self) -> dict[str, Any]:
+        """Who this replica is and which sessions it holds (tests, operators)."""
+        return {"replica_id": self.replica_id, "sessions": sorted(self.sessions), "capacity": self.capacity}
+
+    async def close_session(self, sid: str) -> bool:
+        state = self.sessions.pop(sid, None)
+        if state is not None:
+            await self._run(state.release)
+        return state is not None
+
+
+class TextEncoder:
+    """Prompt → embeddings (stateless; the encoder caches recent prompts)."""
+
+    def __init__(self, config: ServeConfig):
+        apply_threads(config.model)
+        folder = ensure_checkpoint(config.model)
+        device = "cpu" if config.text_encoder.cpu_offload else config.model.device
+        self.stage = TextStage.from_pretrained(folder, device=device, dtype=torch_dtype(config.model.text_encoder_dtype))
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="text")
+
+    def _encode(self, prompt: str | None, negative: bool) -> np.ndarray:
+        embeds = self.stage.encode_negative(prompt) if negative else self.stage.encode(prompt)
+        return embeds.float().cpu().numpy()
+
+    async def encode(self, prompt: str | None, negative: bool = False) -> dict[str, Any]:
+        start = time.perf_counter()
+        embeds = await asyncio.get_running_loop().run_in_executor(self._worker, self._encode, prompt, negative)
+        return {"embeds": embeds, "text_encoder_ms": (time.perf_counter() - start) * 1e3}
+
+
+class DiTGroup(_StageReplica):
+    """The causal DiT and every live session's KV cache, camera and generator state (sticky)."""
+
+    def __init__(self, config: ServeConfig):
+        super().__init__(config.dit.sessions_per_group)
+        apply_threads(config.model)
+        folder = ensure_checkpoint(config.model)
+        self.stage = DiTStage.from_pretrained(folder, device=config.model.device, dtype=torch_dtype(config.model.dit_dtype))
+        logger.info("DiTGroup %s ready: %d session slot(s)", self.replica_id, self.capacity)
+
+    def _tensor(self, array: np.ndarray | None) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(np.asarray(array)).to(self.stage.device)
+
+    async def open_session(
+        self, sid: str, spec: SessionSpec, condition: Any, text: dict[str, Any], negative: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        self._admit(sid, "DiT group")
+        resolved = spec.resolve(self.stage.geometry)
+        negative_embeds = None if negative is None else self._tensor(negative["embeds"])
+        self.sessions[sid] = self.stage.new_session(resolved, condition, self._tensor(text["embeds"]), negative_embeds)
+        return {"replica_id": self.replica_id, "latent_frames_per_chunk": resolved.latent_frames_per_chunk}
+
+    def _step(self, sid: str, conditions: ChunkConditions, embeds: np.ndarray | None) -> dict[str, Any]:
+        start = time.perf_counter()
+        latents = self.stage.step(self._session(sid), conditions, self._tensor(embeds))
+        return {
+            "latents": latents.float().cpu().numpy(),
+            "dit_ms": (time.perf_counter() - start) * 1e3,
+            "dit_replica": self.replica_id,
+        }
+
+    async def step(self, sid: str, conditions: ChunkConditions, text: dict[str, Any] | None = None) -> dict[str, Any]:
+        self._session(sid)  # fail fast, before queueing behind other sessions' work
+        out = await self._run(self._step, sid, conditions, None if text is None else text["embeds"])
+        if text is not None:
+            out["text_encoder_ms"] = text["text_encoder_ms"]
+        return out
+
+
+class VAEDecoder(_StageReplica):
+    """First-frame encoding and every live session's streaming decode cache (sticky)."""
+
+    def __init__(self, config: ServeConfig):
+        super().__init__(config.vae.sessions_per_replica)
+        apply_threads(config.model)
+        folder = ensure_checkpoint(config.model)
+        self.stage = VAEStage.from_pretrained(folder, device=config.model.device)
+
+    async def open_session(self, sid: str, spec: SessionSpec) -> Any:
+        """Register the session's decode cache and return its condition latents (for the DiT)."""
+        self._admit(sid, "VAE decoder")
+        resolved = spec.resolve(self.stage.geometry)
+        condition = await self._run(self.stage.encode_condition, spec.image)
+        self.sessions[sid] = self.stage.new_session(resolved)
+        return condition
+
+    def _decode(self, sid: str, latents: np.ndarray) -> np.ndarray:
+        return self.stage.decode(self._session(sid), torch.from_numpy(latents))
+
+    async def decode(self, sid: str, dit_out: dict[str, Any]) -> dict[str, Any]:
+        self._session(sid)
+        start = time.perf_counter()
+        frames = await self._run(self._decode, sid, dit_out["latents"])
+        out = {key: value for key, value in dit_out.items() if key != "latents"}
+        out.update(frames=frames, vae_ms=(time.perf_counter() - start) * 1e3, vae_replica=self.replica_id)
+        return out

@@ -1,0 +1,154 @@
+"""The ingress: one Starlette app with the protocol's endpoints, the API key and CORS.
+
+- ``GET /v1/models``, ``GET /v1/models/{id}``: the model card (PROTOCOL.md), CORS-readable.
+- ``WS /v1/realtime_video/generate``: one :class:`SessionDriver` per socket.
+- ``/``: the static WebUI folder, when one is configured or shipped.
+
+Every endpoint checks the optional API key: ``Authorization: Bearer <key>``, ``x-api-key: <key>``,
+or ``?api_key=<key>`` (browsers cannot set headers on a WebSocket handshake). A refused socket is
+accepted, told why and closed with 1008.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import pathlib
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
+
+from lingbot_ray.engine import read_geometry
+from lingbot_ray.models.pipeline import read_serving_defaults
+from lingbot_ray.protocol import AuthError, ModelCard, ModelList, model_not_found, outcome_for, encode_server_message
+
+from .backend import StageBackend
+from .checkpoint import ensure_checkpoint
+from .config import ServeConfig
+from .media import MediaPolicy
+from .session import SessionDriver, SessionSettings
+
+logger = logging.getLogger("ray.serve")
+
+_PACKAGED_WEBUI = pathlib.Path(__file__).resolve().parents[1] / "webui"
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(data), status_code=status, media_type="application/json")
+
+
+class Ingress:
+    """Plain class: :func:`lingbot_ray.serve.app.build_app` wraps it with ``serve.ingress()``; tests and
+    the notebook can also serve it in-process with :meth:`asgi`."""
+
+    def __init__(self, config: ServeConfig, backend: StageBackend, metrics=None):
+        self.config = config
+        self.backend = backend
+        self.metrics = metrics
+        folder = ensure_checkpoint(config.model)
+        defaults = read_serving_defaults(folder)
+        self.model_name = config.model.served_model_name or defaults.served_model_name or config.served_model_name
+        self.settings = SessionSettings(
+            served_model=self.model_name,
+            geometry=read_geometry(folder),
+            default_size=f"{defaults.width}x{defaults.height}",
+            default_fps=defaults.fps,
+            limits=config.limits,
+            media=MediaPolicy(
+                allowed_dirs=tuple(config.media.allowed_dirs),
+                allow_url_fetch=config.media.allow_url_fetch,
+                max_bytes=config.media.max_bytes,
+                fetch_timeout_s=config.media.fetch_timeout_s,
+            ),
+            max_message_bytes=config.ingress.max_message_bytes,
+            max_chunks_in_flight=config.ingress.max_chunks_in_flight,
+            stage_timeout_s=config.ingress.stage_timeout_s,
+        )
+        self.card = ModelCard(
+            id=self.model_name,
+            num_gpus=int(config.dit.num_gpus_per_rank * config.dit.sequence_parallel_degree),
+            dit_precision={"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[config.model.dit_dtype],
+        )
+        self._api_key = config.ingress.resolved_api_key()
+        self.asgi = self._build_app()
+        logger.info("ingress ready: model %s, api key %s", self.model_name, "on" if self._api_key else "off")
+
+    def __serve_build_asgi_app__(self):
+        return self.asgi
+
+    # -- auth ------------------------------------------------------------------------------------
+
+    def _authorized(self, headers, query_params) -> bool:
+        if self._api_key is None:
+            return True
+        offered = query_params.get("api_key") or headers.get("x-api-key") or ""
+        authorization = headers.get("authorization", "")
+        if not offered and authorization.lower().startswith("bearer "):
+            offered = authorization[7:].strip()
+        return hmac.compare_digest(offered.encode(), self._api_key.encode())
+
+    def _auth_middleware(self, app):
+        async def guarded(scope, receive, send):
+            if scope["type"] in ("http", "websocket") and self._api_key is not None:
+                from starlette.datastructures import Headers, QueryParams
+
+                if not self._authorized(Headers(scope=scope), QueryParams(scope.get("query_string", b""))):
+                    if scope["type"] == "websocket":
+                        websocket = WebSocket(scope, receive, send)
+                        await websocket.accept()
+                        outcome = outcome_for(AuthError("missing or wrong API key"))
+                        await websocket.send_bytes(encode_server_message(outcome.error))
+                        await websocket.close(code=int(outcome.close_code), reason=outcome.close_reason)
+                        return
+                    if scope["method"] != "OPTIONS":  # CORS preflights carry no credentials
+                        response = _json({"error": {"message": "missing or wrong API key", "type": "authentication_error"}}, 401)
+                        await response(scope, receive, send)
+                        return
+            await app(scope, receive, send)
+
+        return guarded
+
+    # -- routes ----------------------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        return _json(ModelList(data=[self.card]))
+
+    async def get_model(self, request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        if model_id != self.model_name:
+            return _json(model_not_found(model_id), 404)
+        return _json(self.card)
+
+    async def generate(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        await SessionDriver(websocket, self.backend, self.settings, self.metrics).run()
+
+    def _build_app(self):
+        routes = [
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
+            WebSocketRoute("/v1/realtime_video/generate", self.generate),
+        ]
+        webui = pathlib.Path(self.config.ingress.webui_dir) if self.config.ingress.webui_dir else _PACKAGED_WEBUI
+        if (webui / "index.html").is_file():
+            routes.append(Mount("/", StaticFiles(directory=str(webui), html=True), name="webui"))
+        app = Starlette(
+            routes=routes,
+            middleware=[
+                Middleware(
+                    CORSMiddleware,
+                    allow_origins=self.config.ingress.cors_allow_origins,
+                    allow_methods=["GET"],
+                    allow_headers=["authorization", "x-api-key"],
+                )
+            ],
+        )
+        return self._auth_middleware(app)

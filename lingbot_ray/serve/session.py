@@ -1,0 +1,382 @@
+"""One realtime session per WebSocket: the protocol's lifecycle on top of a :class:`StageBackend`.
+
+1. Read messages until one validates as ``init`` (each invalid one gets ``invalid generate
+   request``; the socket stays open).
+2. Open the session on every stage (refused with 1013 when no group has room).
+3. Run two tasks: the event reader (also how a disconnect is noticed) and the generation loop,
+   pipelined: chunk N+1's conditions are sampled and its DiT work submitted as soon as chunk N's DiT
+   work ends, while chunk N decodes and chunk N-1 is encoded and sent. At most
+   ``max_chunks_in_flight`` chunks are between "submitted" and "sent", so a slow client pauses
+   generation instead of growing queues.
+4. Whatever ends the session (``max_chunks``, disconnect, error), every stage frees its state and
+   one log line records the session's figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from lingbot_ray.control.conditions import ConditionQueue
+from lingbot_ray.engine import ModelGeometry, SessionSpec
+from lingbot_ray.protocol import (
+    ChunkStats,
+    InitLimits,
+    InitRequest,
+    InvalidEvent,
+    InvalidInit,
+    ProtocolError,
+    decode_event,
+    decode_init,
+    encode_server_message,
+    outcome_for,
+)
+from lingbot_ray.transport import make_encoder
+
+from .backend import StageBackend
+from .media import MediaPolicy, load_first_frame
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What the ingress knows about the served model and its own limits."""
+
+    served_model: str
+    geometry: ModelGeometry
+    default_size: str
+    default_fps: float = 16.0
+    limits: InitLimits = field(default_factory=InitLimits)
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+    max_message_bytes: int = 8 * 2**20
+    max_chunks_in_flight: int = 2
+    stage_timeout_s: float = 120.0
+
+
+class _Closed(Exception):
+    """The client went away."""
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1e3))
+
+
+class SessionDriver:
+    def __init__(self, websocket: WebSocket, backend: StageBackend, settings: SessionSettings, metrics=None):
+        self.ws = websocket
+        self.backend = backend
+        self.settings = settings
+        self.metrics = metrics
+        self.session_id = uuid.uuid4().hex
+        self._send_lock = asyncio.Lock()
+        self._chunk_ms: list[float] = []
+        self._frames_sent = 0
+        self._bytes_sent = 0
+        self._dit_replica = ""
+
+    # -- wire ------------------------------------------------------------------------------------
+
+    async def _send(self, message) -> int:
+        data = encode_server_message(message)
+        async with self._send_lock:
+            if self.ws.application_state != WebSocketState.CONNECTED:
+                raise _Closed()
+            await self.ws.send_bytes(data)
+        return len(data)
+
+    async def _receive(self) -> bytes:
+        message = await self.ws.receive()
+        if message["type"] == "websocket.disconnect":
+            raise _Closed()
+        data = message.get("bytes")
+        if data is None:  # a text frame: the protocol is binary MessagePack only
+            data = (message.get("text") or "").encode()
+        return data
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.ws.application_state == WebSocketState.CONNECTED:
+            try:
+                await self.ws.close(code=code, reason=reason)
+            except Exception:  # already gone
+                pass
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        started = time.perf_counter()
+        end_reason, init, opened = "client left before init", None, False
+        reader = generator = None
+        try:
+            init, spec = await self._read_init()
+            info = await self.backend.open(self.session_id, spec)
+            opened = True
+            self._dit_replica = str(info.get("replica_id", ""))
+            self._log_start(init, spec)
+            if self.metrics:
+                self.metrics.session_started()
+            queue = ConditionQueue(init.camera_script)
+            reader = asyncio.create_task(self._read_events(queue))
+            generator = asyncio.create_task(self._generate(init, queue, int(info["latent_frames_per_chunk"])))
+            done, _ = await asyncio.wait({reader, generator}, return_when=asyncio.FIRST_COMPLETED)
+            if generator in done:
+                generator.result()  # raises the generation failure, if any
+                end_reason = "generation complete"
+                await self._end(None)
+            else:
+                end_reason = "client disconnected"
+        except _Closed:
+            end_reason = "client disconnected"
+        except WebSocketDisconnect:
+            end_reason = "client disconnected"
+        except Exception as exc:
+            end_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if self.metrics and opened is False:
+                self.metrics.session_rejected(type(exc).__name__)
+            await self._end(exc)
+        finally:
+            for task in (reader, generator):
+                if task is not None and not task.done():
+                    task.cancel()
+            for task in (reader, generator):
+                if task is not None:
+                    try:
+                        await task
+                    except BaseException:
+                        pass
+            if opened:
+                # Shielded: a cancelled handler must still free every stage's state.
+                await asyncio.shield(self.backend.close(self.session_id))
+                if self.metrics:
+                    self.metrics.session_ended()
+                self._log_end(started, end_reason)
+
+    async def _end(self, exc: BaseException | None) -> None:
+        outcome = outcome_for(exc)
+        if exc is not None and not isinstance(exc, ProtocolError):
+            logger.warning("session %s failed: %r", self.session_id, exc)
+        try:
+            if outcome.error is not None:
+                await self._send(outcome.error)
+        except _Closed:
+            return
+        if outcome.close_code is not None:
+            await self._close(int(outcome.close_code), outcome.close_reason)
+
+    async def _read_init(self) -> tuple[InitRequest, SessionSpec]:
+        s = self.settings
+        while True:
+            data = await self._receive()
+            try:
+                init = decode_init(data, served_model=s.served_model, default_size=s.default_size, limits=s.limits)
+                spec = await asyncio.to_thread(self._spec_for, init)
+                return init, spec
+            except ProtocolError as exc:
+                logger.info("session %s: invalid init: %s", self.session_id, exc)
+                await self._send(outcome_for(exc).error)
+
+    def _spec_for(self, init: InitRequest) -> SessionSpec:
+        if init.enable_upscaling or init.enable_frame_interpolation:
+            field_name = "enable_upscaling" if init.enable_upscaling else "enable_frame_interpolation"
+            logger.warning("session %s asks for %s but no post-processing model is configured", self.session_id, field_name)
+            raise InvalidInit(field_name, True, "no post-processing model is configured on this server")
+        image = load_first_frame(init.first_frame, init.width, init.height, self.settings.media)
+        try:
+            spec = SessionSpec(
+                prompt=init.prompt,
+                image=image,
+                width=init.width,
+                height=init.height,
+                num_frames=init.num_frames or self.settings.geometry.pixel_frames(
+                    self.settings.geometry.num_frames_per_block, first=False
+                ),
+                seed=init.seed,
+                num_inference_steps=init.num_inference_steps,
+                guidance_scale=init.guidance_scale,
+                negative_prompt=init.negative_prompt,
+                sink_size=init.realtime_causal_sink_size,
+                window_frames=init.realtime_causal_kv_cache_num_frames,
+                quality=init.quality,
+            )
+            spec.resolve(self.settings.geometry)
+        except ValueError as exc:
+            field_name = str(exc).split("=", 1)[0] if "=" in str(exc) else "init"
+            raise InvalidInit(field_name, None, str(exc)) from None
+        return spec
+
+    async def _read_events(self, queue: ConditionQueue) -> None:
+        while True:
+            data = await self._receive()
+            try:
+                event = decode_event(data, limits=self.settings.limits)
+                input_types = [name for name, part in (("prompt", event.prompt), ("camera_actions", event.camera_script if event.camera_script is not None else event.camera_state)) if part is not None]
+                queue.push_composite(
+                    input_types,
+                    prompt=event.prompt,
+                    camera_script=event.camera_script,
+                    camera_state=event.camera_state,
+                    event_id=event.event_id,
+                )
+            except ProtocolError as exc:
+                logger.info("session %s: invalid event: %s", self.session_id, exc)
+                await self._send(outcome_for(exc).error)
+            except ValueError as exc:
+                logger.info("session %s: invalid event: %s", self.session_id, exc)
+                await self._send(outcome_for(InvalidEvent("payload", None, str(exc))).error)
+
+    # -- generation ------------------------------------------------------------------------------
+
+    async def _generate(self, init: InitRequest, queue: ConditionQueue, latent_frames: int) -> None:
+        slots = asyncio.Semaphore(self.settings.max_chunks_in_flight)
+        ready: asyncio.Queue = asyncio.Queue()
+        submitted: list = []
+        producer = asyncio.create_task(self._produce(init, queue, latent_frames, slots, ready, submitted))
+        sender = asyncio.create_task(self._send_chunks(init, ready, slots))
+        try:
+            done, _ = await asyncio.wait({producer, sender}, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # a failure of either ends the session
+            await sender
+        finally:
+            for task in (producer, sender):
+                task.cancel()
+            for future in submitted[-self.settings.max_chunks_in_flight - 1 :]:
+                if future.cancel is not None:
+                    try:
+                        future.cancel()
+                    except Exception:  # already finished
+                        pass
+
+    async def _produce(self, init, queue, latent_frames, slots, ready, submitted) -> None:
+        chunk_index = 0
+        while init.max_chunks is None or chunk_index < init.max_chunks:
+            await slots.acquire()
+            prepare_start = time.perf_counter()
+            conditions = queue.sample(latent_frames, chunk_index)
+            future = self.backend.submit(self.session_id, conditions)
+            submitted.append(future)
+            await ready.put((chunk_index, conditions.event_id, future, prepare_start, time.perf_counter()))
+            # Conditions for the next chunk are sampled once this chunk's DiT work ends.
+            await asyncio.wait_for(future.dit_done, self.settings.stage_timeout_s)
+            chunk_index += 1
+        await ready.put(None)
+
+    async def _send_chunks(self, init: InitRequest, ready: asyncio.Queue, slots: asyncio.Semaphore) -> None:
+        encoder = make_encoder(
+            init.realtime_output_format,
+            quality=init.preview_quality,
+            preview_max_width=init.realtime_preview_max_width,
+            max_message_bytes=self.settings.max_message_bytes,
+        )
+        fps = float(init.fps)
+        playback_start: float | None = None
+        while True:
+            item = await ready.get()
+            if item is None:
+                return
+            chunk_index, event_id, future, prepare_start, submit_time = item
+            result = await asyncio.wait_for(future.result, self.settings.stage_timeout_s)
+            forward_end = time.perf_counter()
+            frames: np.ndarray = result["frames"]
+
+            encode_start = time.perf_counter()
+            batches = await asyncio.to_thread(
+                encoder.encode_chunk, frames, request_id=self.session_id, chunk_index=chunk_index, event_id=event_id, fps=fps
+            )
+            encode_end = time.perf_counter()
+
+            pace_wait = 0.0
+            if init.realtime_output_pacing:
+                if playback_start is None:
+                    playback_start = encode_end
+                due = playback_start + self._frames_sent / fps
+                pace_wait = max(0.0, due - time.perf_counter())
+                if pace_wait:
+                    await asyncio.sleep(pace_wait)
+
+            write_start = time.perf_counter()
+            payload_bytes = 0
+            for batch in batches:
+                payload_bytes += await self._send(batch)
+            write_end = time.perf_counter()
+            slots.release()
+
+            stage_ms = {k: float(result.get(k, 0.0)) for k in ("text_encoder_ms", "dit_ms", "vae_ms", "postprocess_ms")}
+            forward_s = forward_end - submit_time
+            stats = ChunkStats(
+                session_id=self.session_id,
+                request_id=self.session_id,
+                chunk_index=chunk_index,
+                event_id=event_id,
+                num_frames=int(frames.shape[0]),
+                num_batches=len(batches),
+                content_type=encoder.content_type,
+                raw_bytes=int(frames.nbytes),
+                ws_payload_bytes=payload_bytes,
+                request_prepare_ms=_ms(submit_time - prepare_start),
+                scheduler_forward_ms=_ms(forward_s),
+                pace_wait_ms=_ms(pace_wait),
+                # Frame headers travel inside each frame_batch message: there is no separate write.
+                header_write_ms=0,
+                raw_payload_build_ms=_ms(encode_end - encode_start),
+                raw_write_ms=_ms(write_end - write_start),
+                ws_write_ms=_ms(write_end - write_start),
+                chunk_total_ms=_ms(time.perf_counter() - prepare_start),
+                text_encoder_ms=round(stage_ms["text_encoder_ms"]),
+                dit_ms=round(stage_ms["dit_ms"]),
+                vae_ms=round(stage_ms["vae_ms"]),
+                postprocess_ms=round(stage_ms["postprocess_ms"]),
+                queue_wait_ms=_ms(max(0.0, forward_s - sum(stage_ms.values()) / 1e3)),
+                width=int(frames.shape[2]),
+                height=int(frames.shape[1]),
+                fps=fps,
+                replica_id=str(result.get("dit_replica", "")),
+            )
+            stats.chunk_total_ms = _ms(time.perf_counter() - prepare_start)
+            await self._send(stats)
+            self._chunk_ms.append(stats.chunk_total_ms)
+            self._frames_sent += int(frames.shape[0])
+            self._bytes_sent += payload_bytes
+            if self.metrics:
+                self.metrics.chunk_done(stats)
+
+    # -- logging ---------------------------------------------------------------------------------
+
+    def _log_start(self, init: InitRequest, spec: SessionSpec) -> None:
+        logger.info(
+            "session start id=%s model=%s size=%s num_frames=%d steps=%d seed=%d format=%s max_chunks=%s dit=%s",
+            self.session_id,
+            init.model,
+            init.size,
+            spec.num_frames,
+            spec.num_inference_steps,
+            spec.seed,
+            init.realtime_output_format or "delta-gzip",
+            init.max_chunks,
+            self._dit_replica,
+        )
+
+    def _log_end(self, started: float, reason: str) -> None:
+        duration = time.perf_counter() - started
+        chunk_ms = np.asarray(self._chunk_ms) if self._chunk_ms else np.zeros(1)
+        logger.info(
+            "session end id=%s reason=%r chunks=%d frames=%d duration_s=%.1f generated_fps=%.2f "
+            "chunk_ms_p50=%.0f chunk_ms_p95=%.0f bytes=%d dit=%s",
+            self.session_id,
+            reason,
+            len(self._chunk_ms),
+            self._frames_sent,
+            duration,
+            self._frames_sent / duration if duration > 0 else 0.0,
+            float(np.percentile(chunk_ms, 50)),
+            float(np.percentile(chunk_ms, 95)),
+            self._bytes_sent,
+            self._dit_replica,
+        )

@@ -1,0 +1,321 @@
+"""End to end through a real Ray cluster and real WebSockets (free port, private temp dir).
+
+One small cluster serves the tiny checkpoint with two DiT groups of one session slot each, so
+stickiness, spreading by capacity and refusal (1013) are all observable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import urllib.request
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+import websockets
+from PIL import Image
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from lingbot_ray.control.conditions import ConditionQueue  # noqa: E402
+from lingbot_ray.engine import RealtimeEngine, SessionSpec  # noqa: E402
+from lingbot_ray.models.tiny import build_tiny_checkpoint  # noqa: E402
+from lingbot_ray.serve.app import build_app  # noqa: E402
+from lingbot_ray.serve.media import MediaPolicy, load_first_frame  # noqa: E402
+from lingbot_ray.transport import FrameDecoder  # noqa: E402
+from tests.msgpack_subset import walk  # noqa: E402
+
+APP = "lingbot"
+STAGE_TIMEOUT_S = 60
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(color=(40, 110, 190), size=(180, 110)) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.new("RGB", size, color)
+    for x in range(0, size[0], 12):  # some structure, so frames are not flat
+        image.paste((255 - color[0], color[1], 90), (x, 0, x + 5, size[1]))
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    root = tempfile.mkdtemp(prefix="lr")  # short: Ray's socket paths must stay under 107 bytes
+    checkpoint = os.path.join(root, "ckpt")
+    build_tiny_checkpoint(checkpoint)
+    port = _free_port()
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=os.path.join(root, "ray"), log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {
+        "model": {"path": checkpoint, "torch_threads": 1},
+        "dit": {"num_groups": 2, "sessions_per_group": 1, "num_cpus_per_rank": 0.5},
+        "vae": {"num_replicas": 1, "num_cpus": 0.5, "sessions_per_replica": 8},
+        "text_encoder": {"num_cpus": 0.1},
+        "ingress": {"num_cpus": 0.1, "stage_timeout_s": STAGE_TIMEOUT_S},
+    }
+    serve.run(build_app(args), name=APP, route_prefix="/")
+    yield {"url": f"ws://127.0.0.1:{port}/v1/realtime_video/generate", "http": f"http://127.0.0.1:{port}", "checkpoint": checkpoint}
+    serve.shutdown()
+    ray.shutdown()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def init_message(**fields):
+    message = {"type": "init", "prompt": "a quiet street", "first_frame": png(), "max_chunks": 2, "seed": 3}
+    message.update(fields)
+    return msgspec.msgpack.encode(message)
+
+
+async def collect(ws, decoder=None, stop_after_chunks=None):
+    """Read until close; returns (batches, stats, errors, close code, close reason, frames)."""
+    batches, stats, errors, frames = [], [], [], []
+    decoder = decoder or FrameDecoder()
+    try:
+        while True:
+            raw = await asyncio.wait_for(ws.recv(), STAGE_TIMEOUT_S)
+            message = walk(raw)  # everything the server sends stays in the reference subset
+            if message["type"] == "frame_batch":
+                batches.append(message)
+                frames.append(decoder.decode(message))
+            elif message["type"] == "chunk_stats":
+                stats.append(message)
+                if stop_after_chunks is not None and len(stats) >= stop_after_chunks:
+                    return batches, stats, errors, None, None, frames
+            else:
+                assert message["type"] == "error", message
+                errors.append(message)
+    except websockets.ConnectionClosed as closed:
+        return batches, stats, errors, closed.rcvd.code, closed.rcvd.reason, frames
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def describe_all(deployment: str, expected: int) -> dict[str, list]:
+    """Every replica's sessions (calls without a session id spread over the replicas)."""
+    handle = serve.get_deployment_handle(deployment, app_name=APP)
+    seen: dict[str, list] = {}
+    for _ in range(60):
+        info = handle.describe.remote().result(timeout_s=30)
+        seen[info["replica_id"]] = info["sessions"]
+        if len(seen) >= expected:
+            break
+    return seen
+
+
+# ------------------------------------------------------------------------------------- endpoints
+
+
+def test_models_endpoints(cluster):
+    with urllib.request.urlopen(cluster["http"] + "/v1/models", timeout=30) as response:
+        body = json.loads(response.read())
+        assert response.headers.get("access-control-allow-origin") is None  # no Origin sent
+    card = body["data"][0]
+    assert body["object"] == "list" and card["object"] == "model" and card["id"] == card["root"] == "lingbot-world-tiny"
+    for key in ("created", "owned_by", "parent", "max_model_len", "num_gpus", "task_type", "dit_precision", "vae_precision", "pipeline_name", "pipeline_class"):
+        assert key in card
+    request = urllib.request.Request(cluster["http"] + "/v1/models/lingbot-world-tiny", headers={"Origin": "http://elsewhere"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert json.loads(response.read())["id"] == "lingbot-world-tiny"
+        assert response.headers["access-control-allow-origin"] in ("*", "http://elsewhere")
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(cluster["http"] + "/v1/models/other", timeout=30)
+    assert missing.value.code == 404
+    assert json.loads(missing.value.read())["error"]["code"] == "model_not_found"
+
+
+# -------------------------------------------------------------------------------------- protocol
+
+
+@pytest.mark.parametrize("fmt", [None, "raw", "webp", "jpeg"])
+def test_every_output_format_streams_and_completes(cluster, fmt):
+    async def session():
+        async with websockets.connect(cluster["url"], max_size=None) as ws:
+            fields = {"unknown_future_key": [1, 2, 3]}
+            if fmt:
+                fields["realtime_output_format"] = fmt
+            await ws.send(init_message(**fields))
+            return await collect(ws)
+
+    batches, stats, errors, code, reason, frames = run(session())
+    assert (code, reason) == (1000, "generation complete") and not errors
+    assert [s["chunk_index"] for s in stats] == [0, 1]
+    assert [s["num_frames"] for s in stats] == [9, 12]
+    assert [f.shape[1:] for f in frames] == [(96, 160, 3)] * len(frames)
+    assert sum(f.shape[0] for f in frames) == 21
+    expected_encoding = {None: "delta-gzip", "raw": "raw", "webp": "webp", "jpeg": "jpeg"}[fmt]
+    assert {b["encoding"] for b in batches} == {expected_encoding}
+    for s in stats:
+        assert s["ws_write_ms"] == s["header_write_ms"] + s["raw_write_ms"]
+        assert s["dit_ms"] > 0 and s["vae_ms"] > 0 and s["replica_id"].startswith("DiTGroup#")
+        assert s["event_id"] is None
+
+
+def test_invalid_init_and_events_keep_the_session(cluster):
+    async def session():
+        async with websockets.connect(cluster["url"], max_size=None) as ws:
+            await ws.send(msgspec.msgpack.encode({"type": "init", "prompt": "x", "first_frame": png(), "size": "100x100"}))
+            first = walk(await ws.recv())
+            await ws.send(b"\xc1 not msgpack")
+            second = walk(await ws.recv())
+            await ws.send(init_message(max_chunks=3, realtime_output_format="raw"))
+            await ws.send(msgspec.msgpack.encode({"type": "event", "kind": "zoom", "payload": 1}))
+            await ws.send(msgspec.msgpack.encode({"type": "init", "prompt": "again"}))
+            await ws.send(
+                msgspec.msgpack.encode(
+                    {"type": "event", "kind": "camera_actions", "event_id": 7, "payload": {"mode": "state", "transitions": [{"actions": ["w"], "client_ts_ms": 1}]}}
+                )
+            )
+            return first, second, await collect(ws)
+
+    first, second, (batches, stats, errors, code, reason, _) = run(session())
+    assert first["content"] == "invalid generate request" and "size" in first["detail"]
+    assert second["content"] == "invalid generate request"
+    assert [e["content"] for e in errors] == ["invalid event", "invalid event"]
+    assert (code, reason) == (1000, "generation complete") and len(stats) == 3
+    # the camera event is echoed from the chunk that sampled it on, in every batch and stat
+    echoed = [s["event_id"] for s in stats]
+    assert echoed[-1] == 7 and all(e in (None, 7) for e in echoed)
+    first_echo = echoed.index(7)
+    assert all(b.get("event_id") == 7 for b in batches if b["chunk_index"] >= first_echo)
+    assert all("event_id" not in b for b in batches if b["chunk_index"] < first_echo)
+
+
+# ----------------------------------------------------------------------- stickiness and capacity
+
+
+def test_sessions_are_sticky_spread_by_capacity_and_refused_when_full(cluster):
+    async def long_session(results, key, started):
+        async with websockets.connect(cluster["url"], max_size=None) as ws:
+            await ws.send(init_message(max_chunks=6, realtime_output_format="raw"))
+            first = await collect(ws, stop_after_chunks=1)
+            started.set()
+            rest = await collect(ws)
+            results[key] = (first[1] + rest[1], rest[3], rest[4])
+
+    async def refused_session():
+        async with websockets.connect(cluster["url"], max_size=None) as ws:
+            await ws.send(init_message(realtime_output_format="raw"))
+            return await collect(ws)
+
+    async def scenario():
+        results: dict = {}
+        started_a, started_b = asyncio.Event(), asyncio.Event()
+        tasks = [
+            asyncio.create_task(long_session(results, "a", started_a)),
+            asyncio.create_task(long_session(results, "b", started_b)),
+        ]
+        await asyncio.wait_for(asyncio.gather(started_a.wait(), started_b.wait()), 120)
+        refused = await refused_session()
+        await asyncio.gather(*tasks)
+        return results, refused
+
+    results, refused = run(scenario())
+    _, _, errors, code, _, _ = refused
+    assert code == 1013 and errors and "no capacity" in errors[0]["content"]
+    replicas = []
+    for key in ("a", "b"):
+        stats, close_code, reason = results[key]
+        assert (close_code, reason) == (1000, "generation complete") and len(stats) == 6
+        ids = {s["replica_id"] for s in stats}
+        assert len(ids) == 1, f"session {key} moved between DiT groups: {ids}"
+        replicas.append(ids.pop())
+    assert replicas[0] != replicas[1], "two sessions share a 1-slot group: not spread by capacity"
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+
+def test_disconnect_mid_chunk_frees_every_stage(cluster):
+    async def session():
+        async with websockets.connect(cluster["url"], max_size=None) as ws:
+            await ws.send(init_message(max_chunks=None, realtime_output_format="raw"))
+            await collect(ws, stop_after_chunks=1)
+            # leave while the next chunk is being generated
+
+    run(session())
+    deadline = time.monotonic() + 30
+    while True:
+        dit, vae = describe_all("DiTGroup", 2), describe_all("VAEDecoder", 1)
+        if all(not s for s in dit.values()) and all(not s for s in vae.values()):
+            break
+        assert time.monotonic() < deadline, f"sessions left after disconnect: dit={dit} vae={vae}"
+        time.sleep(0.5)
+
+
+def test_killed_dit_replica_ends_its_session_and_service_recovers(cluster):
+    async def doomed():
+        async with websockets.connect(cluster["url"], max_size=None) as ws:
+            await ws.send(init_message(max_chunks=None, realtime_output_format="raw"))
+            _, stats, _, _, _, _ = await collect(ws, stop_after_chunks=1)
+            unique_id = stats[0]["replica_id"].split("#", 1)[1]
+            actor = ray.get_actor(f"SERVE_REPLICA::{APP}#DiTGroup#{unique_id}", namespace="serve")
+            killed_at = time.monotonic()
+            ray.kill(actor, no_restart=False)
+            _, _, errors, code, _, _ = await collect(ws)
+            return errors, code, time.monotonic() - killed_at
+
+    errors, code, seconds = run(doomed())
+    assert code == 1011 and errors and errors[-1]["content"].startswith("error during generate loop:")
+    assert seconds < 30
+
+    async def fresh():
+        async with websockets.connect(cluster["url"], max_size=None) as ws:
+            await ws.send(init_message(realtime_output_format="raw"))
+            return await collect(ws)
+
+    deadline = time.monotonic() + 90
+    while True:
+        _, stats, errors, code, reason, _ = run(fresh())
+        if code == 1000:
+            break
+        assert code == 1013 and time.monotonic() < deadline, (code, reason, errors)
+        time.sleep(2)  # the killed group is restarting and the other may still be freeing
+    assert len(stats) == 2
+
+
+# ----------------------------------------------------------------------- Ray graph == in-process
+
+
+def test_ray_graph_and_in_process_engine_give_identical_raw_frames(cluster):
+    script = [["w"], ["w"], ["j"], ["w", "l"], [], ["d"]]
+
+    async def session():
+        async with websockets.connect(cluster["url"], max_size=None) as ws:
+            await ws.send(
+                init_message(seed=11, max_chunks=2, realtime_output_format="raw", condition_inputs={"camera_actions": script})
+            )
+            return await collect(ws)
+
+    _, stats, errors, code, _, frames = run(session())
+    assert code == 1000 and not errors
+    served = np.concatenate(frames)
+
+    # bit-exact needs the replicas' intra-op thread count (model.torch_threads) here too
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engine = RealtimeEngine.from_pretrained(cluster["checkpoint"])
+    image = load_first_frame(png(), 160, 96, MediaPolicy())
+    state = engine.new_session(SessionSpec(prompt="a quiet street", image=image, width=160, height=96, seed=11))
+    queue = ConditionQueue(script)
+    local = np.concatenate([engine.step(state, queue.sample(3, i)).frames for i in range(2)])
+    engine.close(state)
+    torch.set_num_threads(threads)
+    assert served.shape == local.shape
+    assert np.array_equal(served, local)
