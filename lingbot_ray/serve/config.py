@@ -156,13 +156,11 @@ def deployment_options(config: ServeConfig) -> dict[str, dict[str, Any]]:
             "request_routing_stats_period_s": 0.5,
         },
     }
+    # The replica is rank 0 and sits in bundle 0; ranks 1..N-1 are child actors in bundles 1..N-1.
+    dit_options["ray_actor_options"] = {"num_cpus": dit.num_cpus_per_rank, "num_gpus": dit.num_gpus_per_rank}
     if ranks > 1:
-        # Rank 0 runs in the replica itself; ranks 1..N-1 are child actors in the same group.
         dit_options["placement_group_bundles"] = [dict(rank_bundle) or {"CPU": 0.01} for _ in range(ranks)]
         dit_options["placement_group_strategy"] = "STRICT_PACK"
-        dit_options["ray_actor_options"] = {"num_cpus": 0}
-    else:
-        dit_options["ray_actor_options"] = {"num_cpus": dit.num_cpus_per_rank, "num_gpus": dit.num_gpus_per_rank}
 
     def stage(section: StageConfig, sticky: bool) -> dict[str, Any]:
         options: dict[str, Any] = {

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from lingbot_ray.control.conditions import ChunkConditions
-from lingbot_ray.engine import DiTStage, SessionSpec, TextStage, VAEStage
+from lingbot_ray.engine import SessionSpec, TextStage, VAEStage
 from lingbot_ray.protocol import CapacityError, SessionLost
 
 from .checkpoint import apply_threads, ensure_checkpoint, torch_dtype
 from .config import ServeConfig
+from .dit_group import RankGroup
 
 logger = logging.getLogger("ray.serve")
 
@@ -99,42 +100,44 @@ class TextEncoder:
 
 
 class DiTGroup(_StageReplica):
-    """The causal DiT and every live session's KV cache, camera and generator state (sticky)."""
+    """The causal DiT and every live session's KV cache, camera and generator state (sticky).
+
+    One replica is one group of ``dit.sequence_parallel_degree`` ranks (:mod:`.dit_group`)."""
 
     def __init__(self, config: ServeConfig):
         super().__init__(config.dit.sessions_per_group)
-        apply_threads(config.model)
-        folder = ensure_checkpoint(config.model)
-        self.stage = DiTStage.from_pretrained(folder, device=config.model.device, dtype=torch_dtype(config.model.dit_dtype))
-        logger.info("DiTGroup %s ready: %d session slot(s)", self.replica_id, self.capacity)
-
-    def _tensor(self, array: np.ndarray | None) -> torch.Tensor | None:
-        return None if array is None else torch.from_numpy(np.asarray(array)).to(self.stage.device)
+        self.ranks = RankGroup(config, self._run)
+        self.sessions = self.ranks.local.sessions
+        logger.info("DiTGroup %s ready: %d rank(s), %d session slot(s)", self.replica_id, self.ranks.size, self.capacity)
 
     async def open_session(
         self, sid: str, spec: SessionSpec, condition: Any, text: dict[str, Any], negative: dict[str, Any] | None
     ) -> dict[str, Any]:
         self._admit(sid, "DiT group")
-        resolved = spec.resolve(self.stage.geometry)
-        negative_embeds = None if negative is None else self._tensor(negative["embeds"])
-        self.sessions[sid] = self.stage.new_session(resolved, condition, self._tensor(text["embeds"]), negative_embeds)
-        return {"replica_id": self.replica_id, "latent_frames_per_chunk": resolved.latent_frames_per_chunk}
-
-    def _step(self, sid: str, conditions: ChunkConditions, embeds: np.ndarray | None) -> dict[str, Any]:
-        start = time.perf_counter()
-        latents = self.stage.step(self._session(sid), conditions, self._tensor(embeds))
-        return {
-            "latents": latents.float().cpu().numpy(),
-            "dit_ms": (time.perf_counter() - start) * 1e3,
-            "dit_replica": self.replica_id,
-        }
+        negative_embeds = None if negative is None else negative["embeds"]
+        latent_frames = await self.ranks.call("open", sid, spec, condition, text["embeds"], negative_embeds)
+        return {"replica_id": self.replica_id, "latent_frames_per_chunk": latent_frames}
 
     async def step(self, sid: str, conditions: ChunkConditions, text: dict[str, Any] | None = None) -> dict[str, Any]:
         self._session(sid)  # fail fast, before queueing behind other sessions' work
-        out = await self._run(self._step, sid, conditions, None if text is None else text["embeds"])
+        start = time.perf_counter()
+        latents = await self.ranks.call("step", sid, conditions, None if text is None else text["embeds"])
+        out = {"latents": latents, "dit_ms": (time.perf_counter() - start) * 1e3, "dit_replica": self.replica_id}
         if text is not None:
             out["text_encoder_ms"] = text["text_encoder_ms"]
         return out
+
+    async def close_session(self, sid: str) -> bool:
+        if sid not in self.sessions:
+            return False
+        await self.ranks.call("close", sid)
+        return True
+
+    def check_health(self) -> None:
+        self.ranks.check_health()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "ranks": self.ranks.size}
 
 
 class VAEDecoder(_StageReplica):

@@ -28,11 +28,12 @@ from starlette.websockets import WebSocket
 
 from lingbot_ray.engine import read_geometry
 from lingbot_ray.models.pipeline import read_serving_defaults
-from lingbot_ray.protocol import AuthError, ModelCard, ModelList, model_not_found, outcome_for, encode_server_message
+from lingbot_ray.protocol import AuthError, CapacityError, ModelCard, ModelList, model_not_found, outcome_for, encode_server_message
 
 from .backend import StageBackend
 from .checkpoint import ensure_checkpoint
 from .config import ServeConfig
+from .deployments import replica_tag
 from .media import MediaPolicy
 from .session import SessionDriver, SessionSettings
 
@@ -78,6 +79,8 @@ class Ingress:
             dit_precision={"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[config.model.dit_dtype],
         )
         self._api_key = config.ingress.resolved_api_key()
+        self._active = 0
+        self.replica_id = replica_tag()
         self.asgi = self._build_app()
         logger.info("ingress ready: model %s, api key %s", self.model_name, "on" if self._api_key else "off")
 
@@ -129,7 +132,19 @@ class Ingress:
 
     async def generate(self, websocket: WebSocket) -> None:
         await websocket.accept()
-        await SessionDriver(websocket, self.backend, self.settings, self.metrics).run()
+        limit = self.config.ingress.max_sessions
+        if self._active >= limit:
+            outcome = outcome_for(CapacityError(f"ingress {self.replica_id} carries {self._active}/{limit} sessions"))
+            await websocket.send_bytes(encode_server_message(outcome.error))
+            await websocket.close(code=int(outcome.close_code), reason=outcome.close_reason)
+            if self.metrics:
+                self.metrics.session_rejected("CapacityError")
+            return
+        self._active += 1
+        try:
+            await SessionDriver(websocket, self.backend, self.settings, self.metrics).run()
+        finally:
+            self._active -= 1
 
     def _build_app(self):
         routes = [

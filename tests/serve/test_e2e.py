@@ -69,7 +69,13 @@ def cluster():
         "ingress": {"num_cpus": 0.1, "stage_timeout_s": STAGE_TIMEOUT_S},
     }
     serve.run(build_app(args), name=APP, route_prefix="/")
-    yield {"url": f"ws://127.0.0.1:{port}/v1/realtime_video/generate", "http": f"http://127.0.0.1:{port}", "checkpoint": checkpoint}
+    yield {
+        "url": f"ws://127.0.0.1:{port}/v1/realtime_video/generate",
+        "http": f"http://127.0.0.1:{port}",
+        "port": port,
+        "checkpoint": checkpoint,
+        "args": args,
+    }
     serve.shutdown()
     ray.shutdown()
     shutil.rmtree(root, ignore_errors=True)
@@ -319,3 +325,44 @@ def test_ray_graph_and_in_process_engine_give_identical_raw_frames(cluster):
     torch.set_num_threads(threads)
     assert served.shape == local.shape
     assert np.array_equal(served, local)
+
+
+def _engine_frames(checkpoint, script, seed, chunks):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = RealtimeEngine.from_pretrained(checkpoint)
+        image = load_first_frame(png(), 160, 96, MediaPolicy())
+        state = engine.new_session(SessionSpec(prompt="a quiet street", image=image, width=160, height=96, seed=seed))
+        queue = ConditionQueue(script)
+        frames = np.concatenate([engine.step(state, queue.sample(3, i)).frames for i in range(chunks)])
+        engine.close(state)
+        return frames
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sequence_parallel_group_of_two_ranks_matches_one(cluster):
+    args = dict(cluster["args"], dit={"num_groups": 1, "sessions_per_group": 1, "sequence_parallel_degree": 2, "num_cpus_per_rank": 0.5})
+    serve.run(build_app(args), name="sp", route_prefix="/sp")
+    script = [["w"], ["l"], ["w"], ["i"], ["w", "j"], []]
+    try:
+        async def session():
+            url = f"ws://127.0.0.1:{cluster['port']}/sp/v1/realtime_video/generate"
+            async with websockets.connect(url, max_size=None) as ws:
+                await ws.send(init_message(seed=5, max_chunks=2, realtime_output_format="raw", condition_inputs={"camera_actions": script}))
+                return await collect(ws)
+
+        _, stats, errors, code, _, frames = run(session())
+        assert code == 1000 and not errors, errors
+        served = np.concatenate(frames)
+        local = _engine_frames(cluster["checkpoint"], script, 5, 2)
+        assert served.shape == local.shape
+        difference = np.abs(served.astype(np.int16) - local.astype(np.int16))
+        # fp32 reductions in another order: a few values off by one level, nothing more
+        assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, (difference.max(), (difference > 0).mean())
+        assert not np.array_equal(local, _engine_frames(cluster["checkpoint"], [], 5, 2))  # the script matters
+        group = serve.get_deployment_handle("DiTGroup", app_name="sp").describe.remote().result(timeout_s=30)
+        assert group["ranks"] == 2
+    finally:
+        serve.delete("sp")

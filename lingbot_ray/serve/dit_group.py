@@ -1,0 +1,130 @@
+"""One DiT group = one Serve replica = ``N`` ranks of Ulysses sequence parallelism.
+
+Rank 0 runs inside the replica; ranks 1..N-1 are child actors in the replica's placement group
+(one bundle each, ``STRICT_PACK``), so the group is placed, restarted and health-checked as one
+unit: the children die with the replica, and ``check_health`` pings every rank.
+
+Every call is mirrored to all ranks with identical inputs (spec, condition latents, text
+embeddings, conditions; the session generator is seeded, so noise matches too), because every
+forward involves the group's collectives. Rank 0's result is the group's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+import numpy as np
+import torch
+
+from lingbot_ray.control.conditions import ChunkConditions
+from lingbot_ray.engine import DiTStage, SessionSpec
+from lingbot_ray.protocol import SessionLost
+
+from .checkpoint import apply_threads, ensure_checkpoint, torch_dtype
+from .config import ServeConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+class DiTRank:
+    """One rank's model and its share of every session's state (KV cache holds heads/N)."""
+
+    def __init__(self, config: ServeConfig, rank: int = 0, world_size: int = 1):
+        apply_threads(config.model)
+        self.rank, self.world_size = rank, world_size
+        folder = ensure_checkpoint(config.model)
+        self.stage = DiTStage.from_pretrained(folder, device=config.model.device, dtype=torch_dtype(config.model.dit_dtype))
+        self.sessions: dict[str, Any] = {}
+
+    def join(self, address: str, port: int) -> int:
+        """Join the group's process group and switch the model to sequence parallelism."""
+        import torch.distributed as dist
+
+        from lingbot_ray.models.sequence_parallel import SequenceParallel
+
+        backend = "nccl" if self.stage.device.type == "cuda" else "gloo"
+        if self.stage.device.type == "cuda":
+            torch.cuda.set_device(self.stage.device)
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world_size)
+        self.stage.model.enable_sequence_parallel(SequenceParallel())
+        return self.rank
+
+    def _tensor(self, array: np.ndarray | None) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(np.asarray(array)).to(self.stage.device)
+
+    def open(self, sid: str, spec: SessionSpec, condition: Any, embeds: np.ndarray, negative: np.ndarray | None) -> int:
+        resolved = spec.resolve(self.stage.geometry)
+        self.sessions[sid] = self.stage.new_session(resolved, condition, self._tensor(embeds), self._tensor(negative))
+        return resolved.latent_frames_per_chunk
+
+    def step(self, sid: str, conditions: ChunkConditions, embeds: np.ndarray | None) -> np.ndarray:
+        state = self.sessions.get(sid)
+        if state is None:
+            raise SessionLost(f"session {sid} is not held by rank {self.rank} (its group restarted?)")
+        return self.stage.step(state, conditions, self._tensor(embeds)).float().cpu().numpy()
+
+    def close(self, sid: str) -> bool:
+        state = self.sessions.pop(sid, None)
+        if state is not None:
+            state.release()
+        return state is not None
+
+    def ping(self) -> int:
+        return self.rank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class RankGroup:
+    """Rank 0 in this process plus N-1 child actors; ``call`` runs a method on all of them."""
+
+    def __init__(self, config: ServeConfig, run_local):
+        self.size = config.dit.sequence_parallel_degree
+        self.local = DiTRank(config, 0, self.size)
+        self._run_local = run_local
+        self.workers: list[Any] = []
+        if self.size == 1:
+            return
+        import ray
+        from ray.util import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = get_current_placement_group()
+        if group is None:
+            raise RuntimeError("dit.sequence_parallel_degree > 1 needs the replica's placement group (placement_group_bundles)")
+        worker_cls = ray.remote(DiTRank)
+        self.workers = [
+            worker_cls.options(
+                num_cpus=config.dit.num_cpus_per_rank,
+                num_gpus=config.dit.num_gpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=group, placement_group_bundle_index=rank
+                ),
+            ).remote(config, rank, self.size)
+            for rank in range(1, self.size)
+        ]
+        address, port = ray.util.get_node_ip_address(), _free_port()
+        joined = [w.join.remote(address, port) for w in self.workers]
+        self.local.join(address, port)  # returns once every rank has joined
+        ray.get(joined)
+        logger.info("DiT rank group of %d joined at %s:%d", self.size, address, port)
+
+    async def call(self, method: str, *args) -> Any:
+        """Run ``method`` on every rank with the same arguments; rank 0's result is returned."""
+        remote = [getattr(w, method).remote(*args) for w in self.workers]
+        local = self._run_local(getattr(self.local, method), *args)
+        results = await asyncio.gather(local, *remote)
+        return results[0]
+
+    def check_health(self) -> None:
+        if self.workers:
+            import ray
+
+            ray.get([w.ping.remote() for w in self.workers], timeout=30)
