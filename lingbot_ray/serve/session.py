@@ -116,7 +116,7 @@ class SessionDriver:
         reader = generator = None
         try:
             init, spec = await self._read_init()
-            info = await self.backend.open(self.session_id, spec)
+            info = await asyncio.wait_for(self.backend.open(self.session_id, spec), self.settings.stage_timeout_s)
             opened = True
             self._dit_replica = str(info.get("replica_id", ""))
             self._log_start(init, spec)
@@ -216,7 +216,9 @@ class SessionDriver:
             data = await self._receive()
             try:
                 event = decode_event(data, limits=self.settings.limits)
-                input_types = [name for name, part in (("prompt", event.prompt), ("camera_actions", event.camera_script if event.camera_script is not None else event.camera_state)) if part is not None]
+                camera = event.camera_script if event.camera_script is not None else event.camera_state
+                input_types = [name for name, part in (("prompt", event.prompt), ("camera_actions", camera)) if part is not None]
+                # every event kind is a composite of at most one prompt and one camera part
                 queue.push_composite(
                     input_types,
                     prompt=event.prompt,

@@ -35,7 +35,8 @@ from lingbot_ray.transport import FrameDecoder  # noqa: E402
 from tests.msgpack_subset import walk  # noqa: E402
 
 APP = "lingbot"
-STAGE_TIMEOUT_S = 60
+STAGE_TIMEOUT_S = 300  # the reference client asks for 832x480, slow for the CPU tiny model
+SEED_PAGE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "seed", "lingbot-world-realtime-reference.txt")
 
 
 def _free_port() -> int:
@@ -366,3 +367,31 @@ def test_sequence_parallel_group_of_two_ranks_matches_one(cluster):
         assert group["ranks"] == 2
     finally:
         serve.delete("sp")
+
+
+def test_reference_pages_minimal_client_receives_frames(cluster, tmp_path, monkeypatch):
+    """The sketch from the reference page, unchanged but for the port, then a few reads."""
+    websocket = pytest.importorskip("websocket")
+    if not os.path.exists(SEED_PAGE):
+        pytest.skip("../shared/seed is not beside this checkout")
+    page = open(SEED_PAGE, encoding="utf-8").read()
+    sketch = page.split("Minimal client sketch", 1)[1].split("Python\n", 1)[1].split("\n5. Consistency", 1)[0]
+    assert "websocket.create_connection" in sketch and '"size": "832x480"' in sketch
+    sketch = sketch.replace("127.0.0.1:30000", f"127.0.0.1:{cluster['port']}")
+    monkeypatch.chdir(tmp_path)
+    Image.open(io.BytesIO(png(size=(832, 480)))).convert("RGB").save("reference.jpg", quality=90)
+    namespace: dict = {}
+    exec(compile(sketch, "reference-sketch", "exec"), namespace)
+    ws = namespace["ws"]
+    ws.settimeout(STAGE_TIMEOUT_S)
+    try:
+        batches, stats = [], []
+        while not stats:
+            message = walk(ws.recv())
+            assert message["type"] != "error", message
+            (batches if message["type"] == "frame_batch" else stats).append(message)
+    finally:
+        ws.close()
+    frames = FrameDecoder().decode(batches[0])
+    assert batches[0]["encoding"] == "webp" and frames.shape[1:] == (480, 832, 3)
+    assert stats[0]["num_frames"] == 9 and stats[0]["event_id"] in (None, 1)

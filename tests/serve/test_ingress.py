@@ -89,10 +89,20 @@ def test_websocket_without_key_is_closed_1008(server):
 def test_sessions_beyond_the_ingress_limit_are_refused_1013(server):
     url = f"ws://{server}/v1/realtime_video/generate?api_key={KEY}"
 
-    async def scenario():
-        async with websockets.connect(url, max_size=None) as first:
+    async def open_first():
+        # the previous test's session frees its slot just after its client saw the close
+        deadline = time.monotonic() + 30
+        while True:
+            first = await websockets.connect(url, max_size=None)
             await first.send(init_message(max_chunks=None, realtime_output_format="raw"))
-            await collect(first, stop_after_chunks=1)
+            _, stats, _, code, _, _ = await collect(first, stop_after_chunks=1)
+            if stats:
+                return first
+            assert code == 1013 and time.monotonic() < deadline, code
+            await asyncio.sleep(0.2)
+
+    async def scenario():
+        async with await open_first() as first:
             async with websockets.connect(url, max_size=None) as second:
                 refused = await collect(second)  # refused on arrival, before any message
             await first.send(msgspec.msgpack.encode({"type": "event", "kind": "prompt", "payload": "still here"}))

@@ -1,0 +1,312 @@
+"""The deployable configs: every YAML under ``configs/`` and the root ``serve_config.yaml``.
+
+Pure Python, no Ray cluster: each file must validate as a Serve config, its ``args`` must load with
+:func:`load_config` (unknown keys fail), and :func:`deployment_options` must ask Ray for the resources
+the file's comments promise. The GPU configs' memory arithmetic is re-done here from the model facts
+of ``shared/spec/MODEL.md``, so raising a capacity or a size limit without re-doing it fails.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lingbot_ray.serve.config import ServeConfig, deployment_options, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_FILES = sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "serve_config.yaml"]
+IMPORT_PATH = "lingbot_ray.serve.app:build_app"
+FOUR_GPU = ROOT / "configs" / "lingbot-world-fast-4gpu-ulysses4.yaml"
+RAYSERVICE = ROOT / "configs" / "kuberay-rayservice.yaml"
+REAL_MODEL_PATH = "/models/lingbot-world-fast-diffusers"
+
+# Model facts for the GPU memory budget (GB = 1e9 B), as in the configs' comments.
+NUM_LAYERS, HIDDEN, NUM_HEADS = 40, 5120, 40
+TEXT_TOKENS = 512
+PIXELS_PER_TOKEN = 16  # VAE 8x spatial compression, then 2x2 patches
+FRAMES_PER_BLOCK = 3
+WINDOW_FRAMES = 18  # the checkpoint's default sliding window (latent frames)
+BF16_BYTES = 2
+DIT_WEIGHTS_GB = 37.5  # 18.54 B parameters in bf16, time embedding/projection kept in fp32
+TEXT_ENCODER_GB = 11.4  # UMT5-XXL encoder, 5.68 B parameters in bf16
+DIT_WORKSPACE_GB = 2.5  # activations, CUDA context, NCCL buffers
+VAE_FIXED_GB = 5.25  # weights (fp32 + a bf16 copy), decode workspace, CUDA context
+VAE_SESSION_GB_AT_832x480 = 3.8  # StreamingWanVAE decode cache of one session (fp32), measured
+TOKENS_AT_832x480 = (832 // PIXELS_PER_TOKEN) * (480 // PIXELS_PER_TOKEN)
+GPU_GB = 80.0
+
+
+# -- reading the files -------------------------------------------------------------------------------
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    with open(path) as f:
+        document = yaml.safe_load(f)
+    assert isinstance(document, dict), f"{path.name}: not a YAML mapping"
+    return document
+
+
+def serve_document(path: Path) -> dict[str, Any]:
+    """The Serve config a file carries: the file itself, or a RayService's ``spec.serveConfigV2``."""
+    document = load_yaml(path)
+    if document.get("kind") != "RayService":
+        return document
+    embedded = document["spec"]["serveConfigV2"]
+    assert isinstance(embedded, str), "spec.serveConfigV2 must be a YAML string, not a mapping"
+    parsed = yaml.safe_load(embedded)
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def the_application(path: Path) -> dict[str, Any]:
+    applications = serve_document(path)["applications"]
+    assert len(applications) == 1, f"{path.name}: expected one application, got {len(applications)}"
+    return applications[0]
+
+
+def config_of(path: Path) -> ServeConfig:
+    return load_config(the_application(path)["args"])
+
+
+# -- what the options ask Ray for --------------------------------------------------------------------
+
+
+def replica_gpus(options: dict[str, Any]) -> float:
+    """GPUs one replica reserves: its bundles (the replica sits in bundle 0) or its actor options."""
+    if "placement_group_bundles" in options:
+        return sum(bundle.get("GPU", 0) for bundle in options["placement_group_bundles"])
+    return options.get("ray_actor_options", {}).get("num_gpus", 0)
+
+
+def replica_cpus(options: dict[str, Any]) -> float:
+    if "placement_group_bundles" in options:
+        return sum(bundle.get("CPU", 0) for bundle in options["placement_group_bundles"])
+    return options.get("ray_actor_options", {}).get("num_cpus", 1)  # Ray's default is one CPU
+
+
+def total(options: dict[str, dict[str, Any]], per_replica) -> float:
+    return sum(o.get("num_replicas", 1) * per_replica(o) for o in options.values())
+
+
+# -- GPU memory arithmetic (the configs' comments, executable) ---------------------------------------
+
+
+def busiest_gpu_gb(config: ServeConfig, sessions: int | None = None, vae_sessions: int | None = None) -> float:
+    """Peak memory of the GPU that carries a DiT rank plus every stage placed beside it.
+
+    A stage with less than one GPU of its own shares a DiT rank's GPU (the VAE at 0.1 in the 1-GPU
+    config, at 0 on cuda:0 in the 4-GPU one); a text encoder on the CPU takes no GPU memory.
+    """
+    sessions = config.dit.sessions_per_group if sessions is None else sessions
+    vae_sessions = config.vae.sessions_per_replica if vae_sessions is None else vae_sessions
+    ranks = config.dit.sequence_parallel_degree
+    tokens = (config.limits.max_width // PIXELS_PER_TOKEN) * (config.limits.max_height // PIXELS_PER_TOKEN)
+    kv_per_frame = tokens * NUM_LAYERS * 2 * HIDDEN * BF16_BYTES / ranks  # K and V, heads split over ranks
+    text_kv = NUM_LAYERS * 2 * TEXT_TOKENS * HIDDEN * BF16_BYTES  # every rank holds all of it
+    camera = NUM_LAYERS * 2 * FRAMES_PER_BLOCK * tokens * HIDDEN * BF16_BYTES / ranks
+    gb = DIT_WEIGHTS_GB + DIT_WORKSPACE_GB + (camera + sessions * (WINDOW_FRAMES * kv_per_frame + text_kv)) / 1e9
+    if config.vae.num_gpus < 1:
+        gb += VAE_FIXED_GB + vae_sessions * VAE_SESSION_GB_AT_832x480 * tokens / TOKENS_AT_832x480
+    if not config.text_encoder.cpu_offload and config.text_encoder.num_gpus < 1:
+        gb += TEXT_ENCODER_GB
+    return gb
+
+
+def test_memory_arithmetic_reproduces_model_md():
+    # 1.28 GB of KV cache per latent frame at 832x480 for all 40 layers; window 18 => ~23 GB.
+    config = load_config({"dit": {"sequence_parallel_degree": 1}, "limits": {"max_width": 832, "max_height": 480}})
+    one = busiest_gpu_gb(config, sessions=1, vae_sessions=0) - busiest_gpu_gb(config, sessions=0, vae_sessions=0)
+    assert one == pytest.approx(WINDOW_FRAMES * 1.278 + 0.419, abs=0.01)
+    split = load_config({"dit": {"sequence_parallel_degree": 4}, "limits": {"max_width": 832, "max_height": 480}})
+    quarter = busiest_gpu_gb(split, sessions=1, vae_sessions=0) - busiest_gpu_gb(split, sessions=0, vae_sessions=0)
+    assert quarter == pytest.approx(WINDOW_FRAMES * 1.278 / 4 + 0.419, abs=0.01)
+
+
+# -- per-file intent ---------------------------------------------------------------------------------
+
+
+def expect_cpu_default(config: ServeConfig, options: dict[str, dict[str, Any]]) -> None:
+    assert config.model.device == "cpu"
+    assert config.model.build_tiny_if_missing, "the default must run without a download"
+    for name, o in options.items():
+        assert o["ray_actor_options"].get("num_gpus", 0) == 0, name
+        assert all(bundle.get("GPU", 0) == 0 for bundle in o.get("placement_group_bundles", [])), name
+    assert total(options, replica_gpus) == 0
+
+
+def expect_real_checkpoint_on_gpus(config: ServeConfig) -> None:
+    assert config.model.path == REAL_MODEL_PATH
+    assert not config.model.build_tiny_if_missing, "a missing real checkpoint must fail, not be replaced"
+    assert config.model.device == "cuda"
+    assert (config.model.dit_dtype, config.model.text_encoder_dtype) == ("bfloat16", "bfloat16")
+    assert config.text_encoder.cpu_offload and config.text_encoder.num_gpus == 0
+    assert not config.dit.cpu_offload
+    assert (config.limits.max_width, config.limits.max_height) == (832, 480), "the memory budget is at 832x480"
+
+
+def expect_one_gpu(config: ServeConfig, options: dict[str, dict[str, Any]]) -> None:
+    expect_real_checkpoint_on_gpus(config)
+    dit = options["DiTGroup"]
+    assert dit["num_replicas"] == 1 and config.dit.sequence_parallel_degree == 1
+    assert "placement_group_bundles" not in dit
+    # DiT 0.9 + VAE 0.1: both pinned to the one GPU, nothing else fits on it.
+    assert dit["ray_actor_options"]["num_gpus"] == pytest.approx(0.9)
+    assert options["VAEDecoder"]["ray_actor_options"]["num_gpus"] == pytest.approx(0.1)
+    assert options["TextEncoder"]["ray_actor_options"]["num_gpus"] == 0
+    assert total(options, replica_gpus) == pytest.approx(1.0)
+
+
+def expect_four_gpu_ulysses(config: ServeConfig, options: dict[str, dict[str, Any]]) -> None:
+    expect_real_checkpoint_on_gpus(config)
+    dit = options["DiTGroup"]
+    assert dit["num_replicas"] == 1
+    bundles = dit["placement_group_bundles"]
+    assert len(bundles) == 4 and all(bundle["GPU"] == 1 for bundle in bundles), bundles
+    assert dit["placement_group_strategy"] == "STRICT_PACK"
+    # Rank 0 is the replica: it must take exactly bundle 0's GPU, or it would run on no GPU of its own.
+    assert dit["ray_actor_options"]["num_gpus"] == bundles[0]["GPU"]
+    # Every GPU of the node is a DiT rank's; the VAE rides on cuda:0 unaccounted, the text encoder on the CPU.
+    assert options["VAEDecoder"]["ray_actor_options"]["num_gpus"] == 0
+    assert options["TextEncoder"]["ray_actor_options"]["num_gpus"] == 0
+    assert total(options, replica_gpus) == 4
+
+
+EXPECTATIONS = {
+    "serve_config.yaml": expect_cpu_default,
+    "lingbot-world-fast-1gpu.yaml": expect_one_gpu,
+    "lingbot-world-fast-4gpu-ulysses4.yaml": expect_four_gpu_ulysses,
+    "kuberay-rayservice.yaml": expect_four_gpu_ulysses,
+}
+GPU_FILES = [path for path in CONFIG_FILES if EXPECTATIONS.get(path.name) is not expect_cpu_default]
+
+
+def test_every_config_file_has_an_expectation():
+    assert sorted(path.name for path in CONFIG_FILES) == sorted(EXPECTATIONS)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_serve_accepts_the_file(path):
+    from ray.serve.schema import ServeDeploySchema
+
+    document = serve_document(path)
+    validate = getattr(ServeDeploySchema, "model_validate", None) or ServeDeploySchema.parse_obj
+    validate(document)
+    assert the_application(path)["import_path"] == IMPORT_PATH
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_resources_match_the_files_intent(path):
+    config = config_of(path)
+    EXPECTATIONS[path.name](config, deployment_options(config))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_ray_serve_accepts_every_deployments_options(path):
+    from ray import serve
+
+    class Stub:
+        pass
+
+    # Serve checks, among others, that the replica's resources fit in bundle 0 of its placement group.
+    for name, options in deployment_options(config_of(path)).items():
+        serve.deployment(Stub, name=name, **options)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_capacities_are_consistent(path):
+    config = config_of(path)
+    dit_capacity = config.dit.num_groups * config.dit.sessions_per_group
+    # Every DiT session needs a VAE decode slot, and the ingress must let that many sockets in.
+    assert config.vae.num_replicas * config.vae.sessions_per_replica >= dit_capacity
+    assert config.ingress.num_replicas * config.ingress.max_sessions >= dit_capacity
+    # Ulysses gives every rank whole attention heads.
+    assert NUM_HEADS % config.dit.sequence_parallel_degree == 0
+
+
+@pytest.mark.parametrize("path", GPU_FILES, ids=lambda p: p.name)
+def test_sessions_per_group_is_the_most_that_fits_in_gpu_memory(path):
+    config = config_of(path)
+    sessions, vae_sessions = config.dit.sessions_per_group, config.vae.sessions_per_replica
+    assert busiest_gpu_gb(config) <= GPU_GB, busiest_gpu_gb(config)
+    assert busiest_gpu_gb(config, sessions + 1, vae_sessions + 1) > GPU_GB
+
+
+def test_the_memory_budget_covers_every_gpu_config():
+    assert {path.name for path in GPU_FILES} == {
+        "lingbot-world-fast-1gpu.yaml",
+        "lingbot-world-fast-4gpu-ulysses4.yaml",
+        "kuberay-rayservice.yaml",
+    }
+
+
+# -- the RayService ----------------------------------------------------------------------------------
+
+
+def cpu_quantity(value: Any) -> float:
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def test_rayservice_carries_the_four_gpu_application_unchanged():
+    assert the_application(RAYSERVICE) == the_application(FOUR_GPU)
+
+
+def test_rayservice_cluster_fits_the_application():
+    service = load_yaml(RAYSERVICE)
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    options = deployment_options(config_of(RAYSERVICE))
+
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert "dashboard-host" in head["rayStartParams"]
+    (head_container,) = head["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in head_container["resources"].get("limits", {})
+
+    groups = cluster["workerGroupSpecs"]
+    gpu_groups = [g for g in groups if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    assert len(gpu_groups) == 1
+    (group,) = gpu_groups
+    (worker,) = group["template"]["spec"]["containers"]
+    limits = worker["resources"]["limits"]
+    pod_gpus = int(limits["nvidia.com/gpu"])
+    # STRICT_PACK puts a whole DiT group on one node: one pod must hold all of its bundles.
+    assert pod_gpus >= replica_gpus(options["DiTGroup"])
+    assert group["replicas"] * pod_gpus >= total(options, replica_gpus)
+    # The head offers no logical CPUs, so every replica's CPUs come from the worker pods.
+    assert group["replicas"] * cpu_quantity(limits["cpu"]) >= total(options, replica_cpus)
+
+    # The checkpoint folder at model.path: on the worker (the replicas load it) and on the head
+    # (build_app checks model_index.json wherever Serve runs the build task).
+    model_path = config_of(RAYSERVICE).model.path
+    for container in (head_container, worker):
+        mounts = [m["mountPath"].rstrip("/") for m in container.get("volumeMounts", [])]
+        assert any(model_path == m or model_path.startswith(m + "/") for m in mounts), (container["name"], mounts)
+
+    # The API key reaches the ingress (on the worker) through the environment variable it reads.
+    env = {e["name"] for e in worker.get("env", [])}
+    assert config_of(RAYSERVICE).ingress.api_key_env in env
+
+    ray_version = cluster["rayVersion"]
+    for container in (head_container, worker):
+        assert f"ray{ray_version}" in container["image"] or f"ray:{ray_version}" in container["image"], container["image"]
+
+
+# -- typos fail loudly -------------------------------------------------------------------------------
+
+
+def test_misspelled_key_is_rejected_by_name():
+    with pytest.raises(ValueError, match="num_group"):
+        load_config({"dit": {"num_group": 2}})
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_misspelled_key_in_a_real_file_is_rejected_by_name(path):
+    args = copy.deepcopy(the_application(path)["args"])
+    args["dit"]["sequence_parallel_degre"] = args["dit"].pop("sequence_parallel_degree")
+    with pytest.raises(ValueError, match="sequence_parallel_degre.*dit|dit.*sequence_parallel_degre"):
+        load_config(args)
