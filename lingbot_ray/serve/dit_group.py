@@ -38,6 +38,20 @@ class DiTRank:
         folder = ensure_checkpoint(config.model)
         self.stage = DiTStage.from_pretrained(folder, device=config.model.device, dtype=torch_dtype(config.model.dit_dtype))
         self.sessions: dict[str, Any] = {}
+        # dit.cpu_offload: weights wait in host memory and visit the device for each chunk's work;
+        # per-session state (KV caches, camera) stays on the device.
+        self.offload = config.dit.cpu_offload and self.stage.device.type != "cpu"
+        if self.offload:
+            self.stage.model.to("cpu")
+
+    def _on_device(self, fn, *args):
+        if not self.offload:
+            return fn(*args)
+        self.stage.model.to(self.stage.device)
+        try:
+            return fn(*args)
+        finally:
+            self.stage.model.to("cpu")
 
     def join(self, address: str, port: int) -> int:
         """Join the group's process group and switch the model to sequence parallelism."""
@@ -57,14 +71,16 @@ class DiTRank:
 
     def open(self, sid: str, spec: SessionSpec, condition: Any, embeds: np.ndarray, negative: np.ndarray | None) -> int:
         resolved = spec.resolve(self.stage.geometry)
-        self.sessions[sid] = self.stage.new_session(resolved, condition, self._tensor(embeds), self._tensor(negative))
+        self.sessions[sid] = self._on_device(
+            self.stage.new_session, resolved, condition, self._tensor(embeds), self._tensor(negative)
+        )
         return resolved.latent_frames_per_chunk
 
     def step(self, sid: str, conditions: ChunkConditions, embeds: np.ndarray | None) -> np.ndarray:
         state = self.sessions.get(sid)
         if state is None:
             raise SessionLost(f"session {sid} is not held by rank {self.rank} (its group restarted?)")
-        return self.stage.step(state, conditions, self._tensor(embeds)).float().cpu().numpy()
+        return self._on_device(self.stage.step, state, conditions, self._tensor(embeds)).float().cpu().numpy()
 
     def close(self, sid: str) -> bool:
         state = self.sessions.pop(sid, None)

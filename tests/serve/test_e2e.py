@@ -59,8 +59,14 @@ def cluster():
     root = tempfile.mkdtemp(prefix="lr")  # short: Ray's socket paths must stay under 107 bytes
     checkpoint = os.path.join(root, "ckpt")
     build_tiny_checkpoint(checkpoint)
-    port = _free_port()
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=os.path.join(root, "ray"), log_to_driver=False)
+    port, metrics_port = _free_port(), _free_port()
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        _temp_dir=os.path.join(root, "ray"),
+        _metrics_export_port=metrics_port,
+        log_to_driver=False,
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "model": {"path": checkpoint, "torch_threads": 1},
@@ -74,6 +80,7 @@ def cluster():
         "url": f"ws://127.0.0.1:{port}/v1/realtime_video/generate",
         "http": f"http://127.0.0.1:{port}",
         "port": port,
+        "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
         "checkpoint": checkpoint,
         "args": args,
     }
@@ -395,3 +402,23 @@ def test_reference_pages_minimal_client_receives_frames(cluster, tmp_path, monke
     frames = FrameDecoder().decode(batches[0])
     assert batches[0]["encoding"] == "webp" and frames.shape[1:] == (480, 832, 3)
     assert stats[0]["num_frames"] == 9 and stats[0]["event_id"] in (None, 1)
+
+
+def test_prometheus_metrics_are_exported(cluster):
+    # runs after sessions above; Ray's metrics agent exports on its own period
+    # Ray prefixes application metrics with "ray_"
+    wanted = ("ray_lingbot_sessions_started_total", "ray_lingbot_frames_generated_total", "ray_lingbot_chunk_stage_ms_bucket", "ray_lingbot_sessions_active")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(cluster["metrics"], timeout=10) as response:
+                text = response.read().decode()
+        except OSError:
+            text = ""
+        if all(name in text for name in wanted):
+            break
+        assert time.monotonic() < deadline, [name for name in wanted if name not in text]
+        time.sleep(2)
+    assert 'stage="dit"' in text and 'stage="vae"' in text
+    started = [line for line in text.splitlines() if line.startswith("ray_lingbot_sessions_started_total")]
+    assert any(float(line.rsplit(" ", 1)[1]) >= 1 for line in started)
