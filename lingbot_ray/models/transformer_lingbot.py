@@ -318,6 +318,18 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
         """Latent frames a session can reach before `PositionLimitError`."""
         return self.config.rope_max_seq_len
 
+    def _rope(self, start_frame: int, frames: int, height: int, width: int, device: torch.device):
+        """RoPE tables for ``frames`` latent frames from absolute frame ``start_frame``."""
+        return rope_cos_sin(
+            self.config.attention_head_dim,
+            start_frame,
+            frames,
+            height // self.config.patch_size[1],
+            width // self.config.patch_size[2],
+            max_seq_len=self.config.rope_max_seq_len,
+            device=device,
+        )
+
     def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
         """Tokens per latent frame of a `latent_height × latent_width` latent grid after patching."""
         _, p_h, p_w = self.config.patch_size
@@ -520,15 +532,7 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
                 f"attention heads per rank ({self._sequence_parallel or 'no sequence parallelism'}); allocate "
                 "the cache with new_kv_cache after enabling or disabling sequence parallelism"
             )
-        rotary_emb = rope_cos_sin(
-            self.config.attention_head_dim,
-            start_frame,
-            frames,
-            height // self.config.patch_size[1],
-            width // self.config.patch_size[2],
-            max_seq_len=self.config.rope_max_seq_len,
-            device=latents.device,
-        )
+        rotary_emb = self._rope(start_frame, frames, height, width, latents.device)
         plan = kv_cache.plan_block(start_frame, frames, tokens_per_frame, batch)
 
         # 2-5. Embed, run the blocks against the cache, project out
@@ -577,15 +581,7 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
         # 1. Validate, RoPE, token-level mask
         batch, frames, height, width = self._check_latents(hidden_states)
         tokens_per_frame = self.tokens_per_frame(height, width)
-        rotary_emb = rope_cos_sin(
-            self.config.attention_head_dim,
-            start_frame,
-            frames,
-            height // self.config.patch_size[1],
-            width // self.config.patch_size[2],
-            max_seq_len=self.config.rope_max_seq_len,
-            device=hidden_states.device,
-        )
+        rotary_emb = self._rope(start_frame, frames, height, width, hidden_states.device)
         attention_mask = None
         if frame_mask is not None:
             if frame_mask.shape != (frames, frames) or frame_mask.dtype != torch.bool:

@@ -112,10 +112,12 @@ class SessionDriver:
 
     async def run(self) -> None:
         started = time.perf_counter()
-        end_reason, init, opened = "client left before init", None, False
+        end_reason, init, opened, registered = "client left before init", None, False, False
         reader = generator = None
         try:
             init, spec = await self._read_init()
+            # From here a stage may hold state for this id, even if opening fails half-way.
+            registered = True
             info = await asyncio.wait_for(self.backend.open(self.session_id, spec), self.settings.stage_timeout_s)
             opened = True
             self._dit_replica = str(info.get("replica_id", ""))
@@ -151,9 +153,10 @@ class SessionDriver:
                         await task
                     except BaseException:
                         pass
-            if opened:
+            if registered:
                 # Shielded: a cancelled handler must still free every stage's state.
                 await asyncio.shield(self.backend.close(self.session_id))
+            if opened:
                 if self.metrics:
                     self.metrics.session_ended()
                 self._log_end(started, end_reason)
@@ -165,7 +168,7 @@ class SessionDriver:
         try:
             if outcome.error is not None:
                 await self._send(outcome.error)
-        except _Closed:
+        except Exception:  # the client is already gone: nothing more to tell it
             return
         if outcome.close_code is not None:
             await self._close(int(outcome.close_code), outcome.close_reason)
