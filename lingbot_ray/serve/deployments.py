@@ -137,7 +137,7 @@ class DiTGroup(_StageReplica):
         self.ranks.check_health()
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "ranks": self.ranks.size}
+        return {**super().describe(), "ranks": self.ranks.size, "rank_pids": self.ranks.pids()}
 
 
 class VAEDecoder(_StageReplica):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from typing import Any
 
@@ -91,6 +92,9 @@ class DiTRank:
     def ping(self) -> int:
         return self.rank
 
+    def pid(self) -> int:
+        return os.getpid()
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -138,6 +142,11 @@ class RankGroup:
         local = self._run_local(getattr(self.local, method), *args)
         results = await asyncio.gather(local, *remote)
         return results[0]
+
+    def pids(self) -> list[int]:
+        import ray
+
+        return [os.getpid()] + (ray.get([w.pid.remote() for w in self.workers], timeout=30) if self.workers else [])
 
     def check_health(self) -> None:
         if self.workers:

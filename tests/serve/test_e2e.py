@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -288,6 +289,10 @@ def test_killed_dit_replica_ends_its_session_and_service_recovers(cluster):
     errors, code, seconds = run(doomed())
     assert code == 1011 and errors and errors[-1]["content"].startswith("error during generate loop:")
     assert seconds < 30
+    deadline = time.monotonic() + 30
+    while any(describe_all("VAEDecoder", 1).values()):  # the VAE side of the failed session is freed
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
 
     async def fresh():
         async with websockets.connect(cluster["url"], max_size=None) as ws:
@@ -370,8 +375,23 @@ def test_sequence_parallel_group_of_two_ranks_matches_one(cluster):
         # fp32 reductions in another order: a few values off by one level, nothing more
         assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, (difference.max(), (difference > 0).mean())
         assert not np.array_equal(local, _engine_frames(cluster["checkpoint"], [], 5, 2))  # the script matters
-        group = serve.get_deployment_handle("DiTGroup", app_name="sp").describe.remote().result(timeout_s=30)
+        handle = serve.get_deployment_handle("DiTGroup", app_name="sp")
+        group = handle.describe.remote().result(timeout_s=30)
         assert group["ranks"] == 2
+
+        # check_health covers every rank: a dead worker rank makes Serve replace the whole group
+        assert len(group["rank_pids"]) == 2
+        os.kill(group["rank_pids"][1], signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                now = handle.describe.remote().result(timeout_s=30)
+                if now["replica_id"] != group["replica_id"]:
+                    break
+            except Exception:  # the group is being replaced
+                pass
+            assert time.monotonic() < deadline, "the group with a dead rank was not replaced"
+            time.sleep(2)
     finally:
         serve.delete("sp")
 
