@@ -35,6 +35,10 @@ class InitLimits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_first_frame_bytes: int = 12 * 2**20
     max_script_entries: int = MAX_PENDING_ENTRIES
     max_fps: float = 120.0
+    # KV-cache memory grows with the window (and doubles with guidance): cap what a client may ask
+    max_window_frames: int = 64
+    max_sink_frames: int = 32
+    max_guidance_scale: float = 30.0
 
 
 class ConditionInputs(msgspec.Struct, kw_only=True):
@@ -255,6 +259,14 @@ def decode_init(
         raise InvalidInit("num_frames", init.num_frames, f"above {limits.max_num_frames}")
     if init.num_inference_steps > limits.max_inference_steps:
         raise InvalidInit("num_inference_steps", init.num_inference_steps, f"above {limits.max_inference_steps}")
+    if (init.realtime_causal_kv_cache_num_frames or 0) > limits.max_window_frames:
+        raise InvalidInit(
+            "realtime_causal_kv_cache_num_frames", init.realtime_causal_kv_cache_num_frames, f"above {limits.max_window_frames}"
+        )
+    if (init.realtime_causal_sink_size or 0) > limits.max_sink_frames:
+        raise InvalidInit("realtime_causal_sink_size", init.realtime_causal_sink_size, f"above {limits.max_sink_frames}")
+    if init.guidance_scale > limits.max_guidance_scale:
+        raise InvalidInit("guidance_scale", init.guidance_scale, f"above {limits.max_guidance_scale}")
     if init.condition_inputs is not None and init.condition_inputs.camera_actions is not None:
         script = check_actions(
             init.condition_inputs.camera_actions,

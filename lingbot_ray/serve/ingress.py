@@ -12,6 +12,7 @@ accepted, told why and closed with 1008.
 from __future__ import annotations
 
 import hmac
+import math
 import logging
 import pathlib
 from typing import Any
@@ -75,7 +76,7 @@ class Ingress:
         )
         self.card = ModelCard(
             id=self.model_name,
-            num_gpus=int(config.dit.num_gpus_per_rank * config.dit.sequence_parallel_degree),
+            num_gpus=math.ceil(config.dit.num_gpus_per_rank * config.dit.sequence_parallel_degree),
             dit_precision={"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[config.model.dit_dtype],
         )
         self._api_key = config.ingress.resolved_api_key()

@@ -122,11 +122,22 @@ def test_undecodable_or_non_map_init(raw):
 
 
 def test_limits_come_from_config():
-    limits = InitLimits(max_width=512, max_height=512, max_num_frames=12, max_inference_steps=4)
+    limits = InitLimits(
+        max_width=512, max_height=512, max_num_frames=12, max_inference_steps=4,
+        max_window_frames=18, max_sink_frames=9, max_guidance_scale=5.0,
+    )
     kwargs = dict(served_model=SERVED, default_size="256x160", limits=limits)
     base = {"type": "init", "prompt": "x", "first_frame": b"x"}
     assert decode_init({**base, "size": "512x512"}, **kwargs).size == "512x512"
-    for extra in ({"size": "528x512"}, {"num_frames": 13}, {"num_inference_steps": 5}):
+    assert decode_init({**base, "realtime_causal_kv_cache_num_frames": 18, "realtime_causal_sink_size": 9}, **kwargs)
+    for extra in (
+        {"size": "528x512"},
+        {"num_frames": 13},
+        {"num_inference_steps": 5},
+        {"realtime_causal_kv_cache_num_frames": 19},
+        {"realtime_causal_sink_size": 10},
+        {"guidance_scale": 5.5},
+    ):
         with pytest.raises(InvalidInit, match=next(iter(extra))):
             decode_init({**base, **extra}, **kwargs)
 
