@@ -53,6 +53,15 @@ class _StageReplica:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
+    async def _timed(self, fn, *args) -> tuple[Any, float]:
+        """Run on the model thread; the time is the work alone, not the wait for the thread."""
+
+        def call():
+            start = time.perf_counter()
+            return fn(*args), (time.perf_counter() - start) * 1e3
+
+        return await self._run(call)
+
     def _session(self, sid: str):
         state = self.sessions.get(sid)
         if state is None:
@@ -94,9 +103,12 @@ class TextEncoder:
         return embeds.float().cpu().numpy()
 
     async def encode(self, prompt: str | None, negative: bool = False) -> dict[str, Any]:
-        start = time.perf_counter()
-        embeds = await asyncio.get_running_loop().run_in_executor(self._worker, self._encode, prompt, negative)
-        return {"embeds": embeds, "text_encoder_ms": (time.perf_counter() - start) * 1e3}
+        def call():
+            start = time.perf_counter()
+            return self._encode(prompt, negative), (time.perf_counter() - start) * 1e3
+
+        embeds, ms = await asyncio.get_running_loop().run_in_executor(self._worker, call)
+        return {"embeds": embeds, "text_encoder_ms": ms}
 
 
 class DiTGroup(_StageReplica):
@@ -106,7 +118,7 @@ class DiTGroup(_StageReplica):
 
     def __init__(self, config: ServeConfig):
         super().__init__(config.dit.sessions_per_group)
-        self.ranks = RankGroup(config, self._run)
+        self.ranks = RankGroup(config, self._timed)
         self.sessions = self.ranks.local.sessions
         logger.info("DiTGroup %s ready: %d rank(s), %d session slot(s)", self.replica_id, self.ranks.size, self.capacity)
 
@@ -115,14 +127,13 @@ class DiTGroup(_StageReplica):
     ) -> dict[str, Any]:
         self._admit(sid, "DiT group")
         negative_embeds = None if negative is None else negative["embeds"]
-        latent_frames = await self.ranks.call("open", sid, spec, condition, text["embeds"], negative_embeds)
+        latent_frames, _ = await self.ranks.call("open", sid, spec, condition, text["embeds"], negative_embeds)
         return {"replica_id": self.replica_id, "latent_frames_per_chunk": latent_frames}
 
     async def step(self, sid: str, conditions: ChunkConditions, text: dict[str, Any] | None = None) -> dict[str, Any]:
         self._session(sid)  # fail fast, before queueing behind other sessions' work
-        start = time.perf_counter()
-        latents = await self.ranks.call("step", sid, conditions, None if text is None else text["embeds"])
-        out = {"latents": latents, "dit_ms": (time.perf_counter() - start) * 1e3, "dit_replica": self.replica_id}
+        latents, dit_ms = await self.ranks.call("step", sid, conditions, None if text is None else text["embeds"])
+        out = {"latents": latents, "dit_ms": dit_ms, "dit_replica": self.replica_id}
         if text is not None:
             out["text_encoder_ms"] = text["text_encoder_ms"]
         return out
@@ -162,8 +173,7 @@ class VAEDecoder(_StageReplica):
 
     async def decode(self, sid: str, dit_out: dict[str, Any]) -> dict[str, Any]:
         self._session(sid)
-        start = time.perf_counter()
-        frames = await self._run(self._decode, sid, dit_out["latents"])
+        frames, vae_ms = await self._timed(self._decode, sid, dit_out["latents"])
         out = {key: value for key, value in dit_out.items() if key != "latents"}
-        out.update(frames=frames, vae_ms=(time.perf_counter() - start) * 1e3, vae_replica=self.replica_id)
+        out.update(frames=frames, vae_ms=vae_ms, vae_replica=self.replica_id)
         return out

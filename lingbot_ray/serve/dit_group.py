@@ -106,6 +106,7 @@ class RankGroup:
     """Rank 0 in this process plus N-1 child actors; ``call`` runs a method on all of them."""
 
     def __init__(self, config: ServeConfig, run_local):
+        """``run_local(fn, *args)`` runs rank 0's work off the event loop and returns (result, ms)."""
         self.size = config.dit.sequence_parallel_degree
         self.local = DiTRank(config, 0, self.size)
         self._run_local = run_local
@@ -136,8 +137,9 @@ class RankGroup:
         ray.get(joined)
         logger.info("DiT rank group of %d joined at %s:%d", self.size, address, port)
 
-    async def call(self, method: str, *args) -> Any:
-        """Run ``method`` on every rank with the same arguments; rank 0's result is returned."""
+    async def call(self, method: str, *args) -> tuple[Any, float]:
+        """Run ``method`` on every rank with the same arguments; returns rank 0's result and the
+        milliseconds rank 0 spent on it (collectives make every rank take as long)."""
         remote = [getattr(w, method).remote(*args) for w in self.workers]
         local = self._run_local(getattr(self.local, method), *args)
         results = await asyncio.gather(local, *remote)
