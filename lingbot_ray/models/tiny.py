@@ -92,7 +92,7 @@ def build_tiny_transformer(*, seed: int = 0, **overrides: Any) -> CausalLingBotW
         model = CausalLingBotWorldTransformer3DModel(**config)
         # diffusers' default init leaves the norms' affine weights at 1 and biases at 0; small random
         # values there make a bias-handling or norm-naming bug in loading visible in the outputs.
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.ndim == 1:
                 with torch.no_grad():
                     param.add_(0.05 * torch.randn_like(param))

@@ -7,7 +7,7 @@ MessagePack stays inside what the reference WebUI's minimal decoder reads (see P
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 

@@ -398,7 +398,7 @@ def test_sequence_parallel_group_of_two_ranks_matches_one(cluster):
 
 def test_reference_pages_minimal_client_receives_frames(cluster, tmp_path, monkeypatch):
     """The sketch from the reference page, unchanged but for the port, then a few reads."""
-    websocket = pytest.importorskip("websocket")
+    pytest.importorskip("websocket")  # websocket-client, which the sketch imports
     if not os.path.exists(SEED_PAGE):
         pytest.skip("../shared/seed is not beside this checkout")
     page = open(SEED_PAGE, encoding="utf-8").read()
