@@ -23,6 +23,10 @@ from tests.serve.test_e2e import collect, init_message
 KEY = "s3cret-key"
 
 
+class _Address(str):
+    """host:port, carrying the in-process ingress so a test can look inside the stages."""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     checkpoint = tmp_path_factory.mktemp("ckpt") / "tiny"
@@ -43,9 +47,34 @@ def server(tmp_path_factory):
     thread.start()
     while not uv.started:
         time.sleep(0.05)
-    yield f"127.0.0.1:{port}"
+    address = _Address(f"127.0.0.1:{port}")
+    address.ingress = ingress
+    yield address
     uv.should_exit = True
     thread.join(timeout=10)
+
+
+async def open_when_free(url, *, small_receive_buffer=False, **init_fields):
+    """Open a session, retrying while the 1-session ingress still frees the previous test's one
+    (its slot is released just after that client saw its close)."""
+    deadline = time.monotonic() + 30
+    while True:
+        sock = None
+        if small_receive_buffer:  # so that kernel buffering does not hide backpressure for long
+            host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+            sock.connect((host, int(port)))
+        ws = await websockets.connect(url, max_size=None, max_queue=1, sock=sock)
+        try:
+            await ws.send(init_message(**init_fields))
+        except websockets.ConnectionClosed:
+            pass  # refused on arrival; collect() reads the close code
+        _, stats, _, code, _, _ = await collect(ws, stop_after_chunks=1)
+        if stats:
+            return ws
+        assert code == 1013 and time.monotonic() < deadline, code
+        await asyncio.sleep(0.2)
 
 
 def get(url, headers=None):
@@ -89,20 +118,8 @@ def test_websocket_without_key_is_closed_1008(server):
 def test_sessions_beyond_the_ingress_limit_are_refused_1013(server):
     url = f"ws://{server}/v1/realtime_video/generate?api_key={KEY}"
 
-    async def open_first():
-        # the previous test's session frees its slot just after its client saw the close
-        deadline = time.monotonic() + 30
-        while True:
-            first = await websockets.connect(url, max_size=None)
-            await first.send(init_message(max_chunks=None, realtime_output_format="raw"))
-            _, stats, _, code, _, _ = await collect(first, stop_after_chunks=1)
-            if stats:
-                return first
-            assert code == 1013 and time.monotonic() < deadline, code
-            await asyncio.sleep(0.2)
-
     async def scenario():
-        async with await open_first() as first:
+        async with await open_when_free(url, max_chunks=None, realtime_output_format="raw") as first:
             async with websockets.connect(url, max_size=None) as second:
                 refused = await collect(second)  # refused on arrival, before any message
             await first.send(msgspec.msgpack.encode({"type": "event", "kind": "prompt", "payload": "still here"}))
@@ -112,3 +129,28 @@ def test_sessions_beyond_the_ingress_limit_are_refused_1013(server):
     refused, still_streaming = asyncio.run(scenario())
     assert refused[3] == 1013 and "no capacity" in refused[2][0]["content"]
     assert len(still_streaming[1]) == 1  # the live session kept streaming
+
+
+def test_a_slow_client_pauses_generation(server):
+    """Nothing grows without bound: with the client not reading, the DiT stops within a bounded
+    number of chunks (the chunks in flight plus what the sockets buffer) and resumes on reading."""
+    dit = server.ingress.backend.dit
+    url = f"ws://{server}/v1/realtime_video/generate?api_key={KEY}"
+
+    def generated() -> int:
+        return sum(state.next_frame for state in list(dit.sessions.values())) // 3
+
+    async def scenario():
+        async with await open_when_free(url, small_receive_buffer=True, max_chunks=None, realtime_output_format="raw") as ws:
+            samples = []
+            for _ in range(36):  # stop reading for 18 s; the server's send buffer still absorbs a few MB
+                await asyncio.sleep(0.5)
+                samples.append(generated())
+            # chunks 0..N-1 were generated before the stall; reading on must bring chunk N
+            resumed = await collect(ws, stop_after_chunks=samples[-1])
+            return samples, resumed
+
+    samples, resumed = asyncio.run(scenario())
+    assert samples[-1] == samples[-11], f"still generating while the client does not read: {samples}"
+    assert samples[-1] < 40, samples  # bounded, far below what 8 s of free running would make
+    assert resumed[1][-1]["chunk_index"] == samples[-1], "generation did not resume once the client read"
