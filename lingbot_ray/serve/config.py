@@ -45,6 +45,9 @@ class DiTConfig(_Section):
     num_gpus_per_rank: float = 0.0
     # Keep DiT weights in host memory between chunks (saves GPU memory, costs transfer time).
     cpu_offload: bool = False
+    # A session no call has touched for this long is released (its ingress died without closing it).
+    # Keep it above the longest pause a client may take: a client that stops reading stalls its calls.
+    session_idle_timeout_s: float = 600.0
 
 
 class StageConfig(_Section):
@@ -55,6 +58,8 @@ class StageConfig(_Section):
     sessions_per_replica: int = 8
     # Text encoder only: run on CPU even when the device is a GPU.
     cpu_offload: bool = False
+    # Sticky stages: release a session untouched for this long (see DiTConfig).
+    session_idle_timeout_s: float = 600.0
 
 
 class PostProcessConfig(StageConfig):

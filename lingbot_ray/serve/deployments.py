@@ -42,13 +42,37 @@ def replica_tag() -> str:
 
 
 class _StageReplica:
-    """Shared plumbing: one model-work thread and a session table with a capacity."""
+    """Shared plumbing: one model-work thread, and a session table with a capacity whose idle
+    entries are released, so sessions of an ingress that died without closing them do not hold
+    their slots forever."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, idle_timeout_s: float):
         self.capacity = capacity
         self.sessions: dict[str, Any] = {}
         self.replica_id = replica_tag()
+        self.idle_timeout_s = idle_timeout_s
+        self._touched: dict[str, float] = {}
+        self._reaper: asyncio.Task | None = None
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    def _touch(self, sid: str) -> None:
+        self._touched[sid] = time.monotonic()
+        if self._reaper is None:
+            try:  # also called from the model thread, which has no event loop
+                self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+            except RuntimeError:
+                pass
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.05, self.idle_timeout_s / 4))
+            now = time.monotonic()
+            for sid, touched in list(self._touched.items()):
+                if now - touched > self.idle_timeout_s:
+                    logger.warning(
+                        "%s: session %s idle for %.0f s, released (its ingress is gone?)", self.replica_id, sid, now - touched
+                    )
+                    await self.close_session(sid)
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -66,6 +90,7 @@ class _StageReplica:
         state = self.sessions.get(sid)
         if state is None:
             raise SessionLost(f"session {sid} is not held by {self.replica_id} (its replica restarted?)")
+        self._touch(sid)
         return state
 
     def _admit(self, sid: str, what: str) -> None:
@@ -82,6 +107,7 @@ class _StageReplica:
         return {"replica_id": self.replica_id, "sessions": sorted(self.sessions), "capacity": self.capacity}
 
     async def close_session(self, sid: str) -> bool:
+        self._touched.pop(sid, None)
         state = self.sessions.pop(sid, None)
         if state is not None:
             await self._run(state.release)
@@ -117,7 +143,7 @@ class DiTGroup(_StageReplica):
     One replica is one group of ``dit.sequence_parallel_degree`` ranks (:mod:`.dit_group`)."""
 
     def __init__(self, config: ServeConfig):
-        super().__init__(config.dit.sessions_per_group)
+        super().__init__(config.dit.sessions_per_group, config.dit.session_idle_timeout_s)
         self.ranks = RankGroup(config, self._timed)
         self.sessions = self.ranks.local.sessions
         logger.info("DiTGroup %s ready: %d rank(s), %d session slot(s)", self.replica_id, self.ranks.size, self.capacity)
@@ -128,6 +154,7 @@ class DiTGroup(_StageReplica):
         self._admit(sid, "DiT group")
         negative_embeds = None if negative is None else negative["embeds"]
         latent_frames, _ = await self.ranks.call("open", sid, spec, condition, text["embeds"], negative_embeds)
+        self._touch(sid)
         return {"replica_id": self.replica_id, "latent_frames_per_chunk": latent_frames}
 
     async def step(self, sid: str, conditions: ChunkConditions, text: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -139,6 +166,7 @@ class DiTGroup(_StageReplica):
         return out
 
     async def close_session(self, sid: str) -> bool:
+        self._touched.pop(sid, None)
         if sid not in self.sessions:
             return False
         await self.ranks.call("close", sid)
@@ -155,7 +183,7 @@ class VAEDecoder(_StageReplica):
     """First-frame encoding and every live session's streaming decode cache (sticky)."""
 
     def __init__(self, config: ServeConfig):
-        super().__init__(config.vae.sessions_per_replica)
+        super().__init__(config.vae.sessions_per_replica, config.vae.session_idle_timeout_s)
         apply_threads(config.model)
         folder = ensure_checkpoint(config.model)
         self.stage = VAEStage.from_pretrained(folder, device=config.model.device)
@@ -166,6 +194,7 @@ class VAEDecoder(_StageReplica):
         resolved = spec.resolve(self.stage.geometry)
         condition = await self._run(self.stage.encode_condition, spec.image)
         self.sessions[sid] = self.stage.new_session(resolved)
+        self._touch(sid)
         return condition
 
     def _decode(self, sid: str, latents: np.ndarray) -> np.ndarray:
