@@ -19,7 +19,6 @@ from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -100,8 +99,12 @@ class Ingress:
         return hmac.compare_digest(offered.encode(), self._api_key.encode())
 
     def _auth_middleware(self, app):
+        """API key on every API endpoint and the WebSocket. The static WebUI files are public, so a
+        person can open the page and type the key in; it carries no data of the server's."""
+
         async def guarded(scope, receive, send):
-            if scope["type"] in ("http", "websocket") and self._api_key is not None:
+            public = scope["type"] == "http" and not scope["path"].startswith("/v1/")
+            if scope["type"] in ("http", "websocket") and self._api_key is not None and not public:
                 from starlette.datastructures import Headers, QueryParams
 
                 if not self._authorized(Headers(scope=scope), QueryParams(scope.get("query_string", b""))):
@@ -156,15 +159,11 @@ class Ingress:
         webui = pathlib.Path(self.config.ingress.webui_dir) if self.config.ingress.webui_dir else _PACKAGED_WEBUI
         if (webui / "index.html").is_file():
             routes.append(Mount("/", StaticFiles(directory=str(webui), html=True), name="webui"))
-        app = Starlette(
-            routes=routes,
-            middleware=[
-                Middleware(
-                    CORSMiddleware,
-                    allow_origins=self.config.ingress.cors_allow_origins,
-                    allow_methods=["GET"],
-                    allow_headers=["authorization", "x-api-key"],
-                )
-            ],
+        router = Starlette(routes=routes)
+        # CORS is the outer layer, so that a 401 is readable by a WebUI served from another origin.
+        return CORSMiddleware(
+            self._auth_middleware(router),
+            allow_origins=self.config.ingress.cors_allow_origins,
+            allow_methods=["GET"],
+            allow_headers=["authorization", "x-api-key"],
         )
-        return self._auth_middleware(app)

@@ -1,7 +1,8 @@
 /* Frame decoder worker: raw RGB24 and delta-gzip (gzip + XOR chain) -> RGBA frames for ImageData.
  *
- * Messages in:  {op:"reset"}  |  {op:"decode", id, encoding, payload:ArrayBuffer, num_frames, width,
- *               height, bytes_per_frame, delta_reference}
+ * Messages in:  {op:"reset"}  |  {op:"decode", id, encoding, payload:ArrayBuffer, offset?, length?,
+ *               num_frames, width, height, bytes_per_frame, delta_reference}  (payload bytes are
+ *               payload[offset : offset+length], so a whole received message can be transferred)
  * Messages out: {id, ok:true, frames:[ArrayBuffer RGBA...], width, height, decode_ms}
  *               | {id, ok:false, error}
  * The delta reference (the last decoded RGB frame) lives here, so batches must arrive in order.
@@ -44,7 +45,7 @@ async function decode(msg) {
   if (msg.bytes_per_frame != null && msg.bytes_per_frame !== frameBytes) {
     throw new Error(`bytes_per_frame=${msg.bytes_per_frame} but ${width}x${height}x3=${frameBytes}`);
   }
-  let data = new Uint8Array(msg.payload);
+  let data = new Uint8Array(msg.payload, msg.offset || 0, msg.length == null ? undefined : msg.length);
   if (encoding === "delta-gzip") {
     data = await gunzip(data);
     if (data.length !== frameBytes * n) {

@@ -1,5 +1,7 @@
 """Per-session post-processing: chunked stream == whole video, frame counts, boundary pairing, order."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from lingbot_ray.models.postprocess import PostProcessor, PostProcessSession, ou
 from lingbot_ray.models.realesrgan import SRVGGNetCompact
 from lingbot_ray.models.rife import IFNet
 
-H, W = 32, 48
+H, W = 32, 32  # 4.22.lite pads to multiples of 32: no wasted work
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +20,9 @@ def rife():
 
 
 @pytest.fixture(scope="module")
-def mean_rife():
+def mean_rife(rife):
     # Zeroed lastconv: every interpolated frame is the mean of its two neighbours.
-    torch.manual_seed(0)
-    model = IFNet("4.22.lite").eval()
+    model = copy.deepcopy(rife)
     with torch.no_grad():
         for block in model.blocks():
             block.lastconv[0].weight.zero_()
@@ -58,8 +59,8 @@ def test_chunked_stream_equals_whole_video(rife, exp):
     np.testing.assert_array_equal(streamed[:: 2**exp], video)
 
 
-@pytest.mark.parametrize("exp", [0, 1, 2, 3])
-@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("exp", [0, 1, 3])
+@pytest.mark.parametrize("n", [1, 3])
 def test_frame_counts(rife, exp, n):
     proc = PostProcessor(rife=rife)
     session = proc.new_session()
@@ -96,6 +97,16 @@ def test_interpolation_then_upscaling(mean_rife, nearest_esrgan):
     np.testing.assert_array_equal(out, small.repeat(4, axis=1).repeat(4, axis=2))
 
 
+def test_max_batch_splits_without_changing_results(rife, nearest_esrgan):
+    video = _video(3, 9)
+    whole = PostProcessor(rife=rife, esrgan=nearest_esrgan).process(PostProcessSession(), video, exp=2, upscale=4)
+    split = PostProcessor(rife=rife, esrgan=nearest_esrgan, max_batch=2).process(
+        PostProcessSession(), video, exp=2, upscale=4
+    )
+    assert split.shape == whole.shape == (9, 4 * H, 4 * W, 3)
+    assert np.abs(split.astype(int) - whole.astype(int)).max() <= 1
+
+
 def test_upscale_other_than_native_and_tiling(nearest_esrgan):
     proc = PostProcessor(esrgan=nearest_esrgan, tile=16, tile_pad=4)
     out = proc.process(proc.new_session(), _video(2, 6), upscale=2)
@@ -121,6 +132,10 @@ def test_bad_input_raises(rife):
         proc.process(session, _video(2), exp=5)
     with pytest.raises(ValueError, match="exp=1"):
         PostProcessor().process(session, _video(2), exp=1)
+    with pytest.raises(ValueError, match="float64"):
+        PostProcessor(rife=rife, esrgan=SRVGGNetCompact(num_feat=4, num_conv=1).double())
+    with pytest.raises(ValueError, match="max_batch=0"):
+        PostProcessor(rife=rife, max_batch=0)
     proc.process(session, _video(2), exp=1)
     with pytest.raises(ValueError, match="reset the session"):
         proc.process(session, np.zeros((2, H + 16, W, 3), np.uint8), exp=1)

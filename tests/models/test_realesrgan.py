@@ -15,6 +15,8 @@ def _tiny(kind):
         return SRVGGNetCompact(upscale=4, num_feat=8, num_conv=2).eval()
     if kind == "rrdb_x4":
         return RRDBNet(scale=4, num_feat=8, num_block=2, num_grow_ch=4).eval()
+    if kind == "rrdb_x4_1":
+        return RRDBNet(scale=4, num_feat=8, num_block=1, num_grow_ch=4).eval()
     if kind == "rrdb_x2":
         return RRDBNet(scale=2, num_feat=8, num_block=1, num_grow_ch=4).eval()
     return RRDBNet(scale=1, num_feat=8, num_block=1, num_grow_ch=4).eval()
@@ -79,19 +81,22 @@ def test_zeroed_last_conv_is_nearest_upscale():
     torch.testing.assert_close(model.upscale(x, tile=8, tile_pad=2), expected, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("kind, tile_pad", [("srvgg", 6), ("rrdb_x4", 24), ("rrdb_x2", 44)])
-def test_tiled_equals_untiled(kind, tile_pad):
-    # tile_pad covers the receptive field (srvgg: 4 convs → 4 px; rrdb: ~19 px at input, ~38 for x2),
-    # while the image is larger than tile + 2·pad so pieces really see only part of it.
+@pytest.mark.parametrize("kind, tile, tile_pad, h, w", [
+    ("srvgg", 8, 6, 20, 28),  # 4 convs at input resolution: 4 px of context suffice
+    ("rrdb_x4_1", 16, 20, 24, 64),  # 17 convs at input resolution + 4 at ×2/×4: < 19 px
+    ("rrdb_x2", 16, 40, 24, 112),  # 17 convs after a /2 unshuffle: < 38 px
+])
+def test_tiled_equals_untiled(kind, tile, tile_pad, h, w):
+    # tile_pad covers the receptive field while tile + 2·pad < W, so pieces see only part of the frame.
     model = _tiny(kind)
-    h, w = (20, 28) if kind == "srvgg" else (40, 112)
+    assert tile + 2 * tile_pad < w
     x = _frames(3, b=1, h=h, w=w)
     untiled = model.upscale(x)
-    tiled = model.upscale(x, tile=8, tile_pad=tile_pad)
+    tiled = model.upscale(x, tile=tile, tile_pad=tile_pad)
     assert tiled.shape == untiled.shape == (1, 3, h * model.native_scale, w * model.native_scale)
     torch.testing.assert_close(tiled, untiled, atol=1e-5, rtol=0)
     # With too little context the pieces differ: proves the test exercises tiling.
-    assert not torch.allclose(model.upscale(x, tile=8, tile_pad=0), untiled, atol=1e-5)
+    assert not torch.allclose(model.upscale(x, tile=tile, tile_pad=0), untiled, atol=1e-5)
 
 
 def test_output_is_clamped():

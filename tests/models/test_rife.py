@@ -109,10 +109,8 @@ def test_round_trip(random_model, tmp_path, layout):
     torch.testing.assert_close(loaded.interpolate(a, b), random_model.interpolate(a, b), atol=0, rtol=0)
 
 
-def test_explicit_426_uses_425_layout(random_model):
-    if random_model.version != "4.25":
-        pytest.skip("4.26 shares the 5-block layout only")
-    assert load_rife(random_model.state_dict(), version="4.26").version == "4.26"
+def test_explicit_426_uses_425_layout(models):
+    assert load_rife(models["4.25"].state_dict(), version="4.26").version == "4.26"
 
 
 def test_published_key_names(models):

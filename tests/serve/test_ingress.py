@@ -95,6 +95,16 @@ def test_http_endpoints_need_the_key_by_header_bearer_or_query(server):
     assert get(f"{base}?api_key={KEY}")[0] == 200
 
 
+def test_webui_page_is_public_and_a_401_is_readable_cross_origin(server):
+    request = urllib.request.Request(f"http://{server}/")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200 and b"<html" in response.read().lower()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        get(f"http://{server}/v1/models", {"Origin": "http://webui.example"})
+    assert refused.value.code == 401
+    assert refused.value.headers.get("access-control-allow-origin") == "http://webui.example"
+
+
 def test_cors_allows_the_configured_origin_only(server):
     _, headers, _ = get(f"http://{server}/v1/models?api_key={KEY}", {"Origin": "http://webui.example"})
     assert headers.get("access-control-allow-origin") == "http://webui.example"
