@@ -4,8 +4,9 @@ Classes stay undecorated; this is the one place that turns them into deployments
 :func:`~lingbot_ray.serve.config.deployment_options` computes from config, and binds the graph::
 
     Ingress ──▶ TextEncoder
-       │   ──▶ DiTGroup   (sticky)
-       │   ──▶ VAEDecoder (sticky)
+       │   ──▶ DiTGroup    (sticky)
+       │   ──▶ VAEDecoder  (sticky)
+       │   ──▶ PostProcess (sticky; only for sessions that ask for it)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ray import serve
 from .backend import InProcessBackend, RayBackend
 from .checkpoint import ensure_checkpoint
 from .config import ServeConfig, deployment_options, load_config
-from .deployments import DiTGroup, TextEncoder, VAEDecoder
+from .deployments import DiTGroup, PostProcess, TextEncoder, VAEDecoder
 from .ingress import Ingress
 
 logger = logging.getLogger("ray.serve")
@@ -27,10 +28,10 @@ logger = logging.getLogger("ray.serve")
 class RayIngress(Ingress):
     """The ingress as a Serve replica: stage handles in, Ray backend and metrics on."""
 
-    def __init__(self, config: ServeConfig, text, dit, vae):
+    def __init__(self, config: ServeConfig, text, dit, vae, post):
         from .metrics import IngressMetrics
 
-        super().__init__(config, RayBackend(text, dit, vae))
+        super().__init__(config, RayBackend(text, dit, vae, post))
         self.metrics = IngressMetrics(self.model_name)
 
 
@@ -46,12 +47,13 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None):
     text = deploy(TextEncoder, "TextEncoder").bind(config)
     dit = deploy(DiTGroup, "DiTGroup").bind(config)
     vae = deploy(VAEDecoder, "VAEDecoder").bind(config)
+    post = deploy(PostProcess, "PostProcess").bind(config)
     ingress = serve.deployment(serve.ingress()(RayIngress), name="Ingress", **options["Ingress"])
-    return ingress.bind(config, text, dit, vae)
+    return ingress.bind(config, text, dit, vae, post)
 
 
 def build_in_process(args: dict[str, Any] | ServeConfig | None = None) -> Ingress:
     """The same ingress and stages in this process, without Ray (tests, notebook, benchmark)."""
     config = load_config(args)
-    backend = InProcessBackend(TextEncoder(config), DiTGroup(config), VAEDecoder(config))
+    backend = InProcessBackend(TextEncoder(config), DiTGroup(config), VAEDecoder(config), PostProcess(config))
     return Ingress(config, backend)

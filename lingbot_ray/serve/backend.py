@@ -30,7 +30,7 @@ class ChunkFuture:
 
 
 class StageBackend(Protocol):
-    async def open(self, sid: str, spec: SessionSpec) -> dict[str, Any]: ...
+    async def open(self, sid: str, spec: SessionSpec, post: Any = None) -> dict[str, Any]: ...
 
     def submit(self, sid: str, conditions: ChunkConditions) -> ChunkFuture: ...
 
@@ -46,17 +46,21 @@ def unwrap(exc: BaseException) -> BaseException:
 class InProcessBackend:
     """The stages as plain objects in this process (tests, notebook, benchmark baseline)."""
 
-    def __init__(self, text, dit, vae):
-        self.text, self.dit, self.vae = text, dit, vae
+    def __init__(self, text, dit, vae, post=None):
+        self.text, self.dit, self.vae, self.post = text, dit, vae, post
+        self._with_post: set[str] = set()
 
-    async def open(self, sid: str, spec: SessionSpec) -> dict[str, Any]:
+    async def open(self, sid: str, spec: SessionSpec, post: Any = None) -> dict[str, Any]:
         condition = await self.vae.open_session(sid, spec)
         try:
+            if post is not None:
+                await self.post.open_session(sid, post)
+                self._with_post.add(sid)
             prompt = await self.text.encode(spec.prompt)
             negative = await self.text.encode(spec.negative_prompt, True) if spec.use_cfg else None
             return await self.dit.open_session(sid, spec, condition, prompt, negative)
         except BaseException:
-            await self.vae.close_session(sid)
+            await self.close(sid)
             raise
 
     def submit(self, sid: str, conditions: ChunkConditions) -> ChunkFuture:
@@ -67,7 +71,8 @@ class InProcessBackend:
         dit_task = asyncio.ensure_future(dit())
 
         async def result() -> dict[str, Any]:
-            return await self.vae.decode(sid, await dit_task)
+            decoded = await self.vae.decode(sid, await dit_task)
+            return await self.post.process(sid, decoded) if sid in self._with_post else decoded
 
         result_task = asyncio.ensure_future(result())
         return ChunkFuture(dit_task, result_task, cancel=lambda: (dit_task.cancel(), result_task.cancel()))
@@ -75,25 +80,32 @@ class InProcessBackend:
     async def close(self, sid: str) -> None:
         await self.dit.close_session(sid)
         await self.vae.close_session(sid)
+        if sid in self._with_post:
+            self._with_post.discard(sid)
+            await self.post.close_session(sid)
 
 
 class RayBackend:
     """The stages as Serve deployments; every call of a session is pinned with ``session_id``."""
 
-    def __init__(self, text_handle, dit_handle, vae_handle):
-        self.text, self.dit, self.vae = text_handle, dit_handle, vae_handle
+    def __init__(self, text_handle, dit_handle, vae_handle, post_handle=None):
+        self.text, self.dit, self.vae, self.post = text_handle, dit_handle, vae_handle, post_handle
+        self._with_post: set[str] = set()
 
     def _sticky(self, handle, sid: str, method: str):
         return getattr(handle.options(session_id=sid), method)
 
-    async def open(self, sid: str, spec: SessionSpec) -> dict[str, Any]:
+    async def open(self, sid: str, spec: SessionSpec, post: Any = None) -> dict[str, Any]:
         prompt = self.text.encode.remote(spec.prompt)
         negative = self.text.encode.remote(spec.negative_prompt, True) if spec.use_cfg else None
         condition = self._sticky(self.vae, sid, OPEN_METHOD).remote(sid, spec)
         try:
+            if post is not None:
+                self._with_post.add(sid)
+                await self._sticky(self.post, sid, OPEN_METHOD).remote(sid, post)
             return await self._sticky(self.dit, sid, OPEN_METHOD).remote(sid, spec, condition, prompt, negative)
         except BaseException as exc:
-            await self._close_quietly(self.vae, sid)
+            await self.close(sid)
             raise unwrap(exc) from None
 
     def submit(self, sid: str, conditions: ChunkConditions) -> ChunkFuture:
@@ -101,6 +113,8 @@ class RayBackend:
         dit = self._sticky(self.dit, sid, "step").remote(sid, conditions, text)
         # The latents go from the DiT replica to the VAE replica directly, not through here.
         vae = self._sticky(self.vae, sid, "decode").remote(sid, dit)
+        if sid in self._with_post:
+            vae = self._sticky(self.post, sid, "process").remote(sid, vae)
 
         async def unwrapped(response) -> Any:
             try:
@@ -119,7 +133,9 @@ class RayBackend:
             pass
 
     async def close(self, sid: str) -> None:
-        await asyncio.gather(self._close_quietly(self.dit, sid), self._close_quietly(self.vae, sid))
+        stages = [self.dit, self.vae] + ([self.post] if sid in self._with_post else [])
+        self._with_post.discard(sid)
+        await asyncio.gather(*(self._close_quietly(stage, sid) for stage in stages))
 
 
 __all__ = ["CapacityError", "ChunkFuture", "InProcessBackend", "RayBackend", "SessionLost", "StageBackend", "unwrap"]

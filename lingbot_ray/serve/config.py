@@ -63,8 +63,13 @@ class StageConfig(_Section):
 
 
 class PostProcessConfig(StageConfig):
+    # Server-side weights: RIFE v4 flownet.pkl and a Real-ESRGAN .pth (state dict layouts as published).
     rife_model_path: str | None = None
     esrgan_model_path: str | None = None
+    # Folders a client's frame_interpolation_model_path / upscaling_model_path may point into.
+    model_dirs: list[str] = msgspec.field(default_factory=list)
+    # Real-ESRGAN tile size in pixels for frames whose activations do not fit (None: whole frames).
+    tile: int | None = None
 
 
 class IngressConfig(_Section):
@@ -184,7 +189,8 @@ def deployment_options(config: ServeConfig) -> dict[str, dict[str, Any]]:
         "TextEncoder": stage(config.text_encoder, sticky=False),
         "DiTGroup": dit_options,
         "VAEDecoder": stage(config.vae, sticky=True),
-        "PostProcess": stage(config.postprocess, sticky=False),
+        # sticky: RIFE pairs a chunk's first frame with the previous chunk's last
+        "PostProcess": stage(config.postprocess, sticky=True),
         "Ingress": {
             "num_replicas": config.ingress.num_replicas,
             "ray_actor_options": {"num_cpus": config.ingress.num_cpus},

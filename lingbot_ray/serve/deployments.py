@@ -14,6 +14,7 @@ import concurrent.futures
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -206,3 +207,71 @@ class VAEDecoder(_StageReplica):
         out = {key: value for key, value in dit_out.items() if key != "latents"}
         out.update(frames=frames, vae_ms=vae_ms, vae_replica=self.replica_id)
         return out
+
+
+@dataclass(frozen=True)
+class PostOptions:
+    """One session's post-processing: RIFE with 2^exp frames per interval (exp 0 = off), then
+    upscaling by ``upscale`` (1 = off). Paths are already checked by the ingress."""
+
+    exp: int = 0
+    flow_scale: float = 1.0
+    upscale: float = 1.0
+    rife_path: str | None = None
+    esrgan_path: str | None = None
+
+
+class _PostState:
+    def __init__(self, processor, options: PostOptions):
+        from lingbot_ray.models.postprocess import PostProcessSession
+
+        self.processor, self.options, self.session = processor, options, PostProcessSession()
+
+    def release(self) -> None:
+        self.session.release()
+
+
+class PostProcess(_StageReplica):
+    """RIFE interpolation, then Real-ESRGAN upscaling, per session (sticky: RIFE pairs a chunk's first
+    frame with the previous chunk's last). Weights are loaded once per path and shared by sessions."""
+
+    def __init__(self, config: ServeConfig):
+        super().__init__(config.postprocess.sessions_per_replica, config.postprocess.session_idle_timeout_s)
+        apply_threads(config.model)
+        self.device = config.model.device
+        self.tile = config.postprocess.tile
+        self._models: dict[tuple[str, str], Any] = {}
+
+    def _model(self, kind: str, path: str):
+        from lingbot_ray.models.realesrgan import load_realesrgan
+        from lingbot_ray.models.rife import load_rife
+
+        key = (kind, os.path.realpath(path))
+        if key not in self._models:
+            loader = load_rife if kind == "rife" else load_realesrgan
+            self._models[key] = loader(path, device=self.device)
+            logger.info("%s: loaded %s weights from %s", self.replica_id, kind, path)
+        return self._models[key]
+
+    def _processor(self, options: PostOptions):
+        from lingbot_ray.models.postprocess import PostProcessor
+
+        rife = self._model("rife", options.rife_path) if options.exp else None
+        esrgan = self._model("esrgan", options.esrgan_path) if options.upscale != 1 else None
+        return PostProcessor(rife, esrgan, tile=self.tile)
+
+    async def open_session(self, sid: str, options: PostOptions) -> None:
+        self._admit(sid, "post-process")
+        processor = await self._run(self._processor, options)
+        self.sessions[sid] = _PostState(processor, options)
+        self._touch(sid)
+
+    async def process(self, sid: str, vae_out: dict[str, Any]) -> dict[str, Any]:
+        state = self._session(sid)
+        options = state.options
+        frames, ms = await self._timed(
+            lambda: state.processor.process(
+                state.session, vae_out["frames"], exp=options.exp, scale=options.flow_scale, upscale=options.upscale
+            )
+        )
+        return {**vae_out, "frames": frames, "postprocess_ms": ms, "post_replica": self.replica_id}

@@ -72,6 +72,9 @@ class Ingress:
             max_message_bytes=config.ingress.max_message_bytes,
             max_chunks_in_flight=config.ingress.max_chunks_in_flight,
             stage_timeout_s=config.ingress.stage_timeout_s,
+            rife_model_path=config.postprocess.rife_model_path,
+            esrgan_model_path=config.postprocess.esrgan_model_path,
+            model_dirs=tuple(config.postprocess.model_dirs),
         )
         self.card = ModelCard(
             id=self.model_name,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from lingbot_ray.protocol import (
 from lingbot_ray.transport import make_encoder
 
 from .backend import StageBackend
+from .deployments import PostOptions
 from .media import MediaPolicy, load_first_frame
 
 logger = logging.getLogger("ray.serve")
@@ -58,6 +60,10 @@ class SessionSettings:
     max_message_bytes: int = 8 * 2**20
     max_chunks_in_flight: int = 2
     stage_timeout_s: float = 120.0
+    # post-processing: server-side weights, and where a client's own paths may point
+    rife_model_path: str | None = None
+    esrgan_model_path: str | None = None
+    model_dirs: tuple[str, ...] = ()
 
 
 class _Closed(Exception):
@@ -114,10 +120,10 @@ class SessionDriver:
         end_reason, init, opened, registered = "client left before init", None, False, False
         reader = generator = None
         try:
-            init, spec = await self._read_init()
+            init, spec, post = await self._read_init()
             # From here a stage may hold state for this id, even if opening fails half-way.
             registered = True
-            info = await asyncio.wait_for(self.backend.open(self.session_id, spec), self.settings.stage_timeout_s)
+            info = await asyncio.wait_for(self.backend.open(self.session_id, spec, post), self.settings.stage_timeout_s)
             opened = True
             self._dit_replica = str(info.get("replica_id", ""))
             self._log_start(init, spec)
@@ -172,23 +178,58 @@ class SessionDriver:
         if outcome.close_code is not None:
             await self._close(int(outcome.close_code), outcome.close_reason)
 
-    async def _read_init(self) -> tuple[InitRequest, SessionSpec]:
+    async def _read_init(self) -> tuple[InitRequest, SessionSpec, PostOptions | None]:
         s = self.settings
         while True:
             data = await self._receive()
             try:
                 init = decode_init(data, served_model=s.served_model, default_size=s.default_size, limits=s.limits)
+                post = self._post_options(init)
                 spec = await asyncio.to_thread(self._spec_for, init)
-                return init, spec
+                return init, spec, post
             except ProtocolError as exc:
                 logger.info("session %s: invalid init: %s", self.session_id, exc)
                 await self._send(outcome_for(exc).error)
 
+    def _model_path(self, requested: str | None, configured: str | None, enabled_field: str, path_field: str, setting: str) -> str:
+        """The weights for a post-processing stage a session asked for: its own path (only inside
+        ``postprocess.model_dirs``) or the server's; never a silent fallback to no model."""
+        if requested:
+            real = os.path.realpath(requested)
+            roots = [os.path.realpath(root) for root in self.settings.model_dirs]
+            if not any(os.path.commonpath([real, root]) == root for root in roots):
+                raise InvalidInit(path_field, requested, "outside the allowed model directories (postprocess.model_dirs)")
+            if not os.path.isfile(real):
+                raise InvalidInit(path_field, requested, "no such file")
+            return real
+        if configured:
+            return configured
+        logger.warning("session %s asks for %s but %s is not set on this server", self.session_id, enabled_field, setting)
+        raise InvalidInit(enabled_field, True, f"no model configured on this server ({setting})")
+
+    def _post_options(self, init: InitRequest) -> PostOptions | None:
+        if not (init.enable_frame_interpolation or init.enable_upscaling):
+            return None
+        s = self.settings
+        options = PostOptions()
+        if init.enable_frame_interpolation:
+            rife = self._model_path(
+                init.frame_interpolation_model_path, s.rife_model_path,
+                "enable_frame_interpolation", "frame_interpolation_model_path", "postprocess.rife_model_path",
+            )
+            options = PostOptions(exp=init.frame_interpolation_exp, flow_scale=init.frame_interpolation_scale, rife_path=rife)
+        if init.enable_upscaling:
+            esrgan = self._model_path(
+                init.upscaling_model_path, s.esrgan_model_path,
+                "enable_upscaling", "upscaling_model_path", "postprocess.esrgan_model_path",
+            )
+            options = PostOptions(
+                exp=options.exp, flow_scale=options.flow_scale, rife_path=options.rife_path,
+                upscale=float(init.upscaling_scale), esrgan_path=esrgan,
+            )
+        return options
+
     def _spec_for(self, init: InitRequest) -> SessionSpec:
-        if init.enable_upscaling or init.enable_frame_interpolation:
-            field_name = "enable_upscaling" if init.enable_upscaling else "enable_frame_interpolation"
-            logger.warning("session %s asks for %s but no post-processing model is configured", self.session_id, field_name)
-            raise InvalidInit(field_name, True, "no post-processing model is configured on this server")
         image = load_first_frame(init.first_frame, init.width, init.height, self.settings.media)
         try:
             spec = SessionSpec(
@@ -279,7 +320,8 @@ class SessionDriver:
             preview_max_width=init.realtime_preview_max_width,
             max_message_bytes=self.settings.max_message_bytes,
         )
-        fps = float(init.fps)
+        # interpolation multiplies the frames: they play at fps · 2^exp
+        fps = float(init.fps) * (2**init.frame_interpolation_exp if init.enable_frame_interpolation else 1)
         playback_start: float | None = None
         while True:
             item = await ready.get()

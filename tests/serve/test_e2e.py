@@ -29,6 +29,8 @@ from ray import serve  # noqa: E402
 
 from lingbot_ray.control.conditions import ConditionQueue  # noqa: E402
 from lingbot_ray.engine import RealtimeEngine, SessionSpec  # noqa: E402
+from lingbot_ray.models.realesrgan import SRVGGNetCompact, save_realesrgan  # noqa: E402
+from lingbot_ray.models.rife import IFNet, save_rife  # noqa: E402
 from lingbot_ray.models.tiny import build_tiny_checkpoint  # noqa: E402
 from lingbot_ray.serve.app import build_app  # noqa: E402
 from lingbot_ray.serve.media import MediaPolicy, load_first_frame  # noqa: E402
@@ -60,6 +62,11 @@ def cluster():
     root = tempfile.mkdtemp(prefix="lr")  # short: Ray's socket paths must stay under 107 bytes
     checkpoint = os.path.join(root, "ckpt")
     build_tiny_checkpoint(checkpoint)
+    models = os.path.join(root, "models")
+    os.makedirs(models)
+    torch.manual_seed(0)
+    save_rife(IFNet("4.22.lite"), os.path.join(models, "flownet.pkl"))
+    save_realesrgan(SRVGGNetCompact(upscale=2, num_feat=8, num_conv=2), os.path.join(models, "esrgan.pth"), key="params_ema")
     port, metrics_port = _free_port(), _free_port()
     ray.init(
         num_cpus=8,
@@ -75,6 +82,12 @@ def cluster():
         "vae": {"num_replicas": 1, "num_cpus": 0.5, "sessions_per_replica": 8},
         "text_encoder": {"num_cpus": 0.1},
         "ingress": {"num_cpus": 0.1, "stage_timeout_s": STAGE_TIMEOUT_S},
+        "postprocess": {
+            "num_cpus": 0.1,
+            "rife_model_path": os.path.join(models, "flownet.pkl"),
+            "esrgan_model_path": os.path.join(models, "esrgan.pth"),
+            "model_dirs": [models],
+        },
     }
     serve.run(build_app(args), name=APP, route_prefix="/")
     yield {
@@ -84,6 +97,7 @@ def cluster():
         "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
         "checkpoint": checkpoint,
         "args": args,
+        "models": models,
     }
     serve.shutdown()
     ray.shutdown()
@@ -442,3 +456,31 @@ def test_prometheus_metrics_are_exported(cluster):
     assert 'stage="dit"' in text and 'stage="vae"' in text
     started = [line for line in text.splitlines() if line.startswith("ray_lingbot_sessions_started_total")]
     assert any(float(line.rsplit(" ", 1)[1]) >= 1 for line in started)
+
+
+def test_interpolation_then_upscaling_through_the_graph(cluster):
+    async def session(**fields):
+        async with websockets.connect(cluster["url"], max_size=None) as ws:
+            await ws.send(init_message(realtime_output_format="raw", **fields))
+            return await collect(ws)
+
+    batches, stats, errors, code, reason, frames = run(
+        session(enable_frame_interpolation=True, frame_interpolation_exp=1, enable_upscaling=True, upscaling_scale=4)
+    )
+    assert (code, reason) == (1000, "generation complete") and not errors, errors
+    # RIFE first (2x frames, the first chunk's first frame has no predecessor), then x4 (a x2 model resized)
+    assert [s["num_frames"] for s in stats] == [17, 24]
+    assert {f.shape[1:] for f in frames} == {(384, 640, 3)}
+    assert all(b["fps"] == 32.0 for b in batches) and all(s["fps"] == 32.0 for s in stats)
+    assert stats[1]["num_batches"] >= 3  # 17.7 MB of raw frames split under the 8 MiB message limit
+    assert all(s["postprocess_ms"] > 0 for s in stats)
+
+    outside = os.path.join(os.path.dirname(cluster["models"]), "ckpt", "model_index.json")
+
+    async def refused():
+        async with websockets.connect(cluster["url"], max_size=None) as ws:
+            await ws.send(init_message(enable_frame_interpolation=True, frame_interpolation_model_path=outside))
+            return walk(await ws.recv())
+
+    error = run(refused())
+    assert error["content"] == "invalid generate request" and "frame_interpolation_model_path" in error["detail"]

@@ -164,3 +164,14 @@ def test_a_slow_client_pauses_generation(server):
     assert samples[-1] == samples[-11], f"still generating while the client does not read: {samples}"
     assert samples[-1] < 40, samples  # bounded, far below what 8 s of free running would make
     assert resumed[1][-1]["chunk_index"] == samples[-1], "generation did not resume once the client read"
+
+
+def test_post_processing_without_configured_weights_is_an_invalid_init_naming_the_setting(server):
+    async def attempt():
+        async with websockets.connect(f"ws://{server}/v1/realtime_video/generate?api_key={KEY}", max_size=None) as ws:
+            await ws.send(init_message(enable_upscaling=True))
+            return msgspec.msgpack.decode(await ws.recv())
+
+    error = asyncio.run(attempt())
+    assert error["content"] == "invalid generate request"
+    assert "enable_upscaling" in error["detail"] and "postprocess.esrgan_model_path" in error["detail"]
