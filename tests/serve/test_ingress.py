@@ -168,9 +168,18 @@ def test_a_slow_client_pauses_generation(server):
 
 def test_post_processing_without_configured_weights_is_an_invalid_init_naming_the_setting(server):
     async def attempt():
-        async with websockets.connect(f"ws://{server}/v1/realtime_video/generate?api_key={KEY}", max_size=None) as ws:
-            await ws.send(init_message(enable_upscaling=True))
-            return msgspec.msgpack.decode(await ws.recv())
+        deadline = time.monotonic() + 30
+        while True:  # the previous test's session may still hold the one slot for a moment
+            async with websockets.connect(f"ws://{server}/v1/realtime_video/generate?api_key={KEY}", max_size=None) as ws:
+                try:
+                    await ws.send(init_message(enable_upscaling=True))
+                    reply = msgspec.msgpack.decode(await ws.recv())
+                    if not reply["content"].startswith("no capacity"):
+                        return reply
+                except websockets.ConnectionClosed as closed:
+                    assert closed.rcvd.code == 1013
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
 
     error = asyncio.run(attempt())
     assert error["content"] == "invalid generate request"
