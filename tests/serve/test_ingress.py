@@ -5,19 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import msgspec
 import pytest
-import uvicorn
 import websockets
 
 from lingbot_ray.models.tiny import build_tiny_checkpoint
-from lingbot_ray.serve.app import build_in_process
-from lingbot_ray.serve.config import load_config
+from tests.inprocess_server import serve_in_process
 from tests.serve.test_e2e import collect, init_message
 
 KEY = "s3cret-key"
@@ -31,27 +28,15 @@ class _Address(str):
 def server(tmp_path_factory):
     checkpoint = tmp_path_factory.mktemp("ckpt") / "tiny"
     build_tiny_checkpoint(checkpoint)
-    config = load_config(
-        {
-            "model": {"path": str(checkpoint), "torch_threads": 1},
-            "dit": {"sessions_per_group": 4},
-            "ingress": {"api_key": KEY, "max_sessions": 1, "cors_allow_origins": ["http://webui.example"]},
-        }
-    )
-    ingress = build_in_process(config)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(ingress.asgi, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    address = _Address(f"127.0.0.1:{port}")
-    address.ingress = ingress
-    yield address
-    uv.should_exit = True
-    thread.join(timeout=10)
+    config = {
+        "model": {"path": str(checkpoint), "torch_threads": 1},
+        "dit": {"sessions_per_group": 4},
+        "ingress": {"api_key": KEY, "max_sessions": 1, "cors_allow_origins": ["http://webui.example"]},
+    }
+    with serve_in_process(config) as srv:
+        address = _Address(srv.address)
+        address.ingress = srv.ingress
+        yield address
 
 
 async def open_when_free(url, *, small_receive_buffer=False, **init_fields):

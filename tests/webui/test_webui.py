@@ -12,9 +12,6 @@ import base64
 import datetime
 import os
 import pathlib
-import socket
-import threading
-import time
 
 import msgspec
 import pytest
@@ -26,27 +23,13 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 uvicorn = pytest.importorskip("uvicorn")
 
 from lingbot_ray.models.tiny import build_tiny_checkpoint  # noqa: E402
-from lingbot_ray.serve.app import build_in_process  # noqa: E402
-from lingbot_ray.serve.config import load_config  # noqa: E402
+from tests.inprocess_server import serve_in_process  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "docs" / "webui.png"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run"]
 KEY = "webui-test-key"
-
-
-def _serve(config: dict):
-    ingress = build_in_process(load_config(config))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(ingress.asgi, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +41,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    srv, thread, url = _serve({"model": {"path": str(checkpoint), "torch_threads": 1}, "dit": {"sessions_per_group": 2}})
-    yield url
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_process({"model": {"path": str(checkpoint), "torch_threads": 1}, "dit": {"sessions_per_group": 2}}) as srv:
+        yield f"http://{srv.address}"
 
 
 @pytest.fixture(scope="module")
@@ -301,16 +282,13 @@ def test_worker_decodes_python_encoded_batches_exactly(page, server):
 
 
 def test_api_key_field_appears_on_401_and_is_used(browser, checkpoint):
-    srv, thread, url = _serve({"model": {"path": str(checkpoint), "torch_threads": 1}, "ingress": {"api_key": KEY}})
-    try:
+    config = {"model": {"path": str(checkpoint), "torch_threads": 1}, "ingress": {"api_key": KEY}}
+    with serve_in_process(config) as srv:
+        url = f"http://{srv.address}"
         context = browser.new_context()
         page = context.new_page()
-        # the static files are behind the key too: the page itself is loaded with it
-        page.goto(f"{url}/?api_key={KEY}")
-        page.wait_for_function("document.getElementById('model').options.length > 1")
-        page.fill("#api-key", "")
-        page.evaluate("document.getElementById('api-key-row').hidden = true")
-        page.dispatch_event("#api-key", "change")  # refetch /v1/models without a key -> 401
+        # the page is public; its /v1/models call gets a 401, so it asks for the key
+        page.goto(f"{url}/")
         page.wait_for_function("!document.getElementById('api-key-row').hidden")
         assert "401" in log_text(page)
         page.click("#start")  # no key: the socket is refused with 1008
@@ -322,9 +300,6 @@ def test_api_key_field_appears_on_401_and_is_used(browser, checkpoint):
         page.wait_for_function("window.lingbot.state.stats.closeCode === 1000", timeout=30000)
         assert stat(page, "chunks") == 1
         context.close()
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
 
 
 # ---------------------------------------------------------------------------------------------- codec
