@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .strict_load import assign_strict
+
 
 logger = logging.getLogger(__name__)
 
@@ -256,19 +258,7 @@ def load_realesrgan(
     # Built on the meta device and then given the loaded tensors: no time spent on random init.
     with torch.device("meta"):
         model = _build_from_keys(sd)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{type(model).__name__}: missing keys={missing[:8]} ({len(missing)}), "
-                         f"unexpected keys={unexpected[:8]} ({len(unexpected)})")
-    bad = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in sd.items() if v.shape != expected[k].shape]
-    if bad:
-        raise ValueError(f"{type(model).__name__}: shape mismatches (key, got, expected)={bad[:8]}")
-    if isinstance(source, Mapping):
-        # The caller keeps its dict; the model must not alias (and later mutate) its tensors.
-        sd = {k: v.detach().clone() for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
+    assign_strict(model, sd, what=type(model).__name__, copy=isinstance(source, Mapping))
     logger.info("Loaded %s x%d (%d tensors)", type(model).__name__, model.native_scale, len(sd))
     return model.to(device=device, dtype=dtype).eval()
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .strict_load import assign_strict
+
 
 logger = logging.getLogger(__name__)
 
@@ -325,22 +327,7 @@ def load_rife(
     # Built on the meta device and then given the loaded tensors: no time spent on random init.
     with torch.device("meta"):
         model = IFNet(version)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"RIFE {version}: missing keys={missing[:8]}{'...' if len(missing) > 8 else ''} "
-            f"({len(missing)}), unexpected keys={unexpected[:8]}{'...' if len(unexpected) > 8 else ''} "
-            f"({len(unexpected)})"
-        )
-    bad = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state_dict.items() if v.shape != expected[k].shape]
-    if bad:
-        raise ValueError(f"RIFE {version}: shape mismatches (key, got, expected)={bad[:8]}")
-    if isinstance(source, Mapping):
-        # The caller keeps its dict; the model must not alias (and later mutate) its tensors.
-        state_dict = {k: v.detach().clone() for k, v in state_dict.items()}
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    assign_strict(model, state_dict, what=f"RIFE {version}", copy=isinstance(source, Mapping))
     logger.info("Loaded RIFE %s (%d tensors)", version, len(state_dict))
     return model.to(device=device, dtype=dtype).eval()
 

@@ -385,7 +385,6 @@ class SessionDriver:
                 fps=fps,
                 replica_id=str(result.get("dit_replica", "")),
             )
-            stats.chunk_total_ms = _ms(time.perf_counter() - prepare_start)
             await self._send(stats)
             self._chunk_ms.append(stats.chunk_total_ms)
             self._frames_sent += int(frames.shape[0])
