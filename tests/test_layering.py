@@ -42,3 +42,13 @@ def test_lower_layers_never_import_ray_or_serve(layer):
 def test_wire_layers_have_no_tensor_libraries(layer):
     for path in (PACKAGE / layer).rglob("*.py"):
         assert not {"torch", "ray", "diffusers", "transformers"} & _imported_modules(path), path
+
+
+def test_client_tools_import_neither_torch_nor_ray():
+    """bench, record and check run wherever the server can be reached: no model stack needed."""
+    code = (
+        "import sys, lingbot_ray.client.bench, lingbot_ray.client.record, lingbot_ray.client.consistency; "
+        "bad = [m for m in ('torch', 'ray', 'diffusers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)

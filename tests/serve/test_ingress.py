@@ -14,7 +14,7 @@ import pytest
 import websockets
 
 from lingbot_ray.models.tiny import build_tiny_checkpoint
-from tests.inprocess_server import serve_in_process
+from lingbot_ray.serve.local import serve_locally
 from tests.serve.test_e2e import collect, init_message
 
 KEY = "s3cret-key"
@@ -33,7 +33,7 @@ def server(tmp_path_factory):
         "dit": {"sessions_per_group": 4},
         "ingress": {"api_key": KEY, "max_sessions": 1, "cors_allow_origins": ["http://webui.example"]},
     }
-    with serve_in_process(config) as srv:
+    with serve_locally(config) as srv:
         address = _Address(srv.address)
         address.ingress = srv.ingress
         yield address

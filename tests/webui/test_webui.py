@@ -23,7 +23,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 uvicorn = pytest.importorskip("uvicorn")
 
 from lingbot_ray.models.tiny import build_tiny_checkpoint  # noqa: E402
-from tests.inprocess_server import serve_in_process  # noqa: E402
+from lingbot_ray.serve.local import serve_locally  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The README's screenshot is refreshed only on request (LINGBOT_UPDATE_SCREENSHOT=1 python -m pytest
@@ -43,7 +43,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    with serve_in_process({"model": {"path": str(checkpoint), "torch_threads": 1}, "dit": {"sessions_per_group": 2}}) as srv:
+    with serve_locally({"model": {"path": str(checkpoint), "torch_threads": 1}, "dit": {"sessions_per_group": 2}}) as srv:
         yield f"http://{srv.address}"
 
 
@@ -285,7 +285,7 @@ def test_worker_decodes_python_encoded_batches_exactly(page, server):
 
 def test_api_key_field_appears_on_401_and_is_used(browser, checkpoint):
     config = {"model": {"path": str(checkpoint), "torch_threads": 1}, "ingress": {"api_key": KEY}}
-    with serve_in_process(config) as srv:
+    with serve_locally(config) as srv:
         url = f"http://{srv.address}"
         context = browser.new_context()
         page = context.new_page()

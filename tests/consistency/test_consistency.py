@@ -1,0 +1,96 @@
+"""The consistency guard: the embedded default, served by the Ray graph of ``serve_config.yaml``, over
+the WebSocket, against the ground truth in ``ground_truth/`` (frames) and ``configs/latency_guards.yaml``
+(latency). Regenerate the ground truth after a change that is meant to alter frames:
+
+    serve run serve_config.yaml          # in one terminal
+    lingbot-ray check --write            # in another, from the repository root
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import socket
+import tempfile
+import warnings
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+from ray import serve
+
+from lingbot_ray.client.consistency import (
+    MAX_MEAN_ABS_DIFF,
+    MIN_PSNR_DB,
+    MIN_SSIM,
+    check,
+    latency_checks,
+    load_guards,
+    machine_class,
+)
+from lingbot_ray.serve.app import build_app
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+GROUND_TRUTH = ROOT / "tests" / "consistency" / "ground_truth"
+GUARDS = ROOT / "configs" / "latency_guards.yaml"
+
+
+@pytest.fixture(scope="module")
+def url():
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    args = app["args"]
+    args["model"]["path"] = str(ROOT / args["model"]["path"])  # serve run resolves it from the repository root
+    root = tempfile.mkdtemp(prefix="lrc")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(include_dashboard=False, _temp_dir=os.path.join(root, "ray"), log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name=app["name"], route_prefix=app["route_prefix"])
+    yield f"ws://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def checked(url):
+    return check(url, GROUND_TRUTH, guards_path=None)
+
+
+def test_embedded_default_matches_its_ground_truth(checked):
+    report, result = checked
+    assert result.completed and [s["num_frames"] for s in result.stats] == [9, 12, 12, 12]
+    assert [f.index for f in report.frames] == [0, 22, 44]
+    assert report.frames_passed, "\n".join(report.lines())
+    if not report.bit_exact:  # within the thresholds, but tell whoever reads the CI log
+        warnings.warn(f"consistency: {report.exact_frames}/{report.total_frames} frames bit-exact (thresholds met)", stacklevel=1)
+
+
+def test_a_different_seed_fails_the_check(url):
+    report, _ = check(url, GROUND_TRUTH, guards_path=None, seed=43)
+    assert report.exact_frames == 0
+    assert not report.frames_passed
+    failing = [f for f in report.frames if f.ssim < MIN_SSIM or f.psnr_db < MIN_PSNR_DB or f.mean_abs_diff > MAX_MEAN_ABS_DIFF]
+    assert len(failing) == len(report.frames), "\n".join(report.lines())
+
+
+def test_latency_within_the_guards_of_this_machine_class(checked):
+    guards = load_guards(GUARDS, machine_class())
+    if guards is None:
+        pytest.skip(f"no latency guards for machine class {machine_class()!r} in {GUARDS} (set LINGBOT_MACHINE_CLASS)")
+    report, result = checked
+    checks = latency_checks(result.stats, guards)
+    assert {c.field for c in checks} == {"chunk_total_ms", "scheduler_forward_ms"}
+    assert all(c.passed for c in checks), [(c.field, c.p95_ms, c.limit_ms) for c in checks]
+
+
+def test_a_threefold_latency_regression_fails_the_guards(checked):
+    """The guards are tight enough to matter: the same session with every chunk 3x as slow fails them."""
+    guards = load_guards(GUARDS, "cpu-2core")
+    _, result = checked
+    slower = [{k: (3 * v if k.endswith("_ms") else v) for k, v in s.items()} for s in result.stats]
+    assert not any(c.passed for c in latency_checks(slower, guards))
