@@ -139,7 +139,7 @@ async def run_session(
     api_key: str | None = None,
     timeout_s: float = 300.0,
 ) -> SessionResult:
-    """Run one session until the server closes it, ``stop`` is set, or nothing arrives for ``timeout_s``.
+    """Run one session against ``url`` (a server base or the realtime URL) until the server closes it, ``stop`` is set, or nothing arrives for ``timeout_s``.
 
     ``on_frames(batch, frames)`` receives each ``frame_batch`` message with its decoded uint8
     ``[n, H, W, 3]`` frames (decoding is skipped when it is None); ``live`` is a queue of event messages sent as they come (None ends it).
@@ -151,7 +151,7 @@ async def run_session(
     next_id = 1
     start = time.monotonic()
 
-    async with websockets.connect(url, max_size=None, additional_headers=ws_headers(api_key)) as ws:
+    async with websockets.connect(ws_url(url), max_size=None, additional_headers=ws_headers(api_key)) as ws:
 
         async def send_event(message: Mapping[str, Any]) -> None:
             nonlocal next_id

@@ -326,8 +326,8 @@ def _build_world(seed: int) -> World:
     rng = np.random.default_rng([seed, 0x5CE7E])
     h = EYE_HEIGHT
     floor_hue = rng.random()
-    floor_a = hsv(floor_hue, rng.uniform(0.15, 0.6), rng.uniform(0.35, 0.6))
-    floor_b = hsv(floor_hue + rng.uniform(-0.15, 0.15), rng.uniform(0.1, 0.5), rng.uniform(0.12, 0.3))
+    floor_a = hsv(floor_hue, rng.uniform(0.15, 0.6), rng.uniform(0.4, 0.65))
+    floor_b = hsv(floor_hue + rng.uniform(-0.15, 0.15), rng.uniform(0.1, 0.5), rng.uniform(0.1, 0.28))
     if rng.random() < 0.5:
         floor_a, floor_b = floor_b, floor_a
     grout = hsv(floor_hue, 0.2, rng.uniform(0.05, 0.2) if rng.random() < 0.5 else rng.uniform(0.6, 0.8))
