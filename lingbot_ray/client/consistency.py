@@ -10,7 +10,7 @@ system checks its own (PROTOCOL.md, last section):
   difference ≤ 10; the sha256 of *every* frame is stored too, so the report says whether the output
   is bit-exact (it is on the machine that wrote the ground truth, same torch, same thread count);
 * latency guards from ``chunk_stats``: ignoring 2 warm-up chunks, p95 ``chunk_total_ms`` and p95
-  ``scheduler_forward_ms`` under the limits for this machine class (``configs/latency_guards.yaml``).
+  ``scheduler_forward_ms`` under the limits for this machine class (``tests/consistency/latency_guards.yaml``).
 
 Command line (against a running server, e.g. ``serve run serve_config.yaml``)::
 
@@ -42,7 +42,7 @@ from .compare import mean_abs_diff, psnr, ssim
 from .session import SessionResult, make_init, parse_actions, run_session, ws_url
 
 DEFAULT_GROUND_TRUTH = Path("tests/consistency/ground_truth")
-DEFAULT_GUARDS = Path("configs/latency_guards.yaml")
+DEFAULT_GUARDS = Path("tests/consistency/latency_guards.yaml")
 SAMPLE_FIRST_FRAME = Path(__file__).resolve().parents[1] / "webui" / "samples" / "courtyard.png"
 
 SCRIPT = "w*6,_*6"

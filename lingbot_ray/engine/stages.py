@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..control.camera import CameraTrajectory
+from ..control.camera import CameraTrajectory, Intrinsics
 from ..control.conditions import ChunkConditions
 from ..control.plucker import plucker_map
 from ..models import pipeline
@@ -189,12 +189,23 @@ class DiTStage:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        camera_focal: tuple[float, int] | None = None,
     ):
+        """``camera_focal``: (focal length in pixels, at this frame width) from the checkpoint's
+        serving defaults; None keeps :meth:`Intrinsics.default` (500 px at any size)."""
         self.model = model
         self.geometry = geometry
         self.sampler = sampler
         self.device = torch.device(device)
         self.dtype = dtype
+        self.camera_focal = camera_focal
+
+    def intrinsics(self, width: int, height: int) -> Intrinsics:
+        """Pinhole intrinsics of a ``width`` x ``height`` session (the Plücker map's rays)."""
+        if self.camera_focal is None:
+            return Intrinsics.default(width, height)
+        focal, at_width = self.camera_focal
+        return Intrinsics.default(width, height, focal=focal * width / at_width)
 
     @classmethod
     def from_pretrained(
@@ -207,12 +218,14 @@ class DiTStage:
     ) -> DiTStage:
         dtype = dtype or pipeline.default_dtype(device)
         model = pipeline.load_transformer(folder, device=device, dtype=dtype)
+        defaults = pipeline.read_serving_defaults(folder)
         return cls(
             model,
             read_geometry(folder),
             sampler or sampler_from_checkpoint(folder),
             device=device,
             dtype=dtype,
+            camera_focal=None if defaults.camera_focal is None else (defaults.camera_focal, defaults.width),
         )
 
     def new_session(
@@ -277,7 +290,12 @@ class DiTStage:
             for frame_actions in actions[b * block : (b + 1) * block]:
                 state.trajectory.advance(frame_actions)
             plucker = plucker_map(
-                state.trajectory.chunk_c2w(block), spec.height, spec.width, device=self.device, dtype=self.dtype
+                state.trajectory.chunk_c2w(block),
+                spec.height,
+                spec.width,
+                self.intrinsics(spec.width, spec.height),
+                device=self.device,
+                dtype=self.dtype,
             )
             camera_cache = self.model.build_camera_cache(plucker.expand(state.batch_size, -1, -1, -1, -1))
 

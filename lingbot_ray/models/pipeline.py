@@ -88,6 +88,9 @@ class ServingDefaults:
     timestep_indices: tuple[int, ...] = (0, 179, 358, 679)
     shift: float = 10.0
     served_model_name: str | None = None
+    # Focal length in pixels at ``width``, scaled with the frame width at other sizes (same field of
+    # view). None: 500 px at any size, the value MODEL.md gives for the real model at 832x480.
+    camera_focal: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -158,6 +161,9 @@ def read_serving_defaults(folder: str | Path) -> ServingDefaults:
         value = getattr(defaults, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{SERVING_DEFAULTS_FILE} {name}={value!r}: must be an integer >= 1")
+    focal = defaults.camera_focal
+    if focal is not None and (isinstance(focal, bool) or not isinstance(focal, (int, float)) or not focal > 0):
+        raise ValueError(f"{SERVING_DEFAULTS_FILE} camera_focal={focal!r}: must be a positive number or null")
     return defaults
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -330,6 +331,20 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
             device=device,
         )
 
+    def _rope_at(self, positions: Sequence[int], frames: int, height: int, width: int, device: torch.device):
+        """RoPE tables for frames at arbitrary absolute ``positions`` (one per frame)."""
+        positions = [int(p) for p in positions]
+        if len(positions) != frames or min(positions) < 0:
+            raise ValueError(f"frame_positions must be {frames} non-negative ints, got {positions}")
+        cos, sin = self._rope(0, max(positions) + 1, height, width, device)
+        index = torch.tensor(positions, device=device)
+
+        def pick(table: torch.Tensor) -> torch.Tensor:
+            per_frame = table.reshape(max(positions) + 1, -1, *table.shape[2:])
+            return per_frame.index_select(0, index).reshape(1, -1, *table.shape[2:])
+
+        return pick(cos), pick(sin)
+
     def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
         """Tokens per latent frame of a `latent_height × latent_width` latent grid after patching."""
         _, p_h, p_w = self.config.patch_size
@@ -560,6 +575,7 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
         *,
         frame_mask: torch.Tensor | None = None,
         start_frame: int = 0,
+        frame_positions: Sequence[int] | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         r"""
@@ -573,6 +589,9 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
             frame_mask (`torch.Tensor` `[F, F]` bool, *optional*): True where query frame may attend to key
                 frame (see `kv_cache.block_causal_frame_mask`); None = full attention.
             start_frame (`int`): Absolute latent index of frame 0 (RoPE position).
+            frame_positions (`Sequence[int]`, *optional*): Absolute latent index of every frame instead
+                (RoPE positions, need not be distinct): training feeds a clean and a noisy copy of each
+                frame at the same position (see `lingbot_ray.world.train_dit`).
             return_dict (`bool`): Return a `Transformer2DModelOutput` instead of a tuple.
 
         Returns:
@@ -581,7 +600,10 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
         # 1. Validate, RoPE, token-level mask
         batch, frames, height, width = self._check_latents(hidden_states)
         tokens_per_frame = self.tokens_per_frame(height, width)
-        rotary_emb = self._rope(start_frame, frames, height, width, hidden_states.device)
+        if frame_positions is None:
+            rotary_emb = self._rope(start_frame, frames, height, width, hidden_states.device)
+        else:
+            rotary_emb = self._rope_at(frame_positions, frames, height, width, hidden_states.device)
         attention_mask = None
         if frame_mask is not None:
             if frame_mask.shape != (frames, frames) or frame_mask.dtype != torch.bool:

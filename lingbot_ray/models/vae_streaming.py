@@ -310,7 +310,7 @@ class StreamingWanVAE:
     # ---------------------------------------------------------------------------------- encode
 
     @torch.no_grad()
-    def encode_condition(self, image: torch.Tensor) -> ConditionLatents:
+    def encode_condition(self, image: torch.Tensor, *, max_frames: int | None = None) -> ConditionLatents:
         """Condition latents of an endless session started from `image`.
 
         The condition video is [image, then zero frames forever] in the VAE's [-1, 1] pixel space:
@@ -324,6 +324,8 @@ class StreamingWanVAE:
 
         Args:
             image: [B, 3, H, W] in [-1, 1]; H and W multiples of the VAE's spatial compression.
+            max_frames: stop after this many latent frames even before the fixed point (training
+                needs only a clip's first frames; those are identical either way).
 
         Returns:
             `ConditionLatents` (normalised latents in float32 on the VAE's device).
@@ -336,6 +338,8 @@ class StreamingWanVAE:
         feat_map: list[_FeatSlot] = [None] * self._encoder_slots
         means = [_run_encoder_step(self.vae, first, feat_map)]
         for _ in range(1, self.max_condition_frames):
+            if max_frames is not None and len(means) >= max_frames:
+                break
             previous = list(feat_map)
             means.append(_run_encoder_step(self.vae, blank, feat_map))
             if _same_state(previous, feat_map):
@@ -346,7 +350,7 @@ class StreamingWanVAE:
                 f"{self.max_condition_frames} latent frames (non-finite weights or a non-deterministic "
                 f"backend?); raise max_condition_frames"
             )
-        logger.info("condition latents: encoder fixed point after %d latent frames", len(means))
+        logger.info("condition latents: %d latent frames encoded (fixed point or max_frames)", len(means))
 
         mean = self._latents_mean.to(self.device)
         std = self._latents_std.to(self.device)

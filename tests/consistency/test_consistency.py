@@ -1,5 +1,5 @@
 """The consistency guard: the embedded default, served by the Ray graph of ``serve_config.yaml``, over
-the WebSocket, against the ground truth in ``ground_truth/`` (frames) and ``configs/latency_guards.yaml``
+the WebSocket, against the ground truth in ``ground_truth/`` (frames) and ``tests/consistency/latency_guards.yaml``
 (latency). Regenerate the ground truth after a change that is meant to alter frames:
 
     serve run serve_config.yaml          # in one terminal
@@ -34,7 +34,7 @@ from lingbot_ray.serve.app import build_app
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GROUND_TRUTH = ROOT / "tests" / "consistency" / "ground_truth"
-GUARDS = ROOT / "configs" / "latency_guards.yaml"
+GUARDS = ROOT / "tests" / "consistency" / "latency_guards.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -280,3 +280,22 @@ def test_engine_never_imports_ray():
         "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_camera_focal_from_the_checkpoint_scales_with_width(tiny_folder, tmp_path):
+    import json
+    import shutil
+
+    from lingbot_ray.engine.stages import DiTStage
+
+    assert DiTStage.from_pretrained(tiny_folder).intrinsics(320, 192).fx == 500.0  # no camera_focal: MODEL.md's 500 px
+    folder = tmp_path / "focal"
+    shutil.copytree(tiny_folder, folder)
+    settings = folder / "lingbot_ray.json"
+    data = json.loads(settings.read_text())
+    settings.write_text(json.dumps({**data, "camera_focal": 96.0}))  # at the default width 160
+    intrinsics = DiTStage.from_pretrained(folder).intrinsics(320, 192)
+    assert (intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy) == (192.0, 192.0, 160.0, 96.0)
+    settings.write_text(json.dumps({**data, "camera_focal": -1}))
+    with pytest.raises(ValueError, match="camera_focal=-1"):
+        DiTStage.from_pretrained(folder)

@@ -1,0 +1,137 @@
+"""Does the embedded world model follow the camera? Measured against the renderer on unseen worlds.
+
+Two measurements on held-out world seeds (``dataset.EVAL_SEED_START`` and up, never trained on),
+each session started from the renderer's first frame and run through ``RealtimeEngine`` exactly as
+served (same sampler, same camera path):
+
+* **PSNR per chunk** of a 4-chunk session (9 + 12 + 12 + 12 frames) driven by a random held-key
+  script, against the renderer's frames for the same script, next to the baseline "repeat the first
+  frame". The model must beat the baseline by ≥ 3 dB on average over chunks and worlds.
+* **Control fidelity**: a session holds nothing for chunk 0, then one of w s a d j l i k for chunk 1.
+  The generated chunk 1 must be closer (MSE) to the renderer's chunk 1 for its own action than to
+  that of every other action in ≥ 90 % of (world, action) cases.
+
+    python -m lingbot_ray.world.quality checkpoints/lingbot-world --worlds 8 --json quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ..client.compare import psnr
+from .dataset import EVAL_SEED_START, make_clip, random_actions
+
+ACTIONS = ("w", "s", "a", "d", "j", "l", "i", "k")
+CHUNKS = 4
+LATENT_PER_CHUNK = 3
+PSNR_GAIN_TARGET_DB = 3.0
+FIDELITY_TARGET = 0.90
+
+
+def chunk_slices(num_chunks: int) -> list[slice]:
+    """Pixel-frame ranges of each chunk: 9 frames for the first, 12 after."""
+    return [slice(0, 9)] + [slice(9 + 12 * (c - 1), 9 + 12 * c) for c in range(1, num_chunks)]
+
+
+def generate(engine, first_frame: np.ndarray, actions: list[list[str]], num_chunks: int, seed: int) -> np.ndarray:
+    """The engine's frames ``[T, H, W, 3]`` for a session steered by ``actions`` (one per latent frame)."""
+    from ..control import ConditionQueue
+    from ..engine import SessionSpec
+
+    height, width = first_frame.shape[:2]
+    state = engine.new_session(SessionSpec(prompt="a procedural world", image=first_frame, width=width, height=height, seed=seed))
+    queue = ConditionQueue([list(a) for a in actions])
+    try:
+        return np.concatenate([engine.step(state, queue.sample(LATENT_PER_CHUNK, c)).frames for c in range(num_chunks)])
+    finally:
+        engine.close(state)
+
+
+def measure(checkpoint: str | Path, *, worlds: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    from ..engine import RealtimeEngine
+
+    engine = RealtimeEngine.from_pretrained(checkpoint)
+    width, height = engine.defaults.width, engine.defaults.height
+    rng = np.random.default_rng(seed)
+    world_seeds = [EVAL_SEED_START + 7919 * i + seed for i in range(worlds)]
+    slices = chunk_slices(CHUNKS)
+
+    psnr_model, psnr_repeat = np.zeros((worlds, CHUNKS)), np.zeros((worlds, CHUNKS))
+    bar = tqdm(total=worlds * (1 + len(ACTIONS)), desc="quality", disable=not progress, file=sys.stderr)
+    for n, world in enumerate(world_seeds):
+        actions = random_actions(rng, CHUNKS * LATENT_PER_CHUNK)
+        truth = make_clip(world, actions, width, height).frames
+        generated = generate(engine, truth[0], actions, CHUNKS, seed=n)
+        for c, part in enumerate(slices):
+            frames = range(part.start, part.stop)
+            psnr_model[n, c] = np.mean([min(psnr(generated[f], truth[f]), 99.0) for f in frames])
+            psnr_repeat[n, c] = np.mean([min(psnr(truth[0], truth[f]), 99.0) for f in frames])
+        bar.update(1)
+
+    hits, confusion = [], {a: {b: 0 for b in ACTIONS} for a in ACTIONS}
+    chunk1 = slices[1]
+    for n, world in enumerate(world_seeds):
+        scripts = {a: [[]] * LATENT_PER_CHUNK + [[a]] * LATENT_PER_CHUNK for a in ACTIONS}
+        truths = {a: make_clip(world, scripts[a], width, height).frames[chunk1].astype(np.float32) for a in ACTIONS}
+        first = make_clip(world, [[]], width, height).frames[0]
+        for action in ACTIONS:
+            generated = generate(engine, first, scripts[action], 2, seed=n)[chunk1].astype(np.float32)
+            distances = {b: float(np.mean((generated - truths[b]) ** 2)) for b in ACTIONS}
+            nearest = min(distances, key=distances.get)
+            confusion[action][nearest] += 1
+            hits.append(nearest == action)
+            bar.update(1 / len(ACTIONS))
+    bar.close()
+
+    gain = float(np.mean(psnr_model - psnr_repeat))
+    fidelity = float(np.mean(hits))
+    return {
+        "checkpoint": str(checkpoint),
+        "size": f"{width}x{height}",
+        "world_seeds": world_seeds,
+        "psnr_model_db_per_chunk": psnr_model.mean(axis=0).round(2).tolist(),
+        "psnr_repeat_first_frame_db_per_chunk": psnr_repeat.mean(axis=0).round(2).tolist(),
+        "psnr_gain_db": round(gain, 2),
+        "control_fidelity": round(fidelity, 3),
+        "control_confusion": confusion,
+        "passed": gain >= PSNR_GAIN_TARGET_DB and fidelity >= FIDELITY_TARGET,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{report['checkpoint']} at {report['size']}, held-out worlds {report['world_seeds'][0]}…"]
+    lines.append("chunk                    " + "".join(f"{c:>8d}" for c in range(CHUNKS)))
+    lines.append("PSNR model (dB)          " + "".join(f"{v:8.2f}" for v in report["psnr_model_db_per_chunk"]))
+    lines.append("PSNR repeat first frame  " + "".join(f"{v:8.2f}" for v in report["psnr_repeat_first_frame_db_per_chunk"]))
+    lines.append(f"mean gain {report['psnr_gain_db']:+.2f} dB (target ≥ +{PSNR_GAIN_TARGET_DB})")
+    lines.append(f"control fidelity {100 * report['control_fidelity']:.1f} % (target ≥ {100 * FIDELITY_TARGET:.0f} %)")
+    lines.append("confusion (rows: held action, columns: nearest truth): " + " ".join(ACTIONS))
+    for action, row in report["control_confusion"].items():
+        lines.append(f"  {action}: " + " ".join(f"{row[b]:d}" for b in ACTIONS))
+    lines.append("PASSED" if report["passed"] else "FAILED")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lingbot_ray.world.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--worlds", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    report = measure(args.checkpoint, worlds=args.worlds, seed=args.seed)
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Train the causal DiT of the embedded world model on rendered clips, for the engine's few-step sampler.
+
+Three steps, each a function and a sub-command:
+
+1. ``encode``: the dataset's clips through the trained VAE — clip latents (posterior mean, normalised
+   with the VAE's latents_mean/std, as the decoder expects them), the first-frame condition exactly as
+   the engine builds it (``StreamingWanVAE.encode_condition``), and each block's camera poses exactly
+   as the engine conditions on them (``CameraTrajectory.chunk_c2w`` replayed block by block).
+2. ``train``: teacher forcing (``teacher_forcing.py``: one forward = every block denoised with the
+   clean history the KV cache would hold, sink/window eviction included). Each block draws one of
+   the sampler's timesteps; the loss is on the sampler's own x0 estimate ``x_t − σ·v`` against the
+   clean latents. The prompt plays no part in this world: cross-attention output projections start
+   and stay at zero, so any prompt gives the same video. Progress bar, periodic checkpoints (model,
+   optimizer, step, RNG), ``--resume``, a fixed seed.
+3. ``assemble``: a diffusers-style checkpoint folder (the real classes and loaders) with the trained
+   transformer and VAE, the tiny text encoder and tokenizer, and ``lingbot_ray.json`` (size, fps,
+   camera focal length of the renderer).
+
+    python -m lingbot_ray.world.train_dit encode DATASET VAE_DIR LATENTS.pt
+    python -m lingbot_ray.world.train_dit train LATENTS.pt RUN_DIR --minutes 40
+    python -m lingbot_ray.world.train_dit assemble RUN_DIR VAE_DIR CHECKPOINT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..control.camera import CameraTrajectory
+from ..control.plucker import plucker_map
+from ..engine.sampler import DMDSampler
+from .teacher_forcing import teacher_forced_flow
+
+logger = logging.getLogger(__name__)
+
+BLOCK = 3
+# The world model: small enough that a 3-latent-frame block (5 forwards) at 160x96 takes well
+# under the VAE's decode time on one CPU core.
+WORLD_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "in_channels": 36,
+    "out_channels": 16,
+    "text_dim": 32,
+    "freq_dim": 64,
+    "ffn_dim": 512,
+    "num_layers": 4,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "rope_max_seq_len": 1024,
+    "pos_embed_seq_len": None,
+    "local_attn_size": -1,
+    "sink_size": 3,
+    "num_frames_per_block": BLOCK,
+    "sliding_window_num_frames": 9,
+}
+
+
+# ------------------------------------------------------------------------------------------ encode
+
+
+def block_poses(actions: list[list[str]]) -> np.ndarray:
+    """The conditioning poses ``[N, 4, 4]`` the engine computes for a session driven by ``actions``
+    (one entry per latent frame, N a multiple of the block), block by block."""
+    if len(actions) % BLOCK:
+        raise ValueError(f"{len(actions)} latent frames: must be a multiple of {BLOCK}")
+    trajectory, poses = CameraTrajectory(), []
+    for start in range(0, len(actions), BLOCK):
+        trajectory.extend(actions[start : start + BLOCK])
+        poses.append(trajectory.chunk_c2w(BLOCK))
+    return np.concatenate(poses).astype(np.float32)
+
+
+@torch.no_grad()
+def encode_dataset(dataset_dir: Path, vae_dir: Path, out: Path, *, limit: int | None = None) -> dict[str, Any]:
+    """Encode every clip of a ``generate_dataset`` folder; saves a dict of tensors to ``out``."""
+    from diffusers import AutoencoderKLWan
+
+    from ..models.vae_streaming import StreamingWanVAE
+    from .dataset import ClipDataset
+
+    data = ClipDataset(dataset_dir)
+    vae = AutoencoderKLWan.from_pretrained(str(vae_dir)).eval()
+    streaming = StreamingWanVAE(vae)
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    count = len(data) if limit is None else min(limit, len(data))
+    latents, conditions, poses = [], [], []
+    for index in tqdm(range(count), desc="encode clips", file=sys.stderr):
+        frames, actions, _ = data[index]
+        video = torch.from_numpy(np.asarray(frames)).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+        clip = (vae.encode(video).latent_dist.mean - mean) / std
+        frames_latent = clip.shape[2]
+        condition = streaming.encode_condition(video[:, :, 0], max_frames=frames_latent).slice(0, frames_latent)
+        latents.append(clip[0].half())
+        conditions.append(condition[0].half())
+        poses.append(torch.from_numpy(block_poses(actions)))
+    meta = dict(data.meta)
+    result = {"latents": torch.stack(latents), "conditions": torch.stack(conditions), "poses": torch.stack(poses), "meta": meta}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(result, out)
+    logger.info("encoded %d clips: latents %s to %s", count, tuple(result["latents"].shape), out)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+def new_world_transformer(seed: int, **overrides: Any):
+    from ..models.transformer_lingbot import CausalLingBotWorldTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = CausalLingBotWorldTransformer3DModel(**{**WORLD_TRANSFORMER_CONFIG, **overrides})
+    for block in model.blocks:  # the prompt plays no part: cross-attention adds nothing, and stays so
+        for param in block.attn2.to_out.parameters():
+            torch.nn.init.zeros_(param)
+            param.requires_grad_(False)
+    return model
+
+
+def text_embeds_for(model, batch: int) -> torch.Tensor:
+    """Any text works (its cross-attention output is zero); a fixed tensor keeps shapes real."""
+    return torch.zeros(batch, 4, model.config.text_dim)
+
+
+def _intrinsics(meta: dict[str, Any], width: int, height: int):
+    from .render import world_intrinsics
+
+    return world_intrinsics(width, height)
+
+
+def training_batch(data: dict[str, Any], indices: torch.Tensor, sampler_sigmas: torch.Tensor, sampler_t: torch.Tensor, generator: torch.Generator):
+    """One batch: clean latents, noisy latents at a per-block sampler step, timesteps, condition, Plücker."""
+    clean = data["latents"][indices].float()
+    condition = data["conditions"][indices].float()
+    batch, _, frames = clean.shape[:3]
+    height, width = clean.shape[3] * 8, clean.shape[4] * 8
+    steps = torch.randint(len(sampler_t), (batch, frames // BLOCK), generator=generator).repeat_interleave(BLOCK, dim=1)
+    sigma = sampler_sigmas[steps].view(batch, 1, frames, 1, 1)
+    noise = torch.randn(clean.shape, generator=generator)
+    noisy = (1 - sigma) * clean + sigma * noise
+    intrinsics = _intrinsics(data.get("meta", {}), width, height)
+    plucker = torch.cat([plucker_map(data["poses"][i].double().numpy(), height, width, intrinsics) for i in indices.tolist()])
+    return clean, noisy, sampler_t[steps], sigma, condition, plucker
+
+
+def train(
+    latents_file: Path,
+    run_dir: Path,
+    *,
+    steps: int = 100_000,
+    minutes: float | None = None,
+    batch_size: int = 4,
+    lr: float = 1e-3,
+    warmup: int = 200,
+    seed: int = 0,
+    checkpoint_every: int = 250,
+    until: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    model_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Teacher-forced training; returns a summary (steps, final loss). Checkpoints go to ``run_dir``.
+
+    ``steps`` is the planned length (it shapes the learning-rate schedule); ``until`` or ``minutes``
+    stop a run earlier, and ``resume`` continues it exactly (same batches, same noise).
+    """
+    data = torch.load(latents_file, weights_only=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = new_world_transformer(seed, **(model_overrides or {})).train()
+    schedule = DMDSampler().schedule()  # the engine's default: indices [0, 179, 358, 679], shift 10
+    sampler_t = torch.tensor(schedule.timesteps, dtype=torch.float32)
+    sampler_sigmas = torch.tensor(schedule.sigmas, dtype=torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    generator = torch.Generator().manual_seed(seed)
+    step, history = 0, []
+    state_path = run_dir / "state.pt"
+    if resume and state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step, history = state["step"], state["history"]
+        logger.info("resumed at step %d from %s", step, state_path)
+    sink, window = model.config.sink_size, model.config.sliding_window_num_frames
+    count = data["latents"].shape[0]
+    deadline = None if minutes is None else time.monotonic() + 60 * minutes
+    total = steps
+
+    def save() -> None:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                    "step": step, "history": history, "config": dict(model.config)}, state_path.with_suffix(".tmp"))
+        state_path.with_suffix(".tmp").replace(state_path)
+
+    bar = tqdm(total=total, initial=step, desc="train DiT", disable=not progress, file=sys.stderr)
+    running = None
+    stop = min(total, until) if until is not None else total
+    while step < stop and (deadline is None or time.monotonic() < deadline):
+        for group in optimizer.param_groups:  # warm-up, then cosine to 5 %
+            progress_frac = min(step / max(total, 1), 1.0)
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
+        indices = torch.randint(count, (batch_size,), generator=generator)
+        clean, noisy, t, sigma, condition, plucker = training_batch(data, indices, sampler_sigmas, sampler_t, generator)
+        flow = teacher_forced_flow(model, clean, noisy, t, condition, text_embeds_for(model, batch_size), plucker,
+                                   sink_frames=sink, window_frames=window)
+        loss = torch.nn.functional.mse_loss(noisy - sigma * flow, clean)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        history.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}")
+        if step % checkpoint_every == 0:
+            save()
+            logger.info("step %d: loss %.4f (checkpoint)", step, running)
+    bar.close()
+    save()
+    return {"steps": step, "loss": running, "losses": history}
+
+
+# ---------------------------------------------------------------------------------------- assemble
+
+
+def assemble(run_dir: Path, vae_dir: Path, out: Path, *, width: int, height: int, served_model_name: str = "lingbot-world-tiny") -> Path:
+    """The serving checkpoint folder from a training run and a trained VAE folder."""
+    import shutil
+
+    import diffusers
+    from diffusers import UniPCMultistepScheduler
+
+    from ..models import loading, pipeline
+    from ..models.tiny import TINY_SCHEDULER_CONFIG
+    from ..models.tiny_components import build_tiny_text_encoder, build_tiny_tokenizer
+    from .render import world_intrinsics
+
+    state = torch.load(run_dir / "state.pt", weights_only=False)
+    model = new_world_transformer(0, **{k: v for k, v in state["config"].items() if not k.startswith("_")})
+    model.load_state_dict(state["model"])
+    out.mkdir(parents=True, exist_ok=True)
+    loading.save_transformer(model.eval(), out / "transformer", layout=loading.ORIGINAL)
+    if (out / "vae").exists():
+        shutil.rmtree(out / "vae")
+    shutil.copytree(vae_dir, out / "vae")
+    build_tiny_text_encoder(out / "text_encoder", d_model=model.config.text_dim, seed=2)
+    build_tiny_tokenizer(out / "tokenizer")
+    UniPCMultistepScheduler(**TINY_SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    index: dict[str, Any] = {"_class_name": pipeline.PIPELINE_CLASS_NAME, "_diffusers_version": diffusers.__version__}
+    for name, (library, class_name) in pipeline.EXPECTED_COMPONENTS.items():
+        index[name] = [library, class_name]
+    for name in pipeline.NULL_COMPONENTS:
+        index[name] = [None, None]
+    (out / pipeline.MODEL_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    defaults = pipeline.ServingDefaults(width=width, height=height, served_model_name=served_model_name)
+    settings = {
+        "_comment": f"lingbot_ray serving defaults of the world model trained on the procedural world ({state['step']} steps)",
+        "width": width,
+        "height": height,
+        "fps": defaults.fps,
+        "num_frames": defaults.num_frames,
+        "timestep_indices": list(defaults.timestep_indices),
+        "shift": defaults.shift,
+        "served_model_name": served_model_name,
+        "camera_focal": world_intrinsics(width, height).fx,
+    }
+    (out / pipeline.SERVING_DEFAULTS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lingbot_ray.world.train_dit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    enc = sub.add_parser("encode")
+    enc.add_argument("dataset", type=Path)
+    enc.add_argument("vae", type=Path)
+    enc.add_argument("out", type=Path)
+    enc.add_argument("--limit", type=int, default=None)
+    tr = sub.add_parser("train")
+    tr.add_argument("latents", type=Path)
+    tr.add_argument("run", type=Path)
+    tr.add_argument("--steps", type=int, default=100_000)
+    tr.add_argument("--minutes", type=float, default=None)
+    tr.add_argument("--batch", type=int, default=4)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true")
+    asm = sub.add_parser("assemble")
+    asm.add_argument("run", type=Path)
+    asm.add_argument("vae", type=Path)
+    asm.add_argument("out", type=Path)
+    asm.add_argument("--size", default="160x96")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "encode":
+        encode_dataset(args.dataset, args.vae, args.out, limit=args.limit)
+    elif args.command == "train":
+        summary = train(args.latents, args.run, steps=args.steps, minutes=args.minutes, batch_size=args.batch, lr=args.lr, seed=args.seed, resume=args.resume)
+        print(f"trained {summary['steps']} steps, loss {summary['loss']:.4f}")
+    else:
+        width, height = (int(v) for v in args.size.split("x"))
+        print(assemble(args.run, args.vae, args.out, width=width, height=height))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,604 @@
+"""Train a small Wan2.1-architecture video VAE (diffusers' ``AutoencoderKLWan``) on rendered world clips.
+
+Conventions (the serving path's, see :mod:`lingbot_ray.models.vae_streaming`):
+
+* Pixels enter the VAE as ``x = frame / 127.5 − 1`` in [−1, 1], laid out ``[B, 3, T, H, W]`` with
+  ``T = 1 + 4(N−1)`` for ``N`` latent frames. The encoder is causal: frame 0 is encoded alone, then
+  4 frames per latent frame; the decoder runs one latent frame at a time (frame 0 gives one pixel
+  frame, every later one four). Training runs exactly these loops (:func:`encode_moments`,
+  :func:`decode_frames`), so every clip trains the first-frame path too.
+* Latents: the encoder posterior ``N(mu, exp(logvar))``; training decodes a sample, everything
+  downstream uses ``mu``. The DiT sees ``z_norm = (mu − latents_mean) / latents_std`` per channel;
+  the final config carries ``latents_mean``/``latents_std`` measured on training clips, so
+  ``z_norm`` has about zero mean and unit std per channel.
+* Loss per step: ``L1 + MSE`` on pixels (decoder output *not* clamped, so saturated pixels still get
+  gradients), ``edge_weight`` × L1 of the horizontal and vertical finite differences, and
+  ``kl_weight`` × the KL to ``N(0, 1)`` averaged over latent elements. PSNR is on the clamped output
+  with pixel range [0, 1].
+* Data: sample ``i`` (a random crop of a random clip in a random training world) depends only on
+  ``(seed, i)``; batch ``s`` holds samples ``s·B … s·B + B − 1``. A crop is rendered directly (the
+  principal point is shifted), identical to cropping the full 160×96 frame. Training therefore needs
+  no data files and a resumed run sees exactly the batches an uninterrupted one would.
+* Schedule: AdamW, linear warm-up for ``warmup`` steps, then cosine decay to ``min_lr_ratio·lr`` at
+  ``total_steps``. With ``--minutes`` and no ``--steps``, ``total_steps`` is fixed at the end of
+  warm-up from the measured speed (and stored in checkpoints); the wall-clock limit of one invocation
+  stops training in any case.
+
+Output folder: ``checkpoints/step_XXXXXXX.pt`` (model, optimizer, step, RNG states; the newest
+``keep_checkpoints`` are kept), ``log.jsonl`` (one line per ``log_every`` steps), ``vae/`` (the
+trained model, ``save_pretrained``), ``eval.json`` and ``eval_side_by_side.png``.
+
+``python -m lingbot_ray.world.train_vae OUT_DIR --minutes 25`` (``--resume`` continues from the
+newest checkpoint in ``OUT_DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..control.camera import Intrinsics
+from .dataset import EVAL_SEED_START, make_clip, random_actions
+from .render import TEMPORAL_STRIDE, world_intrinsics
+
+FRAME_SIZE = (160, 96)  # (width, height) the trained model serves
+Z_DIM = 16
+DIM_MULT = (1, 2, 4, 4)
+SPATIAL_RATIO = 8
+LOGVAR_INIT = -6.0  # initial posterior log-variance (see build_vae)
+_DATA_SALT, _STATS_SALT, _EVAL_SALT = 0x7A3E, 0x57A7, 0xE7A1
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; stored in every checkpoint (``--resume`` reuses it)."""
+
+    out_dir: str
+    steps: int | None = None  # schedule length; None: estimated from the speed when ``minutes`` is set
+    minutes: float | None = None  # wall-clock limit of the training loop of one invocation
+    base_dim: int = 4
+    res_blocks: int = 2
+    crop: tuple[int, int] = (64, 64)  # (width, height), multiples of 8
+    frames: int = 9  # pixel frames per training clip, 1 + 4k
+    batch: int = 4
+    seed: int = 0
+    lr: float = 1e-3
+    warmup: int = 50
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 1e-4
+    kl_weight: float = 1e-5
+    edge_weight: float = 0.25
+    grad_clip: float = 1.0
+    frame_size: tuple[int, int] = FRAME_SIZE  # (width, height) of the rendered frames
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    workers: int = 1
+    stats_clips: int = 32
+    stats_latent_frames: int = 5
+    eval_clips: int = 8
+    eval_latent_frames: int = 12
+    stop_at: int | None = None  # stop after this step (as if interrupted; for tests)
+    progress: bool = True
+
+    def check(self) -> None:
+        width, height = self.crop
+        frame_w, frame_h = self.frame_size
+        if width % SPATIAL_RATIO or height % SPATIAL_RATIO or width < 8 or height < 8:
+            raise ValueError(f"crop {width}x{height}: sides must be positive multiples of {SPATIAL_RATIO}")
+        if width > frame_w or height > frame_h or frame_w % SPATIAL_RATIO or frame_h % SPATIAL_RATIO:
+            raise ValueError(f"crop {width}x{height} must fit the frame {frame_w}x{frame_h} (multiples of 8)")
+        if self.frames < 1 or (self.frames - 1) % TEMPORAL_STRIDE:
+            raise ValueError(f"frames={self.frames}: must be 1 + {TEMPORAL_STRIDE}k")
+        if self.steps is None and self.minutes is None:
+            raise ValueError("give --steps or --minutes")
+        if self.batch < 1 or self.base_dim < 2 or self.base_dim % 2 or self.res_blocks < 1:
+            raise ValueError("batch >= 1, even base_dim >= 2 and res_blocks >= 1 are required")
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def build_vae(base_dim: int, res_blocks: int) -> AutoencoderKLWan:
+    """The Wan2.1 layout of :func:`~lingbot_ray.models.tiny_components.build_tiny_vae` (z_dim 16, 8×
+    spatial, 4× temporal, no attention), initialised from the global torch RNG; latent statistics
+    are placeholders (0 and 1) until :func:`latent_statistics` measures them.
+
+    The posterior's log-variance bias starts at ``LOGVAR_INIT`` (std 0.05) instead of 0: a unit-std
+    posterior drowns the small initial latents in noise, and with a small KL weight and AdamW the bias
+    would take thousands of steps to come down on its own.
+    """
+    vae = AutoencoderKLWan(
+        base_dim=base_dim,
+        z_dim=Z_DIM,
+        dim_mult=list(DIM_MULT),
+        num_res_blocks=res_blocks,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        dropout=0.0,
+        latents_mean=[0.0] * Z_DIM,
+        latents_std=[1.0] * Z_DIM,
+    )
+    with torch.no_grad():
+        vae.quant_conv.bias[Z_DIM:].fill_(LOGVAR_INIT)
+    return vae
+
+
+def _num_cached_convs(module: torch.nn.Module) -> int:
+    return sum(isinstance(m, WanCausalConv3d) for m in module.modules())
+
+
+def encode_moments(vae: AutoencoderKLWan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior ``(mu, logvar)`` ``[B, z, N, h, w]`` of pixels ``[B, 3, 1+4(N−1), H, W]``: frame 0
+    alone, then 4 frames per step through one feature cache (diffusers' ``_encode`` loop)."""
+    feat_cache: list = [None] * _num_cached_convs(vae.encoder)
+    steps = [x[:, :, :1]] + list(x[:, :, 1:].split(TEMPORAL_STRIDE, dim=2))
+    out = torch.cat([vae.encoder(step, feat_cache=feat_cache, feat_idx=[0]) for step in steps], dim=2)
+    mu, logvar = vae.quant_conv(out).chunk(2, dim=1)
+    return mu, logvar.clamp(-30.0, 20.0)
+
+
+def decode_frames(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
+    """Pixels ``[B, 3, 1+4(N−1), H, W]`` (unclamped) of raw latents ``[B, z, N, h, w]``, one latent
+    frame at a time through one feature cache (diffusers' ``_decode`` loop, as the streaming decoder)."""
+    feat_cache: list = [None] * _num_cached_convs(vae.decoder)
+    x = vae.post_quant_conv(z)
+    pieces = [
+        vae.decoder(x[:, :, i : i + 1], feat_cache=feat_cache, feat_idx=[0], first_chunk=i == 0)
+        for i in range(x.shape[2])
+    ]
+    return torch.cat(pieces, dim=2)
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """PSNR in dB of [−1, 1] tensors, with the pixel range taken as [0, 1]."""
+    mse = F.mse_loss(pred.clamp(-1, 1), target).item() / 4.0
+    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def loss_terms(
+    vae: AutoencoderKLWan, x: torch.Tensor, noise: torch.Generator | None, kl_weight: float, edge_weight: float
+) -> dict[str, torch.Tensor]:
+    """Reconstruction of ``x`` through a posterior sample (the mean when ``noise`` is None):
+    ``loss = l1 + mse + edge_weight·edge + kl_weight·kl`` plus the terms and the decoded ``recon``."""
+    mu, logvar = encode_moments(vae, x)
+    z = mu
+    if noise is not None:
+        eps = torch.randn(mu.shape, generator=noise, dtype=mu.dtype, device=mu.device)
+        z = mu + torch.exp(0.5 * logvar) * eps
+    recon = decode_frames(vae, z)
+    l1 = (recon - x).abs().mean()
+    mse = (recon - x).square().mean()
+    edge = ((recon.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (recon.diff(dim=-2) - x.diff(dim=-2)).abs().mean()) / 2
+    kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
+    loss = l1 + mse + edge_weight * edge + kl_weight * kl
+    return {"loss": loss, "l1": l1, "mse": mse, "edge": edge, "kl": kl, "recon": recon}
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` → float ``[3, T, H, W]`` in [−1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+
+
+def render_crop(
+    world_seed: int, actions: list[list[str]], frame_size: tuple[int, int], crop: tuple[int, int], x0: int, y0: int
+) -> np.ndarray:
+    """uint8 ``[T, h, w, 3]``: the window ``[y0:y0+h, x0:x0+w]`` of the full-frame clip, rendered
+    alone (same focal length, principal point shifted by the window's origin)."""
+    full = world_intrinsics(*frame_size)
+    intrinsics = Intrinsics(fx=full.fx, fy=full.fy, cx=full.cx - x0, cy=full.cy - y0)
+    return make_clip(world_seed, actions, crop[0], crop[1], intrinsics).frames
+
+
+class CropDataset(Dataset):
+    """Sample ``i``: a random crop of a random-play clip in a random training world, ``[3, T, h, w]``
+    in [−1, 1]; a pure function of ``(seed, i)``."""
+
+    def __init__(self, seed: int, frames: int, crop: tuple[int, int], frame_size: tuple[int, int] = FRAME_SIZE):
+        self.seed, self.frames, self.crop, self.frame_size = seed, frames, tuple(crop), tuple(frame_size)
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, _DATA_SALT, index])
+        world_seed = int(rng.integers(0, EVAL_SEED_START))
+        actions = random_actions(rng, 1 + (self.frames - 1) // TEMPORAL_STRIDE)
+        x0 = int(rng.integers(0, self.frame_size[0] - self.crop[0] + 1))
+        y0 = int(rng.integers(0, self.frame_size[1] - self.crop[1] + 1))
+        return to_pixels(render_crop(world_seed, actions, self.frame_size, self.crop, x0, y0))
+
+
+class _FromIndex(Sampler[int]):
+    """Sample indices ``start, start + 1, …`` without end."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        index = self.start
+        while True:
+            yield index
+            index += 1
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def world_clip(
+    seed: int, salt: int, index: int, num_latent_frames: int, size: tuple[int, int], split: str
+) -> np.ndarray:
+    """uint8 frames of full-size clip ``index`` of a stream of ``split`` ("train"/"eval") worlds."""
+    rng = np.random.default_rng([seed, salt, index])
+    lo = 0 if split == "train" else EVAL_SEED_START
+    world_seed = int(rng.integers(lo, lo + EVAL_SEED_START))
+    return make_clip(world_seed, random_actions(rng, num_latent_frames), *size).frames
+
+
+# ------------------------------------------------------------------------------------------- schedule
+
+
+def lr_at(step: int, total_steps: int | None, cfg: TrainConfig) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up, then cosine to ``min_lr_ratio·lr``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if total_steps is None:
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup) / max(1, total_steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    paths = sorted(_checkpoint_dir(out_dir).glob("step_*.pt"))
+    return paths[-1] if paths else None
+
+
+def _save_checkpoint(
+    cfg: TrainConfig,
+    step: int,
+    total_steps: int | None,
+    vae: AutoencoderKLWan,
+    opt: torch.optim.Optimizer,
+    noise: torch.Generator,
+) -> Path:
+    folder = _checkpoint_dir(cfg.out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:07d}.pt"
+    state = {
+        "step": step,
+        "total_steps": total_steps,
+        "config": dataclasses.asdict(cfg),
+        "model": vae.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "noise": noise.get_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    for old in sorted(folder.glob("step_*.pt"))[: -cfg.keep_checkpoints]:
+        old.unlink()
+    return path
+
+
+def _load_checkpoint(path: Path) -> dict:
+    # Our own file: it holds numpy/python RNG states, which the weights-only unpickler refuses.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def config_from_checkpoint(path: Path, **overrides) -> TrainConfig:
+    """The checkpoint's config with ``overrides`` (e.g. a new ``minutes`` or ``out_dir``)."""
+    state = _load_checkpoint(path)
+    stored = state["config"]
+    if stored["steps"] is None:
+        stored["steps"] = state["total_steps"]  # the schedule fixed from the measured speed, if it was
+    stored.update(overrides)
+    stored["crop"], stored["frame_size"] = tuple(stored["crop"]), tuple(stored["frame_size"])
+    return TrainConfig(**stored)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    step: int
+    total_steps: int | None
+    vae_dir: Path | None  # None when stopped at ``stop_at``
+    eval: dict | None
+
+
+def _log(cfg: TrainConfig, record: dict) -> None:
+    with open(Path(cfg.out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(
+        f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} psnr {record['psnr']:.2f} "
+        f"kl {record['kl']:.3g} lr {record['lr']:.2e} {record['steps_per_s']:.2f} steps/s "
+        f"{record['clips_per_s']:.2f} clips/s {record['elapsed_s']:.0f}s",
+        flush=True,
+    )
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Train (or continue, with ``resume``, from the newest checkpoint in ``cfg.out_dir``), then
+    measure the latent statistics, save ``vae/`` and evaluate. Runs on the current torch threads."""
+    from tqdm import tqdm
+
+    cfg.check()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = latest_checkpoint(out) if resume else None
+    state = _load_checkpoint(checkpoint) if checkpoint else None
+
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg.base_dim, cfg.res_blocks).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    noise = torch.Generator().manual_seed(cfg.seed + 1)
+    step, total_steps = 0, cfg.steps
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, total_steps = state["step"], state["total_steps"] or cfg.steps
+        torch.set_rng_state(state["rng"]["torch"])
+        noise.set_state(state["rng"]["noise"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        print(f"resumed from {checkpoint} at step {step}", flush=True)
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+    data = CropDataset(cfg.seed, cfg.frames, cfg.crop, cfg.frame_size)
+    loader = DataLoader(
+        data,
+        batch_size=cfg.batch,
+        sampler=_FromIndex(step * cfg.batch),
+        num_workers=cfg.workers,
+        worker_init_fn=_worker_init if cfg.workers else None,
+        prefetch_factor=4 if cfg.workers else None,
+        persistent_workers=False,
+    )
+    start_time = time.perf_counter()
+    deadline = start_time + cfg.minutes * 60 if cfg.minutes else math.inf
+    sums: dict[str, float] = {}
+    window_start, window_steps, timing_start = time.perf_counter(), 0, None
+    bar = tqdm(total=total_steps, initial=step, unit="step", file=sys.stderr, disable=not cfg.progress, desc="vae")
+    batches = iter(loader)
+    first_step = last_saved = step
+    while (total_steps is None or step < total_steps) and time.perf_counter() < deadline:
+        if cfg.stop_at is not None and step >= cfg.stop_at:
+            break
+        x = next(batches)
+        lr = lr_at(step, total_steps, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        terms = loss_terms(vae, x, noise, cfg.kl_weight, cfg.edge_weight)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+
+        values = {k: terms[k].item() for k in ("loss", "l1", "mse", "edge", "kl")}
+        values["psnr"] = psnr(terms["recon"].detach(), x)
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value
+        window_steps += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", psnr=f"{values['psnr']:.2f}", lr=f"{lr:.1e}")
+
+        if timing_start is None and step == first_step + 3:  # skip the first, slower steps
+            timing_start = (step, time.perf_counter())
+        if total_steps is None and timing_start is not None and step >= max(cfg.warmup, timing_start[0] + 10):
+            seconds_per_step = (time.perf_counter() - timing_start[1]) / max(1, step - timing_start[0])
+            remaining = deadline - time.perf_counter()
+            total_steps = step + max(1, int(0.98 * remaining / seconds_per_step))
+            bar.total = total_steps
+            print(f"schedule fixed at {total_steps} steps ({seconds_per_step:.2f} s/step measured)", flush=True)
+        if step % cfg.log_every == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            record = {key: value / window_steps for key, value in sums.items()}
+            record.update(
+                step=step,
+                total_steps=total_steps,
+                lr=lr,
+                elapsed_s=time.perf_counter() - start_time,
+                steps_per_s=window_steps / elapsed,
+                clips_per_s=window_steps * cfg.batch / elapsed,
+            )
+            _log(cfg, record)
+            sums, window_start, window_steps = {}, time.perf_counter(), 0
+        if step % cfg.checkpoint_every == 0:
+            _save_checkpoint(cfg, step, total_steps, vae, opt, noise)
+            last_saved = step
+    bar.close()
+    del batches
+    if step != last_saved:
+        _save_checkpoint(cfg, step, total_steps, vae, opt, noise)
+    if cfg.stop_at is not None and step >= cfg.stop_at and step != total_steps:
+        return TrainResult(step, total_steps, None, None)
+
+    vae.eval()
+    mean, std = latent_statistics(vae, cfg)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    vae_dir = out / "vae"
+    vae.save_pretrained(vae_dir)
+    print(f"saved {vae_dir} (latents_mean {np.round(mean, 3).tolist()}, latents_std {np.round(std, 3).tolist()})")
+    report = evaluate(vae_dir, cfg, out / "eval_side_by_side.png") if cfg.eval_clips else None
+    if report is not None:
+        (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"eval PSNR {report['psnr']:.2f} dB over {report['clips']} held-out clips", flush=True)
+    return TrainResult(step, total_steps, vae_dir, report)
+
+
+# ---------------------------------------------------------------------------------- statistics, eval
+
+
+@torch.no_grad()
+def latent_statistics(vae: AutoencoderKLWan, cfg: TrainConfig) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the posterior mean over ``stats_clips`` full-frame training clips
+    (a stream of their own, not the training batches), all latent frames and positions."""
+    total = torch.zeros(Z_DIM, dtype=torch.float64)
+    total_sq = torch.zeros(Z_DIM, dtype=torch.float64)
+    count = 0
+    for i in range(cfg.stats_clips):
+        frames = world_clip(cfg.seed, _STATS_SALT, i, cfg.stats_latent_frames, cfg.frame_size, "train")
+        mu, _ = encode_moments(vae, to_pixels(frames)[None])
+        flat = mu.double().transpose(0, 1).reshape(Z_DIM, -1)
+        total += flat.sum(dim=1)
+        total_sq += flat.square().sum(dim=1)
+        count += flat.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+    return [round(v, 6) for v in mean.tolist()], [round(v, 6) for v in std.tolist()]
+
+
+@torch.no_grad()
+def evaluate(vae_dir: str | Path, cfg: TrainConfig, png_path: str | Path | None = None) -> dict:
+    """Reconstruction PSNR on ``eval_clips`` full-frame clips of held-out worlds (seeds ≥
+    ``EVAL_SEED_START``): the posterior mean, normalised with the saved statistics, decoded through
+    :class:`~lingbot_ray.models.vae_streaming.StreamingWanVAE` in chunks of 3 latent frames, as served.
+    Also reports PSNR per latent-frame position and the normalised latents' statistics."""
+    from ..models.vae_streaming import StreamingWanVAE
+
+    streaming = StreamingWanVAE.from_pretrained(vae_dir, subfolder=None)
+    vae = streaming.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    scores, per_position, norm_latents, sheet_rows = [], [], [], []
+    for i in range(cfg.eval_clips):
+        frames = world_clip(cfg.seed, _EVAL_SALT, i, cfg.eval_latent_frames, cfg.frame_size, "eval")
+        x = to_pixels(frames)[None]
+        mu, _ = encode_moments(vae, x)
+        z = (mu - mean) / std
+        cache, pieces = streaming.new_decode_cache(), []
+        for start in range(0, z.shape[2], 3):
+            chunk, cache = streaming.decode_chunk(z[:, :, start : start + 3], cache)
+            pieces.append(chunk)
+        recon = torch.cat(pieces, dim=2)
+        scores.append(psnr(recon, x))
+        positions = [x[:, :, :1]] + list(x[:, :, 1:].split(TEMPORAL_STRIDE, dim=2))
+        recon_positions = [recon[:, :, :1]] + list(recon[:, :, 1:].split(TEMPORAL_STRIDE, dim=2))
+        per_position.append([psnr(r, t) for r, t in zip(recon_positions, positions, strict=True)])
+        norm_latents.append(z.transpose(0, 1).reshape(Z_DIM, -1))
+        if png_path is not None and i < 3:
+            recon_u8 = ((recon[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+            pick = [t for t in (0, 1, 4, 8, 20, 32, frames.shape[0] - 1) if t < frames.shape[0]]
+            sheet_rows.append((frames[pick], recon_u8[pick], pick))
+    z_all = torch.cat(norm_latents, dim=1)
+    report = {
+        "clips": cfg.eval_clips,
+        "frames_per_clip": 1 + TEMPORAL_STRIDE * (cfg.eval_latent_frames - 1),
+        "frame_size": list(cfg.frame_size),
+        "psnr": float(np.mean(scores)),
+        "psnr_per_clip": [round(s, 3) for s in scores],
+        "psnr_per_latent_frame": [round(float(v), 3) for v in np.mean(per_position, axis=0)],
+        "normalised_latent_mean": [round(v, 3) for v in z_all.mean(dim=1).tolist()],
+        "normalised_latent_std": [round(v, 3) for v in z_all.std(dim=1).tolist()],
+    }
+    if png_path is not None and sheet_rows:
+        _write_side_by_side(png_path, sheet_rows)
+    return report
+
+
+def _write_side_by_side(path: str | Path, rows: list[tuple[np.ndarray, np.ndarray, list[int]]]) -> None:
+    from PIL import Image
+
+    from .render import contact_sheet
+
+    tiles, labels = [], []
+    for original, recon, pick in rows:
+        tiles += [original, recon]
+        labels += [f"orig t={t}" for t in pick] + [f"recon t={t}" for t in pick]
+    Image.fromarray(contact_sheet(np.concatenate(tiles), len(rows[0][2]), labels)).save(path)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height or width)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the world model's small Wan2.1-layout VAE on rendered clips.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--steps", type=int, default=None, help="schedule length in steps")
+    parser.add_argument("--minutes", type=float, default=None, help="wall-clock limit of this invocation's training")
+    parser.add_argument("--base-dim", type=int, default=TrainConfig.base_dim)
+    parser.add_argument("--res-blocks", type=int, default=TrainConfig.res_blocks)
+    parser.add_argument("--crop", default="64", help="training crop, N or WxH (multiples of 8)")
+    parser.add_argument("--frames", type=int, default=TrainConfig.frames, help="pixel frames per clip (1+4k)")
+    parser.add_argument("--batch", type=int, default=TrainConfig.batch)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--kl-weight", type=float, default=TrainConfig.kl_weight)
+    parser.add_argument("--edge-weight", type=float, default=TrainConfig.edge_weight)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--workers", type=int, default=TrainConfig.workers, help="data loader processes (0: inline)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    parser.add_argument("--log-every", type=int, default=TrainConfig.log_every)
+    parser.add_argument("--eval-clips", type=int, default=TrainConfig.eval_clips)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT_DIR")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    checkpoint = latest_checkpoint(args.out_dir) if args.resume else None
+    if checkpoint is not None:
+        # The run's own settings win; only the time limit and the display follow this command line.
+        cfg = config_from_checkpoint(checkpoint, minutes=args.minutes, progress=not args.no_progress)
+    else:
+        cfg = TrainConfig(
+            out_dir=args.out_dir,
+            steps=args.steps,
+            minutes=args.minutes,
+            base_dim=args.base_dim,
+            res_blocks=args.res_blocks,
+            crop=_parse_size(args.crop),
+            frames=args.frames,
+            batch=args.batch,
+            seed=args.seed,
+            lr=args.lr,
+            kl_weight=args.kl_weight,
+            edge_weight=args.edge_weight,
+            workers=args.workers,
+            checkpoint_every=args.checkpoint_every,
+            log_every=args.log_every,
+            eval_clips=args.eval_clips,
+            progress=not args.no_progress,
+        )
+    train(cfg, resume=checkpoint is not None)
+
+
+if __name__ == "__main__":
+    main()

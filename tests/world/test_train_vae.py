@@ -1,0 +1,126 @@
+"""Training the world VAE: crops render exactly, the loss falls, resume is exact, the saved folder serves."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from lingbot_ray.engine.session import ModelGeometry, SessionSpec
+from lingbot_ray.engine.stages import VAEStage, frames_to_uint8
+from lingbot_ray.models.vae_streaming import StreamingWanVAE
+from lingbot_ray.world import train_vae as tv
+from lingbot_ray.world.dataset import make_clip
+
+STEPS = 12
+
+
+def tiny_config(out_dir, **changes) -> tv.TrainConfig:
+    settings = {
+        "out_dir": str(out_dir),
+        "steps": STEPS,
+        "base_dim": 4,
+        "res_blocks": 1,
+        "crop": (16, 16),
+        "frames": 5,
+        "batch": 2,
+        "lr": 3e-3,
+        "warmup": 3,
+        "frame_size": (32, 24),
+        "checkpoint_every": 4,
+        "log_every": 4,
+        "workers": 0,
+        "stats_clips": 2,
+        "stats_latent_frames": 2,
+        "eval_clips": 1,
+        "eval_latent_frames": 4,
+        "progress": False,
+    }
+    settings.update(changes)
+    return tv.TrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, one_thread):
+    cfg = tiny_config(tmp_path_factory.mktemp("full"))
+    return cfg, tv.train(cfg)
+
+
+def test_a_rendered_crop_is_that_window_of_the_full_frame():
+    actions = [[], ["w"], ["l"]]
+    full = make_clip(5, actions, 48, 32).frames
+    crop = tv.render_crop(5, actions, (48, 32), (16, 8), x0=24, y0=8)
+    assert crop.shape == (9, 8, 16, 3)
+    assert np.abs(crop.astype(int) - full[:, 8:16, 24:40]).max() <= 1  # float rounding at most
+
+
+def test_training_lowers_the_reconstruction_loss(full_run):
+    cfg, result = full_run
+    batch = torch.stack([tv.CropDataset(cfg.seed + 1, cfg.frames, cfg.crop, cfg.frame_size)[i] for i in range(4)])
+    torch.manual_seed(cfg.seed)
+    initial = tv.build_vae(cfg.base_dim, cfg.res_blocks)
+    trained = AutoencoderKLWan.from_pretrained(result.vae_dir)
+    with torch.no_grad():
+        before = tv.loss_terms(initial, batch, None, cfg.kl_weight, cfg.edge_weight)["loss"].item()
+        after = tv.loss_terms(trained, batch, None, cfg.kl_weight, cfg.edge_weight)["loss"].item()
+    assert after < 0.8 * before, (before, after)
+    log = [json.loads(line) for line in (Path(cfg.out_dir) / "log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in log] == [4, 8, 12]
+
+
+def test_resume_continues_exactly(full_run, tmp_path, one_thread):
+    cfg, _result = full_run
+    interrupted = tiny_config(tmp_path, stop_at=5)  # checkpoints at 4 and (on stopping) 5
+    stopped = tv.train(interrupted)
+    assert stopped.step == 5 and stopped.vae_dir is None
+    assert tv.latest_checkpoint(tmp_path).name == "step_0000005.pt"
+    resumed = tv.train(tiny_config(tmp_path), resume=True)
+    assert resumed.step == STEPS
+    expected = torch.load(tv.latest_checkpoint(cfg.out_dir), weights_only=False)
+    got = torch.load(tv.latest_checkpoint(tmp_path), weights_only=False)
+    assert expected["step"] == got["step"] == STEPS
+    for name, tensor in expected["model"].items():
+        assert torch.equal(tensor, got["model"][name]), name
+    assert torch.equal(expected["rng"]["noise"], got["rng"]["noise"])
+
+
+def test_saved_folder_loads_with_measured_statistics_and_streams(full_run):
+    cfg, result = full_run
+    vae = AutoencoderKLWan.from_pretrained(result.vae_dir).eval()
+    assert vae.config.base_dim == cfg.base_dim and vae.config.num_res_blocks == cfg.res_blocks
+    mean, std = tv.latent_statistics(vae, cfg)
+    np.testing.assert_allclose(vae.config.latents_mean, mean, atol=1e-5)
+    np.testing.assert_allclose(vae.config.latents_std, std, atol=1e-5)
+    assert vae.config.latents_mean != [0.0] * tv.Z_DIM and vae.config.latents_std != [1.0] * tv.Z_DIM
+    report = json.loads((Path(cfg.out_dir) / "eval.json").read_text())
+    assert report["clips"] == 1 and np.isfinite(report["psnr"])
+    assert (Path(cfg.out_dir) / "eval_side_by_side.png").is_file()
+
+    # The serving path: first frame → condition latents, then streamed decode == one-shot decode.
+    streaming = StreamingWanVAE.from_pretrained(result.vae_dir, subfolder=None)
+    geometry = ModelGeometry(8, 4, 16, (1, 2, 2), 3, 9, 18, 1024)
+    stage = VAEStage(streaming, geometry)
+    width, height = 32, 32
+    frames = make_clip(1_000_003, [[], ["w"], ["w"], ["l"], ["l"], ["a"]], width, height).frames
+    condition = stage.encode_condition(frames[0])
+    assert condition.latents.shape[:2] == (1, 16)
+    x = tv.to_pixels(frames)[None]
+    with torch.no_grad():
+        mu, _ = tv.encode_moments(vae, x)
+        one_shot = frames_to_uint8(vae.decode(mu).sample)
+    z = (mu - torch.tensor(mean).view(1, -1, 1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1, 1)
+    spec = SessionSpec(prompt="a world", image=frames[0], width=width, height=height)
+    state = stage.new_session(spec.resolve(geometry))
+    streamed = np.concatenate([stage.decode(state, z[:, :, i : i + 3]) for i in (0, 3)])
+    assert streamed.shape == one_shot.shape == frames.shape
+    assert np.abs(streamed.astype(int) - one_shot).max() <= 1  # de-/normalisation rounding only
