@@ -53,7 +53,7 @@ class BenchSpec:
     output_format: str | None = "raw"
     size: str | None = None
     seed: int = 42
-    prompt: str = "a walk through a courtyard"
+    prompt: str = "a walk through a procedural world"
     first_frame: Path = SAMPLE_FIRST_FRAME
     event_every: int = 2
     warmup: int = 2

@@ -43,12 +43,12 @@ from .session import SessionResult, make_init, parse_actions, run_session, ws_ur
 
 DEFAULT_GROUND_TRUTH = Path("tests/consistency/ground_truth")
 DEFAULT_GUARDS = Path("tests/consistency/latency_guards.yaml")
-SAMPLE_FIRST_FRAME = Path(__file__).resolve().parents[1] / "webui" / "samples" / "courtyard.png"
+SAMPLE_FIRST_FRAME = Path(__file__).resolve().parents[1] / "webui" / "samples" / "world-plaza.png"
 
 SCRIPT = "w*6,_*6"
 SEED = 42
 CHUNKS = 4
-PROMPT = "a quiet courtyard, walking forward then standing still"
+PROMPT = "a procedural world, walking forward then standing still"
 WARMUP_CHUNKS = 2
 
 MIN_SSIM, MIN_PSNR_DB, MAX_MEAN_ABS_DIFF = 0.92, 24.0, 10.0

@@ -266,7 +266,7 @@ def record_main(argv: list[str]) -> int:
     steer.add_argument("--script", type=Path, default=None, help="JSON script with actions and timed events")
     steer.add_argument("--live", action="store_true", help="steer with keys typed in this terminal (Q stops)")
     parser.add_argument("--chunks", type=int, default=None, help="max_chunks (default: 8, or until Q with --live)")
-    parser.add_argument("--prompt", default="a walk through a courtyard")
+    parser.add_argument("--prompt", default="a walk through a procedural world")
     parser.add_argument("--first-frame", type=Path, default=SAMPLE_FIRST_FRAME)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--size", default=None, help="WxH (default: the served model's)")

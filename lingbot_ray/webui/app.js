@@ -11,10 +11,10 @@
     arrowup: "i", arrowdown: "k", arrowleft: "j", arrowright: "l",
   };
   const SAMPLES = [
-    { file: "samples/alley.png", label: "alley" },
-    { file: "samples/mountains.png", label: "mountains" },
-    { file: "samples/courtyard.png", label: "courtyard" },
-    { file: "samples/coast.png", label: "coast" },
+    { file: "samples/world-plaza.png", label: "plaza" },
+    { file: "samples/world-pillars.png", label: "pillars" },
+    { file: "samples/world-bricks.png", label: "bricks" },
+    { file: "samples/world-dusk.png", label: "dusk" },
   ];
   const PLOT_POINTS = 60;
   const asset = (path) => path + (window.LINGBOT_ASSET_QUERY || "");

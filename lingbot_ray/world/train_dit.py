@@ -64,10 +64,15 @@ WORLD_TRANSFORMER_CONFIG: dict[str, Any] = {
     "rope_max_seq_len": 1024,
     "pos_embed_seq_len": None,
     "local_attn_size": -1,
-    "sink_size": 3,
+    # No sink: a block sees the 6 latent frames before it and itself, so every block of an endless
+    # session is in a situation that a 9-frame training clip shows (the first-frame image lives on
+    # in those frames, and relative RoPE distances never exceed what training saw).
+    "sink_size": 0,
     "num_frames_per_block": BLOCK,
     "sliding_window_num_frames": 9,
 }
+# Training clips: the session's first 3 blocks (the first block, then 1 and 2 blocks of context).
+TRAIN_LATENT_FRAMES = 9
 
 
 # ------------------------------------------------------------------------------------------ encode
@@ -143,10 +148,18 @@ def _intrinsics(meta: dict[str, Any], width: int, height: int):
     return world_intrinsics(width, height)
 
 
-def training_batch(data: dict[str, Any], indices: torch.Tensor, sampler_sigmas: torch.Tensor, sampler_t: torch.Tensor, generator: torch.Generator):
-    """One batch: clean latents, noisy latents at a per-block sampler step, timesteps, condition, Plücker."""
-    clean = data["latents"][indices].float()
-    condition = data["conditions"][indices].float()
+def training_batch(
+    data: dict[str, Any],
+    indices: torch.Tensor,
+    sampler_sigmas: torch.Tensor,
+    sampler_t: torch.Tensor,
+    generator: torch.Generator,
+    frames: int = TRAIN_LATENT_FRAMES,
+):
+    """One batch of the clips' first ``frames`` latent frames: clean latents, noisy latents at a
+    per-block sampler step, timesteps, σ, condition, Plücker."""
+    clean = data["latents"][indices, :, :frames].float()
+    condition = data["conditions"][indices, :, :frames].float()
     batch, _, frames = clean.shape[:3]
     height, width = clean.shape[3] * 8, clean.shape[4] * 8
     steps = torch.randint(len(sampler_t), (batch, frames // BLOCK), generator=generator).repeat_interleave(BLOCK, dim=1)
@@ -154,7 +167,7 @@ def training_batch(data: dict[str, Any], indices: torch.Tensor, sampler_sigmas: 
     noise = torch.randn(clean.shape, generator=generator)
     noisy = (1 - sigma) * clean + sigma * noise
     intrinsics = _intrinsics(data.get("meta", {}), width, height)
-    plucker = torch.cat([plucker_map(data["poses"][i].double().numpy(), height, width, intrinsics) for i in indices.tolist()])
+    plucker = torch.cat([plucker_map(data["poses"][i, :frames].double().numpy(), height, width, intrinsics) for i in indices.tolist()])
     return clean, noisy, sampler_t[steps], sigma, condition, plucker
 
 

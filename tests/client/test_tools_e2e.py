@@ -18,7 +18,7 @@ from lingbot_ray.client.session import make_init, ws_url
 from lingbot_ray.models.tiny import build_tiny_checkpoint
 from lingbot_ray.serve.local import serve_locally
 
-SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "lingbot_ray", "webui", "samples", "alley.png")
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "lingbot_ray", "webui", "samples", "world-dusk.png")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ def tiny_config(out_dir, **changes) -> tv.TrainConfig:
         "res_blocks": 1,
         "crop": (16, 16),
         "frames": 5,
+        "max_context": 2,
+        "first_frame_share": 0.5,
         "batch": 2,
         "lr": 3e-3,
         "warmup": 3,
@@ -116,7 +118,7 @@ def test_saved_folder_loads_with_measured_statistics_and_streams(full_run):
     assert condition.latents.shape[:2] == (1, 16)
     x = tv.to_pixels(frames)[None]
     with torch.no_grad():
-        mu, _ = tv.encode_moments(vae, x)
+        mu, _, _ = tv.encode_moments(vae, x)
         one_shot = frames_to_uint8(vae.decode(mu).sample)
     z = (mu - torch.tensor(mean).view(1, -1, 1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1, 1)
     spec = SessionSpec(prompt="a world", image=frames[0], width=width, height=height)
@@ -124,3 +126,23 @@ def test_saved_folder_loads_with_measured_statistics_and_streams(full_run):
     streamed = np.concatenate([stage.decode(state, z[:, :, i : i + 3]) for i in (0, 3)])
     assert streamed.shape == one_shot.shape == frames.shape
     assert np.abs(streamed.astype(int) - one_shot).max() <= 1  # de-/normalisation rounding only
+
+
+def test_a_warmed_up_stream_continues_exactly(one_thread):
+    torch.manual_seed(0)
+    vae = tv.build_vae(4, 1).eval()
+    x = torch.rand(1, 3, 13, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mu, _, _ = tv.encode_moments(vae, x)
+        head, _, cache = tv.encode_moments(vae, x[:, :, :5])
+        tail, _, _ = tv.encode_moments(vae, x[:, :, 5:], cache)
+        torch.testing.assert_close(torch.cat([head, tail], dim=2), mu)
+        frames, _ = tv.decode_frames(vae, mu)
+        first, cache = tv.decode_frames(vae, mu[:, :, :2])
+        rest, _ = tv.decode_frames(vae, mu[:, :, 2:], cache)
+        torch.testing.assert_close(torch.cat([first, rest], dim=2), frames)
+    dataset = tv.CropDataset(0, 5, (16, 8), (32, 24), batch=2, max_context=3, first_frame_share=0.3)
+    for index in range(0, 12, 2):
+        context = dataset.context(index)
+        assert dataset.context(index + 1) == context
+        assert dataset[index].shape == (3, 1 + 4 * (context + 1), 8, 16)

@@ -1,0 +1,87 @@
+"""The embedded world model from nothing, in one command: world clips → VAE → latents → DiT → checkpoint.
+
+    python -m lingbot_ray.world.train_world runs/world --vae-minutes 25 --dit-minutes 45
+
+Stages (each skipped when its output exists, so an interrupted run continues with ``--resume``):
+
+1. ``data/``: training clips rendered from the procedural world (``dataset.generate_dataset``);
+2. ``vae_run/vae``: the VAE (``train_vae``, wall-clock budget ``--vae-minutes``);
+3. ``latents.pt``: every clip encoded with it (``train_dit.encode_dataset``);
+4. ``dit_run/``: the causal DiT, teacher-forced for the engine's sampler (``--dit-minutes``);
+5. ``checkpoint/``: the serving folder (``train_dit.assemble``);
+6. ``quality.json``: the held-out measurements (``quality.measure``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lingbot_ray.world.train_world", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--clips", type=int, default=2000, help="training clips of 12 latent frames")
+    parser.add_argument("--vae-minutes", type=float, default=25.0)
+    parser.add_argument("--dit-minutes", type=float, default=45.0)
+    parser.add_argument("--dit-steps", type=int, default=3000, help="planned DiT steps (learning-rate schedule)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue the VAE and DiT runs found in OUT")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    from . import quality, train_dit, train_vae
+    from .dataset import generate_dataset
+
+    started = time.monotonic()
+    times: dict[str, float] = {}
+
+    def stage(name: str) -> None:
+        times[name] = round((time.monotonic() - started) / 60, 1)
+        logger.info("stage %s done at %.1f min", name, times[name])
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = args.out / "data"
+    if not (data / "meta.json").is_file():
+        generate_dataset(data, num_clips=args.clips, num_latent_frames=12, width=160, height=96, seed=args.seed, workers=args.threads)
+    stage("data")
+
+    vae_run = args.out / "vae_run"
+    if not (vae_run / "vae" / "config.json").is_file():
+        checkpoint = train_vae.latest_checkpoint(vae_run) if args.resume else None
+        if checkpoint is not None:
+            cfg = train_vae.config_from_checkpoint(checkpoint, minutes=args.vae_minutes)
+        else:
+            cfg = train_vae.TrainConfig(out_dir=str(vae_run), minutes=args.vae_minutes, seed=args.seed)
+        train_vae.train(cfg, resume=checkpoint is not None)
+    stage("vae")
+
+    latents = args.out / "latents.pt"
+    if not latents.is_file():
+        train_dit.encode_dataset(data, vae_run / "vae", latents)
+    stage("encode")
+
+    dit_run = args.out / "dit_run"
+    train_dit.train(latents, dit_run, steps=args.dit_steps, minutes=args.dit_minutes, seed=args.seed, resume=args.resume)
+    stage("dit")
+
+    checkpoint = train_dit.assemble(dit_run, vae_run / "vae", args.out / "checkpoint", width=160, height=96)
+    stage("assemble")
+    report = quality.measure(checkpoint)
+    (args.out / "quality.json").write_text(json.dumps({**report, "minutes": times}, indent=1) + "\n")
+    print(quality.format_report(report))
+    print(f"stages done at (minutes): {times}; checkpoint {checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
