@@ -337,12 +337,14 @@ class StreamingWanVAE:
 
         feat_map: list[_FeatSlot] = [None] * self._encoder_slots
         means = [_run_encoder_step(self.vae, first, feat_map)]
+        fixed_point = False
         for _ in range(1, self.max_condition_frames):
             if max_frames is not None and len(means) >= max_frames:
                 break
             previous = list(feat_map)
             means.append(_run_encoder_step(self.vae, blank, feat_map))
             if _same_state(previous, feat_map):
+                fixed_point = True
                 break
         else:
             raise RuntimeError(
@@ -350,7 +352,8 @@ class StreamingWanVAE:
                 f"{self.max_condition_frames} latent frames (non-finite weights or a non-deterministic "
                 f"backend?); raise max_condition_frames"
             )
-        logger.info("condition latents: %d latent frames encoded (fixed point or max_frames)", len(means))
+        if fixed_point:
+            logger.info("condition latents: encoder fixed point after %d latent frames", len(means))
 
         mean = self._latents_mean.to(self.device)
         std = self._latents_std.to(self.device)

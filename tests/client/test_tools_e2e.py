@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import pathlib
 import threading
 import time
 
@@ -39,7 +40,7 @@ def wait_for_free_slot(url):
     from lingbot_ray.client.session import run_session
 
     for _ in range(50):
-        result = asyncio.run(run_session(ws_url(url), make_init("x", open(SAMPLE, "rb").read(), max_chunks=1)))
+        result = asyncio.run(run_session(ws_url(url), make_init("x", pathlib.Path(SAMPLE).read_bytes(), max_chunks=1)))
         if not result.refused:
             return
         time.sleep(0.2)
@@ -110,7 +111,7 @@ def test_record_live_keys_from_a_terminal(server, tmp_path):
     """Keys typed on a pseudo-terminal become held-state events that the stream echoes; Q stops."""
     wait_for_free_slot(server)
     master, slave = os.openpty()
-    init = make_init("x", open(SAMPLE, "rb").read(), output_format="raw")  # no max_chunks: runs until Q
+    init = make_init("x", pathlib.Path(SAMPLE).read_bytes(), output_format="raw")  # no max_chunks: runs until Q
 
     def type_keys():
         time.sleep(2.0)  # the session is streaming by now

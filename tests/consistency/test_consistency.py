@@ -82,7 +82,7 @@ def test_latency_within_the_guards_of_this_machine_class(checked):
     guards = load_guards(GUARDS, machine_class())
     if guards is None:
         pytest.skip(f"no latency guards for machine class {machine_class()!r} in {GUARDS} (set LINGBOT_MACHINE_CLASS)")
-    report, result = checked
+    _, result = checked
     checks = latency_checks(result.stats, guards)
     assert {c.field for c in checks} == {"chunk_total_ms", "scheduler_forward_ms"}
     assert all(c.passed for c in checks), [(c.field, c.p95_ms, c.limit_ms) for c in checks]
