@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -25,6 +26,7 @@ from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 logger = logging.getLogger(__name__)
 
 TINY_VOCAB_SIZE = 256
+SHIPPED_VOCAB = Path(__file__).with_name("tiny_tokenizer_vocab.json")
 
 # Wan2.1 VAE latent statistics (per latent channel), as in the published `vae/config.json` and
 # diffusers' AutoencoderKLWan defaults. The tiny VAE keeps them so normalisation is exercised with
@@ -144,12 +146,14 @@ def build_tiny_text_encoder(
     return model
 
 
-def build_tiny_tokenizer(path: str | os.PathLike, *, vocab_size: int = TINY_VOCAB_SIZE) -> T5TokenizerFast:
-    """A T5-style Unigram tokenizer trained on a small built-in English text, saved to `path`.
+def train_tiny_vocab(vocab_size: int = TINY_VOCAB_SIZE) -> list[tuple[str, float]]:
+    """Train a T5-style Unigram vocabulary on the built-in English text: `[(piece, score), ...]`.
 
-    Same pipeline as the UMT5 tokenizer: whitespace split + Metaspace ("▁") pre-tokenisation, Unigram
-    model, `<pad>`=0, `</s>`=1, `<unk>`=2, and a post-processor that appends `</s>`. No sentinel
-    (`<extra_id_N>`) tokens, so every id is below `vocab_size`. Training is deterministic.
+    The `tokenizers` Unigram trainer is not deterministic (piece order and scores vary from run to
+    run), so the tiny checkpoint uses the vocabulary trained once and shipped in
+    `tiny_tokenizer_vocab.json`; this function is how that file was made (regenerate it with
+    `python -c "from lingbot_ray.models.tiny_components import write_tiny_vocab; write_tiny_vocab()"`,
+    which changes the tiny checkpoint's token ids and so the consistency ground truth).
     """
     if vocab_size < 64:
         # Fewer pieces than the corpus alphabet make the trainer fail in unhelpful ways.
@@ -170,7 +174,23 @@ def build_tiny_tokenizer(path: str | os.PathLike, *, vocab_size: int = TINY_VOCA
         raise RuntimeError(f"trained vocabulary does not start with {_T5_SPECIALS}: {vocab[:3]}")
     if len(vocab) > vocab_size:
         raise RuntimeError(f"trained vocabulary has {len(vocab)} pieces, more than vocab_size={vocab_size}")
+    return vocab
 
+
+def write_tiny_vocab(path: str | os.PathLike = SHIPPED_VOCAB) -> None:
+    data = json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else {}
+    data["vocab"] = train_tiny_vocab()
+    Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=0), encoding="utf-8")
+
+
+def build_tiny_tokenizer(path: str | os.PathLike) -> T5TokenizerFast:
+    """A T5-style Unigram tokenizer (the shipped vocabulary of :func:`train_tiny_vocab`), saved to `path`.
+
+    Same pipeline as the UMT5 tokenizer: whitespace split + Metaspace ("▁") pre-tokenisation, Unigram
+    model, `<pad>`=0, `</s>`=1, `<unk>`=2, and a post-processor that appends `</s>`. No sentinel
+    (`<extra_id_N>`) tokens, so every id is below the vocabulary size. Identical on every machine.
+    """
+    vocab = [(piece, float(score)) for piece, score in json.loads(SHIPPED_VOCAB.read_text(encoding="utf-8"))["vocab"]]
     tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0)
     tokenizer.save_pretrained(os.fspath(path))
     logger.info("tiny T5 tokenizer (%d pieces) saved to %s", len(vocab), path)

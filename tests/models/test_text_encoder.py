@@ -133,3 +133,22 @@ def test_from_pretrained_in_bfloat16(checkpoint):
     num_tokens = len(encoder.tokenizer(PROMPT).input_ids)
     assert embeds.dtype == torch.bfloat16 and encoder.dtype == torch.bfloat16
     assert torch.all(embeds[:, num_tokens:] == 0) and torch.all(embeds[:, :num_tokens].abs().sum(-1) > 0)
+
+
+def test_tiny_tokenizer_is_identical_on_every_build(tmp_path):
+    """The Unigram trainer varies from run to run; the shipped vocabulary makes every build equal
+    (the consistency ground truth depends on the token ids)."""
+    import subprocess
+    import sys
+
+    from lingbot_ray.models.tiny_components import SHIPPED_VOCAB, train_tiny_vocab
+
+    code = "import sys; from lingbot_ray.models.tiny_components import build_tiny_tokenizer; build_tiny_tokenizer(sys.argv[1])"
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    import json
+
+    shipped = json.loads(SHIPPED_VOCAB.read_text())["vocab"]
+    assert [p for p, _ in shipped[:3]] == ["<pad>", "</s>", "<unk>"]
+    assert {p for p, _ in train_tiny_vocab()} == {p for p, _ in shipped}  # same pieces as a fresh training
