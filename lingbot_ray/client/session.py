@@ -149,7 +149,6 @@ async def run_session(
     pending = sorted(events, key=lambda e: e.at_chunk)
     sent_at: dict[int, float] = {}  # event_id -> monotonic send time, until echoed
     next_id = 1
-    start = time.monotonic()
 
     async with websockets.connect(ws_url(url), max_size=None, additional_headers=ws_headers(api_key)) as ws:
 

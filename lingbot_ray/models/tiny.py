@@ -167,17 +167,43 @@ def _write_components(root: Path, *, seed: int, width: int, height: int, overrid
         transformer, root / "transformer", layout=loading.ORIGINAL, max_shard_bytes=TINY_MAX_SHARD_BYTES
     )
 
-    # 2. VAE, text encoder and tokenizer: the real library classes with tiny sizes
+    # 2. VAE: the real library class with tiny sizes
     build_tiny_vae(
         root / "vae", base_dim=TINY_VAE_BASE_DIM, num_res_blocks=TINY_VAE_NUM_RES_BLOCKS, seed=seed + 1
     )
-    build_tiny_text_encoder(root / "text_encoder", d_model=transformer.config.text_dim, seed=seed + 2)
+    # 3-5. Text encoder, tokenizer, scheduler, model_index.json and serving defaults
+    write_shared_components(
+        root,
+        text_dim=transformer.config.text_dim,
+        seed=seed + 2,
+        width=width,
+        height=height,
+        served_model_name=TINY_SERVED_MODEL_NAME,
+        comment="lingbot_ray serving defaults of this tiny random checkpoint",
+    )
+
+
+def write_shared_components(
+    root: Path,
+    *,
+    text_dim: int,
+    seed: int,
+    width: int,
+    height: int,
+    served_model_name: str,
+    comment: str,
+    camera_focal: float | None = None,
+) -> None:
+    """Everything of a tiny-class checkpoint folder but the transformer and the VAE: the tiny text
+    encoder and tokenizer, the scheduler config, ``model_index.json`` naming the real classes, and
+    ``lingbot_ray.json`` (serving defaults; ``camera_focal`` only when given)."""
+    build_tiny_text_encoder(root / "text_encoder", d_model=text_dim, seed=seed)
     build_tiny_tokenizer(root / "tokenizer")
 
-    # 3. Scheduler config (through diffusers, so it is a loadable UniPC config)
+    # Scheduler config (through diffusers, so it is a loadable UniPC config)
     UniPCMultistepScheduler(**TINY_SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
 
-    # 4. model_index.json naming the real classes; unused components null as in the published one
+    # model_index.json naming the real classes; unused components null as in the published one
     index: dict[str, Any] = {
         "_class_name": pipeline.PIPELINE_CLASS_NAME,
         "_diffusers_version": diffusers.__version__,
@@ -188,21 +214,21 @@ def _write_components(root: Path, *, seed: int, width: int, height: int, overrid
         index[name] = [None, None]
     _write_json(root / pipeline.MODEL_INDEX_FILE, index)
 
-    # 5. This project's serving defaults for the tiny model
-    defaults = pipeline.ServingDefaults(width=width, height=height, served_model_name=TINY_SERVED_MODEL_NAME)
-    _write_json(
-        root / pipeline.SERVING_DEFAULTS_FILE,
-        {
-            "_comment": "lingbot_ray serving defaults of this tiny random checkpoint",
-            "width": defaults.width,
-            "height": defaults.height,
-            "fps": defaults.fps,
-            "num_frames": defaults.num_frames,
-            "timestep_indices": list(defaults.timestep_indices),
-            "shift": defaults.shift,
-            "served_model_name": defaults.served_model_name,
-        },
-    )
+    # This project's serving defaults
+    defaults = pipeline.ServingDefaults(width=width, height=height, served_model_name=served_model_name)
+    settings = {
+        "_comment": comment,
+        "width": defaults.width,
+        "height": defaults.height,
+        "fps": defaults.fps,
+        "num_frames": defaults.num_frames,
+        "timestep_indices": list(defaults.timestep_indices),
+        "shift": defaults.shift,
+        "served_model_name": defaults.served_model_name,
+    }
+    if camera_focal is not None:
+        settings["camera_focal"] = camera_focal
+    _write_json(root / pipeline.SERVING_DEFAULTS_FILE, settings)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

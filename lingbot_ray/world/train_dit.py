@@ -24,7 +24,6 @@ Three steps, each a function and a sub-command:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -39,6 +38,7 @@ from tqdm import tqdm
 from ..control.camera import CameraTrajectory
 from ..control.plucker import plucker_map
 from ..engine.sampler import DMDSampler
+from ..models.tiny import TINY_TRANSFORMER_CONFIG
 from .teacher_forcing import teacher_forced_flow
 
 logger = logging.getLogger(__name__)
@@ -47,28 +47,16 @@ BLOCK = 3
 # The world model: small enough that a 3-latent-frame block (5 forwards) at 160x96 takes well
 # under the VAE's decode time on one CPU core.
 WORLD_TRANSFORMER_CONFIG: dict[str, Any] = {
-    "patch_size": [1, 2, 2],
+    **TINY_TRANSFORMER_CONFIG,
     "num_attention_heads": 4,
     "attention_head_dim": 32,
-    "in_channels": 36,
-    "out_channels": 16,
-    "text_dim": 32,
     "freq_dim": 64,
     "ffn_dim": 512,
     "num_layers": 4,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "image_dim": None,
-    "added_kv_proj_dim": None,
-    "rope_max_seq_len": 1024,
-    "pos_embed_seq_len": None,
-    "local_attn_size": -1,
     # No sink: a block sees the 6 latent frames before it and itself, so every block of an endless
     # session is in a situation that a 9-frame training clip shows (the first-frame image lives on
     # in those frames, and relative RoPE distances never exceed what training saw).
     "sink_size": 0,
-    "num_frames_per_block": BLOCK,
     "sliding_window_num_frames": 9,
 }
 # Training clips: the session's first 3 blocks (the first block, then 1 and 2 blocks of context).
@@ -256,12 +244,8 @@ def assemble(run_dir: Path, vae_dir: Path, out: Path, *, width: int, height: int
     """The serving checkpoint folder from a training run and a trained VAE folder."""
     import shutil
 
-    import diffusers
-    from diffusers import UniPCMultistepScheduler
-
-    from ..models import loading, pipeline
-    from ..models.tiny import TINY_SCHEDULER_CONFIG
-    from ..models.tiny_components import build_tiny_text_encoder, build_tiny_tokenizer
+    from ..models import loading
+    from ..models.tiny import write_shared_components
     from .render import world_intrinsics
 
     state = torch.load(run_dir / "state.pt", weights_only=False)
@@ -272,28 +256,16 @@ def assemble(run_dir: Path, vae_dir: Path, out: Path, *, width: int, height: int
     if (out / "vae").exists():
         shutil.rmtree(out / "vae")
     shutil.copytree(vae_dir, out / "vae")
-    build_tiny_text_encoder(out / "text_encoder", d_model=model.config.text_dim, seed=2)
-    build_tiny_tokenizer(out / "tokenizer")
-    UniPCMultistepScheduler(**TINY_SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
-    index: dict[str, Any] = {"_class_name": pipeline.PIPELINE_CLASS_NAME, "_diffusers_version": diffusers.__version__}
-    for name, (library, class_name) in pipeline.EXPECTED_COMPONENTS.items():
-        index[name] = [library, class_name]
-    for name in pipeline.NULL_COMPONENTS:
-        index[name] = [None, None]
-    (out / pipeline.MODEL_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    defaults = pipeline.ServingDefaults(width=width, height=height, served_model_name=served_model_name)
-    settings = {
-        "_comment": f"lingbot_ray serving defaults of the world model trained on the procedural world ({state['step']} steps)",
-        "width": width,
-        "height": height,
-        "fps": defaults.fps,
-        "num_frames": defaults.num_frames,
-        "timestep_indices": list(defaults.timestep_indices),
-        "shift": defaults.shift,
-        "served_model_name": served_model_name,
-        "camera_focal": world_intrinsics(width, height).fx,
-    }
-    (out / pipeline.SERVING_DEFAULTS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    write_shared_components(
+        out,
+        text_dim=model.config.text_dim,
+        seed=2,
+        width=width,
+        height=height,
+        served_model_name=served_model_name,
+        comment=f"lingbot_ray serving defaults of the world model trained on the procedural world ({state['step']} steps)",
+        camera_focal=world_intrinsics(width, height).fx,
+    )
     return out
 
 
