@@ -134,3 +134,16 @@ def test_record_live_keys_from_a_terminal(server, tmp_path):
     assert result.close_code == 1000 and not result.errors
     assert frames == sum(s["num_frames"] for s in result.stats) and frames >= 9 + 12 * 3
     assert len(stats_path.read_text().splitlines()) == len(result.stats)
+
+
+def test_bench_for_a_duration_with_another_transport_and_size(server, tmp_path):
+    wait_for_free_slot(server)
+    out = tmp_path / "bench.json"
+    assert bench_main(["--url", server, "--duration", "5", "--format", "webp", "--size", "192x112", "--warmup", "1",
+                       "--out", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    summary, session = result["summary"], result["sessions"][0]
+    assert summary["sessions"] == 1 and summary["failed"] == 0 and summary["chunks"] >= 1
+    assert session["close_code"] == 1000 and 4 <= session["elapsed_s"] < 30  # the client ended it
+    assert {s["content_type"] for s in session["stats"]} == {"image/webp"}
+    assert all((s["width"], s["height"]) == (192, 112) for s in session["stats"])
