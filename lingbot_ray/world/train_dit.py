@@ -95,7 +95,7 @@ def encode_dataset(dataset_dir: Path, vae_dir: Path, out: Path, *, limit: int | 
     latents, conditions, poses = [], [], []
     for index in tqdm(range(count), desc="encode clips", file=sys.stderr):
         frames, actions, _ = data[index]
-        video = torch.from_numpy(np.asarray(frames)).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+        video = torch.from_numpy(np.array(frames)).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]  # a copy: shards are read-only maps
         clip = (vae.encode(video).latent_dist.mean - mean) / std
         frames_latent = clip.shape[2]
         condition = streaming.encode_condition(video[:, :, 0], max_frames=frames_latent).slice(0, frames_latent)
