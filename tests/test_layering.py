@@ -20,13 +20,14 @@ def _imported_modules(path: pathlib.Path) -> set[str]:
     return names
 
 
-def test_protocol_and_transport_import_neither_torch_nor_ray():
-    code = (
-        "import sys, lingbot_ray.protocol, lingbot_ray.transport; "
-        "bad = [m for m in ('torch', 'ray') if m in sys.modules]; "
-        "assert not bad, bad"
-    )
+def _assert_import_leaves_out(modules: list[str], banned: tuple[str, ...]) -> None:
+    """Importing ``modules`` in a fresh interpreter loads none of ``banned``."""
+    code = f"import sys, {', '.join(modules)}; bad = [m for m in {banned!r} if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)
+
+
+def test_protocol_and_transport_import_neither_torch_nor_ray():
+    _assert_import_leaves_out(["lingbot_ray.protocol", "lingbot_ray.transport"], ("torch", "ray"))
 
 
 @pytest.mark.parametrize("layer", ["protocol", "transport", "control", "engine", "models"])
@@ -46,9 +47,5 @@ def test_wire_layers_have_no_tensor_libraries(layer):
 
 def test_client_tools_import_neither_torch_nor_ray():
     """bench, record and check run wherever the server can be reached: no model stack needed."""
-    code = (
-        "import sys, lingbot_ray.client.bench, lingbot_ray.client.record, lingbot_ray.client.consistency; "
-        "bad = [m for m in ('torch', 'ray', 'diffusers') if m in sys.modules]; "
-        "assert not bad, bad"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)
+    modules = ["lingbot_ray.client.bench", "lingbot_ray.client.record", "lingbot_ray.client.consistency"]
+    _assert_import_leaves_out(modules, ("torch", "ray", "diffusers"))

@@ -39,6 +39,7 @@ from ..control.camera import CameraTrajectory
 from ..control.plucker import plucker_map
 from ..engine.sampler import DMDSampler
 from ..models.tiny import TINY_TRANSFORMER_CONFIG
+from .render import world_intrinsics
 from .teacher_forcing import teacher_forced_flow
 
 logger = logging.getLogger(__name__)
@@ -130,12 +131,6 @@ def text_embeds_for(model, batch: int) -> torch.Tensor:
     return torch.zeros(batch, 4, model.config.text_dim)
 
 
-def _intrinsics(meta: dict[str, Any], width: int, height: int):
-    from .render import world_intrinsics
-
-    return world_intrinsics(width, height)
-
-
 def training_batch(
     data: dict[str, Any],
     indices: torch.Tensor,
@@ -154,7 +149,7 @@ def training_batch(
     sigma = sampler_sigmas[steps].view(batch, 1, frames, 1, 1)
     noise = torch.randn(clean.shape, generator=generator)
     noisy = (1 - sigma) * clean + sigma * noise
-    intrinsics = _intrinsics(data.get("meta", {}), width, height)
+    intrinsics = world_intrinsics(width, height)
     plucker = torch.cat([plucker_map(data["poses"][i, :frames].double().numpy(), height, width, intrinsics) for i in indices.tolist()])
     return clean, noisy, sampler_t[steps], sigma, condition, plucker
 
@@ -246,8 +241,6 @@ def assemble(run_dir: Path, vae_dir: Path, out: Path, *, width: int, height: int
 
     from ..models import loading
     from ..models.tiny import write_shared_components
-    from .render import world_intrinsics
-
     state = torch.load(run_dir / "state.pt", weights_only=False)
     model = new_world_transformer(0, **{k: v for k, v in state["config"].items() if not k.startswith("_")})
     model.load_state_dict(state["model"])
