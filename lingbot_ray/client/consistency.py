@@ -247,13 +247,17 @@ def check(
     guards_path: Path | None = DEFAULT_GUARDS,
     machine: str | None = None,
     seed: int | None = None,
+    script: str | None = None,
     api_key: str | None = None,
 ) -> tuple[CheckReport, SessionResult]:
-    """The whole check; ``seed`` overrides the stored one (a different seed must fail it)."""
+    """The whole check; ``seed`` and ``script`` (``parse_actions`` syntax) override the stored ones
+    (another camera script must fail it)."""
     manifest = json.loads((ground_truth / "manifest.json").read_text())
     init = dict(manifest["init"], first_frame=(ground_truth / manifest["first_frame"]).read_bytes())
     if seed is not None:
         init["seed"] = seed
+    if script is not None:
+        init["condition_inputs"] = {"camera_actions": [list(a) for a in parse_actions(script)]}
     frames, result = run_check_session(url, init, api_key=api_key)
     report = CheckReport(machine_class=machine or machine_class())
     if not result.completed:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from .config import EMBEDDED_PREFIX, ModelConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -24,12 +24,29 @@ def apply_threads(model: ModelConfig) -> None:
         torch.set_num_threads(model.torch_threads)
 
 
+def embedded_checkpoints() -> list[str]:
+    """Names of the checkpoints shipped inside the package (``model.path: embedded:NAME``)."""
+    root = Path(__file__).resolve().parent.parent / "checkpoints"
+    return sorted(p.name for p in root.iterdir() if (p / "model_index.json").is_file()) if root.is_dir() else []
+
+
+def checkpoint_folder(path: str) -> Path:
+    """``model.path`` as a folder: ``embedded:NAME`` is a checkpoint shipped in ``lingbot_ray/checkpoints``
+    (found wherever the package is installed), anything else a filesystem path."""
+    if not path.startswith(EMBEDDED_PREFIX):
+        return Path(path).expanduser().resolve()
+    name = path[len(EMBEDDED_PREFIX):]
+    if name not in embedded_checkpoints():
+        raise FileNotFoundError(f"model.path={path!r}: no embedded checkpoint {name!r}; shipped: {embedded_checkpoints()}")
+    return Path(__file__).resolve().parent.parent / "checkpoints" / name
+
+
 def ensure_checkpoint(model: ModelConfig) -> Path:
     """The checkpoint folder; with ``build_tiny_if_missing`` an absent folder is built first.
 
     Replicas start concurrently, so the build happens under a file lock and only once.
     """
-    folder = Path(model.path).expanduser().resolve()
+    folder = checkpoint_folder(model.path)
     if (folder / "model_index.json").is_file():
         return folder
     if not model.build_tiny_if_missing:

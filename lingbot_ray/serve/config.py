@@ -21,8 +21,12 @@ class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pass
 
 
+EMBEDDED_PREFIX = "embedded:"
+
+
 class ModelConfig(_Section):
-    # Folder of a diffusers-style LingBot checkpoint (model_index.json at its root).
+    # Folder of a diffusers-style LingBot checkpoint (model_index.json at its root), or
+    # ``embedded:NAME`` for a checkpoint shipped in the package (lingbot_ray/checkpoints/NAME).
     path: str = "checkpoints/lingbot-tiny"
     # Build the embedded tiny checkpoint at ``path`` on first start when the folder is absent.
     build_tiny_if_missing: bool = False
@@ -137,7 +141,8 @@ class ServeConfig(_Section):
 
     @property
     def served_model_name(self) -> str:
-        return self.model.served_model_name or os.path.basename(os.path.normpath(self.model.path))
+        path = self.model.path.removeprefix(EMBEDDED_PREFIX)
+        return self.model.served_model_name or os.path.basename(os.path.normpath(path))
 
 
 def load_config(args: dict[str, Any] | ServeConfig | None) -> ServeConfig:

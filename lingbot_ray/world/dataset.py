@@ -61,19 +61,21 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 # ---------------------------------------------------------------------------------------------- clips
 
 
-def random_actions(rng: np.random.Generator, num_latent_frames: int) -> list[list[str]]:
+def random_actions(rng: np.random.Generator, num_latent_frames: int, *, idle: bool = True) -> list[list[str]]:
     """Actions per latent frame as a player holds keys: runs of 1–8 latent frames of one key set
-    (nothing, one key, or a common pair such as w+j). Latent frame 0 gets ``[]``.
+    (nothing, one key, or a common pair such as w+j). Latent frame 0 gets ``[]``. ``idle=False``
+    never draws the empty set after frame 0 (the camera moves all the time).
 
     Pitch runs are at most 4 frames and never take the pitch past ±``MAX_PITCH_STEPS`` steps (a run
     that would is turned round), so the view does not drift to the sky or the floor.
     """
     if num_latent_frames < 1:
         raise ValueError(f"num_latent_frames must be >= 1, got {num_latent_frames}")
+    weights = _WEIGHTS if idle else np.concatenate([[0.0], _WEIGHTS[1:] / _WEIGHTS[1:].sum()])
     actions: list[list[str]] = [[]]
     pitch = 0  # in steps, + is up ("i")
     while len(actions) < num_latent_frames:
-        keys = list(ACTION_SETS[rng.choice(len(ACTION_SETS), p=_WEIGHTS)])
+        keys = list(ACTION_SETS[rng.choice(len(ACTION_SETS), p=weights)])
         run = int(rng.integers(1, MAX_RUN + 1))
         if keys in (["i"], ["k"]):
             run = min(run, MAX_PITCH_RUN)

@@ -60,6 +60,7 @@ WORLD_TRANSFORMER_CONFIG: dict[str, Any] = {
     "sink_size": 0,
     "sliding_window_num_frames": 9,
 }
+SPEED_PROBE_STEPS = 30
 # Training clips: the session's first 3 blocks (the first block, then 1 and 2 blocks of context).
 TRAIN_LATENT_FRAMES = 9
 
@@ -80,31 +81,46 @@ def block_poses(actions: list[list[str]]) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_dataset(dataset_dir: Path, vae_dir: Path, out: Path, *, limit: int | None = None) -> dict[str, Any]:
-    """Encode every clip of a ``generate_dataset`` folder; saves a dict of tensors to ``out``."""
+def encode_dataset(
+    dataset_dir: Path,
+    vae_dir: Path,
+    out: Path,
+    *,
+    limit: int | None = None,
+    latent_frames: int = TRAIN_LATENT_FRAMES,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Encode the first ``latent_frames`` latent frames of every clip of a ``generate_dataset``
+    folder, ``batch_size`` clips per VAE call; saves a dict of tensors to ``out``."""
     from diffusers import AutoencoderKLWan
 
     from ..models.vae_streaming import StreamingWanVAE
     from .dataset import ClipDataset
 
     data = ClipDataset(dataset_dir)
+    if latent_frames % BLOCK or latent_frames > data.meta["num_latent_frames"]:
+        raise ValueError(f"latent_frames={latent_frames}: must be a multiple of {BLOCK} and at most the clips' {data.meta['num_latent_frames']}")
     vae = AutoencoderKLWan.from_pretrained(str(vae_dir)).eval()
     streaming = StreamingWanVAE(vae)
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     count = len(data) if limit is None else min(limit, len(data))
+    pixel_frames = 1 + 4 * (latent_frames - 1)
     latents, conditions, poses = [], [], []
-    for index in tqdm(range(count), desc="encode clips", file=sys.stderr):
-        frames, actions, _ = data[index]
-        video = torch.from_numpy(np.array(frames)).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]  # a copy: shards are read-only maps
-        clip = (vae.encode(video).latent_dist.mean - mean) / std
-        frames_latent = clip.shape[2]
-        condition = streaming.encode_condition(video[:, :, 0], max_frames=frames_latent).slice(0, frames_latent)
-        latents.append(clip[0].half())
-        conditions.append(condition[0].half())
-        poses.append(torch.from_numpy(block_poses(actions)))
-    meta = dict(data.meta)
-    result = {"latents": torch.stack(latents), "conditions": torch.stack(conditions), "poses": torch.stack(poses), "meta": meta}
+    bar = tqdm(total=count, desc="encode clips", unit="clip", disable=not progress, file=sys.stderr)
+    for start in range(0, count, batch_size):
+        clips = [data[index] for index in range(start, min(start + batch_size, count))]
+        # np.array copies: shards are read-only memory maps
+        frames = np.stack([np.array(frames[:pixel_frames]) for frames, _, _ in clips])
+        video = torch.from_numpy(frames).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)
+        latents.append(((vae.encode(video).latent_dist.mean - mean) / std).half())
+        condition = streaming.encode_condition(video[:, :, 0], max_frames=latent_frames)
+        conditions.append(condition.slice(0, latent_frames).half())
+        poses.extend(torch.from_numpy(block_poses(actions[:latent_frames])) for _, actions, _ in clips)
+        bar.update(len(clips))
+    bar.close()
+    result = {"latents": torch.cat(latents), "conditions": torch.cat(conditions), "poses": torch.stack(poses), "meta": dict(data.meta)}
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(result, out)
     logger.info("encoded %d clips: latents %s to %s", count, tuple(result["latents"].shape), out)
@@ -114,15 +130,23 @@ def encode_dataset(dataset_dir: Path, vae_dir: Path, out: Path, *, limit: int | 
 # ------------------------------------------------------------------------------------------ train
 
 
+CAMERA_PARAMS = ("patch_embedding_wancamctrl", "c2ws_hidden_states", "cam_")
+
+
 def new_world_transformer(seed: int, **overrides: Any):
+    """A fresh world transformer. Each block's camera scale/shift starts at zero (the camera path
+    adds nothing until training finds a use for it, as an adapter on a pretrained model would)."""
     from ..models.transformer_lingbot import CausalLingBotWorldTransformer3DModel
 
     torch.manual_seed(seed)
     model = CausalLingBotWorldTransformer3DModel(**{**WORLD_TRANSFORMER_CONFIG, **overrides})
-    for block in model.blocks:  # the prompt plays no part: cross-attention adds nothing, and stays so
-        for param in block.attn2.to_out.parameters():
+    for block in model.blocks:
+        for param in block.attn2.to_out.parameters():  # the prompt plays no part: cross-attention adds nothing, and stays so
             torch.nn.init.zeros_(param)
             param.requires_grad_(False)
+        for layer in (block.cam_scale_layer, block.cam_shift_layer):
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
     return model
 
 
@@ -138,33 +162,94 @@ def training_batch(
     sampler_t: torch.Tensor,
     generator: torch.Generator,
     frames: int = TRAIN_LATENT_FRAMES,
+    step_weights: torch.Tensor | None = None,
 ):
     """One batch of the clips' first ``frames`` latent frames: clean latents, noisy latents at a
-    per-block sampler step, timesteps, σ, condition, Plücker."""
+    per-block sampler step (drawn with ``step_weights``, default uniform), timesteps, σ, condition, Plücker."""
     clean = data["latents"][indices, :, :frames].float()
     condition = data["conditions"][indices, :, :frames].float()
     batch, _, frames = clean.shape[:3]
     height, width = clean.shape[3] * 8, clean.shape[4] * 8
-    steps = torch.randint(len(sampler_t), (batch, frames // BLOCK), generator=generator).repeat_interleave(BLOCK, dim=1)
+    weights = torch.ones(len(sampler_t)) if step_weights is None else step_weights
+    steps = torch.multinomial(weights, batch * (frames // BLOCK), replacement=True, generator=generator)
+    steps = steps.view(batch, frames // BLOCK).repeat_interleave(BLOCK, dim=1)
     sigma = sampler_sigmas[steps].view(batch, 1, frames, 1, 1)
     noise = torch.randn(clean.shape, generator=generator)
     noisy = (1 - sigma) * clean + sigma * noise
-    intrinsics = world_intrinsics(width, height)
-    plucker = torch.cat([plucker_map(data["poses"][i, :frames].double().numpy(), height, width, intrinsics) for i in indices.tolist()])
+    if "plucker" in data:
+        plucker = data["plucker"][indices, :, :frames]
+    else:
+        plucker = torch.cat([clip_plucker(data["poses"][i, :frames], height, width) for i in indices.tolist()])
     return clean, noisy, sampler_t[steps], sigma, condition, plucker
+
+
+def clip_plucker(poses: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The engine's Plücker input ``[1, 384, F, h, w]`` for a clip's conditioning poses ``[F, 4, 4]``."""
+    return plucker_map(poses.double().numpy(), height, width, world_intrinsics(width, height))
+
+
+def precompute_plucker(data: dict[str, Any], frames: int = TRAIN_LATENT_FRAMES) -> None:
+    """Every clip's Plücker input once (``data["plucker"]``), instead of once per batch."""
+    height, width = data["latents"].shape[3] * 8, data["latents"].shape[4] * 8
+    count = data["poses"].shape[0]
+    data["plucker"] = torch.cat([clip_plucker(data["poses"][i, :frames], height, width) for i in range(count)])
+
+
+def x0_loss(estimate: torch.Tensor, clean: torch.Tensor, coarse_weight: float = 0.0) -> torch.Tensor:
+    """MSE of the x0 estimate, plus ``coarse_weight`` × the MSE of 2×2- and 4×4-pooled latents.
+
+    At 160×96 a latent pixel covers 8×8 px of detailed texture that a camera step shifts by a pixel
+    or more, so fine detail is barely predictable, and a blur that ignores the camera is nearly as
+    good as one that follows it. Where the sky, the floor and the objects go is predictable, and it
+    is what the camera decides: the pooled terms weigh that up.
+    """
+    loss = torch.nn.functional.mse_loss(estimate, clean)
+    if coarse_weight:
+        for size in (2, 4):
+            pooled = [torch.nn.functional.avg_pool3d(x, (1, size, size), ceil_mode=True) for x in (estimate, clean)]
+            loss = loss + coarse_weight * torch.nn.functional.mse_loss(*pooled)
+    return loss
+
+
+@torch.no_grad()
+def camera_gain(model, data: dict[str, Any], sampler_t: torch.Tensor, *, clips: int = 16, seed: int = 1234) -> dict[str, float]:
+    """Does the model use the camera? Its x0 estimate from pure noise (the sampler's first step, which
+    the later steps refine) for the frames after the first, on a fixed batch, with each clip's own
+    poses and with another clip's. ``gain`` = shuffled / own − 1 of the MSE, at full latent
+    resolution and 4×4-pooled (where the scene goes); 0 means the camera is ignored."""
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(data["latents"].shape[0], generator=generator)[:clips]
+    clean, _, _, _, condition, plucker = training_batch(data, indices, torch.ones(1), sampler_t[:1], generator)
+    noise = torch.randn(clean.shape, generator=generator)
+    t = torch.full(clean.shape[:1] + clean.shape[2:3], float(sampler_t[0]))
+    text = text_embeds_for(model, len(indices))
+    sink, window = model.config.sink_size, model.config.sliding_window_num_frames
+    was_training = model.training
+    model.eval()
+    errors = []
+    for cameras in (plucker, plucker.roll(1, dims=0)):
+        estimate = noise - teacher_forced_flow(model, clean, noise, t, condition, text, cameras, sink_frames=sink, window_frames=window)
+        pooled = [torch.nn.functional.avg_pool3d(x, (1, 4, 4), ceil_mode=True) for x in (estimate, clean)]
+        errors.append((float(((estimate - clean) ** 2)[:, :, 1:].mean()), float(((pooled[0] - pooled[1]) ** 2)[:, :, 1:].mean())))
+    model.train(was_training)
+    (own, own_coarse), (shuffled, shuffled_coarse) = errors
+    return {"own": own, "shuffled": shuffled, "gain": shuffled / own - 1, "gain_coarse": shuffled_coarse / own_coarse - 1}
 
 
 def train(
     latents_file: Path,
     run_dir: Path,
     *,
-    steps: int = 100_000,
+    steps: int | None = None,
     minutes: float | None = None,
     batch_size: int = 4,
-    lr: float = 1e-3,
+    lr: float = 2e-3,
     warmup: int = 200,
     seed: int = 0,
     checkpoint_every: int = 250,
+    camera_lr_scale: float = 5.0,
+    coarse_weight: float = 4.0,
+    first_step_share: float = 0.5,
     until: int | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -172,49 +257,66 @@ def train(
 ) -> dict[str, Any]:
     """Teacher-forced training; returns a summary (steps, final loss). Checkpoints go to ``run_dir``.
 
-    ``steps`` is the planned length (it shapes the learning-rate schedule); ``until`` or ``minutes``
-    stop a run earlier, and ``resume`` continues it exactly (same batches, same noise).
+    ``steps`` is the planned length (it shapes the learning-rate schedule); without it, ``minutes``
+    plans it: the speed of the first ``SPEED_PROBE_STEPS`` steps fixes the length that fills the time
+    (stored, so a resumed run keeps it). ``until`` or ``minutes`` stop a run earlier, and ``resume``
+    continues it exactly (same batches, same noise).
     """
+    if steps is None and minutes is None:
+        raise ValueError("give steps or minutes (or both)")
     data = torch.load(latents_file, weights_only=False)
+    precompute_plucker(data)
     run_dir.mkdir(parents=True, exist_ok=True)
     model = new_world_transformer(seed, **(model_overrides or {})).train()
     schedule = DMDSampler().schedule()  # the engine's default: indices [0, 179, 358, 679], shift 10
     sampler_t = torch.tensor(schedule.timesteps, dtype=torch.float32)
     sampler_sigmas = torch.tensor(schedule.sigmas, dtype=torch.float32)
+    # Half the blocks start from pure noise: the sampler's first step is where the picture is made
+    # from the history and the camera alone; the later steps start from the model's own estimate.
+    step_weights = torch.tensor([first_step_share] + [(1 - first_step_share) / (len(sampler_t) - 1)] * (len(sampler_t) - 1))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    camera_ids = {id(p) for name, p in model.named_parameters() if any(part.startswith(CAMERA_PARAMS) for part in name.split("."))}
+    groups = [{"params": [p for p in params if id(p) not in camera_ids], "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) in camera_ids], "lr_scale": camera_lr_scale}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     generator = torch.Generator().manual_seed(seed)
-    step, history = 0, []
+    step, history, probes = 0, [], []
     state_path = run_dir / "state.pt"
     if resume and state_path.is_file():
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-        step, history = state["step"], state["history"]
+        step, history, probes = state["step"], state["history"], state.get("probes", [])
+        steps = state.get("total", steps)
         logger.info("resumed at step %d from %s", step, state_path)
     sink, window = model.config.sink_size, model.config.sliding_window_num_frames
     count = data["latents"].shape[0]
     deadline = None if minutes is None else time.monotonic() + 60 * minutes
     total = steps
+    started = (time.monotonic(), step)
 
     def save() -> None:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                    "step": step, "history": history, "config": dict(model.config)}, state_path.with_suffix(".tmp"))
+                    "step": step, "total": total, "history": history, "probes": probes, "config": dict(model.config)}, state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
 
-    bar = tqdm(total=total, initial=step, desc="train DiT", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=total or SPEED_PROBE_STEPS, initial=step, desc="train DiT", disable=not progress, file=sys.stderr)
     running = None
-    stop = min(total, until) if until is not None else total
-    while step < stop and (deadline is None or time.monotonic() < deadline):
+    while (total is None or step < min(total, until or total)) and (deadline is None or time.monotonic() < deadline):
+        if total is None and step - started[1] == SPEED_PROBE_STEPS:
+            per_step = (time.monotonic() - started[0]) / SPEED_PROBE_STEPS
+            total = step + int((deadline - time.monotonic()) / per_step)
+            bar.total = total
+            logger.info("%.2f s/step: the schedule is %d steps", per_step, total)
         for group in optimizer.param_groups:  # warm-up, then cosine to 5 %
-            progress_frac = min(step / max(total, 1), 1.0)
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
+            progress_frac = min(step / max(total or 10**9, 1), 1.0)
+            group["lr"] = group["lr_scale"] * lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
         indices = torch.randint(count, (batch_size,), generator=generator)
-        clean, noisy, t, sigma, condition, plucker = training_batch(data, indices, sampler_sigmas, sampler_t, generator)
+        clean, noisy, t, sigma, condition, plucker = training_batch(data, indices, sampler_sigmas, sampler_t, generator, step_weights=step_weights)
         flow = teacher_forced_flow(model, clean, noisy, t, condition, text_embeds_for(model, batch_size), plucker,
                                    sink_frames=sink, window_frames=window)
-        loss = torch.nn.functional.mse_loss(noisy - sigma * flow, clean)
+        loss = x0_loss(noisy - sigma * flow, clean, coarse_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -225,11 +327,14 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}")
         if step % checkpoint_every == 0:
+            probe = camera_gain(model, data, sampler_t)
+            probes.append({"step": step, **probe})
             save()
-            logger.info("step %d: loss %.4f (checkpoint)", step, running)
+            logger.info("step %d: loss %.4f; from noise with own / shuffled cameras %.4f / %.4f: camera gain %+.1f %%, 4x4-pooled %+.1f %% (checkpoint)",
+                        step, running, probe["own"], probe["shuffled"], 100 * probe["gain"], 100 * probe["gain_coarse"])
     bar.close()
     save()
-    return {"steps": step, "loss": running, "losses": history}
+    return {"steps": step, "loss": running, "losses": history, "probes": probes}
 
 
 # ---------------------------------------------------------------------------------------- assemble
@@ -273,10 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train")
     tr.add_argument("latents", type=Path)
     tr.add_argument("run", type=Path)
-    tr.add_argument("--steps", type=int, default=100_000)
+    tr.add_argument("--steps", type=int, default=None, help="schedule length (default: what --minutes allows)")
     tr.add_argument("--minutes", type=float, default=None)
     tr.add_argument("--batch", type=int, default=4)
-    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--lr", type=float, default=2e-3)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true")
     asm = sub.add_parser("assemble")

@@ -94,7 +94,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     kl_weight: float = 1e-5
     edge_weight: float = 0.25
-    chroma_weight: float = 0.0
+    chroma_weight: float = 2.0
     grad_clip: float = 1.0
     frame_size: tuple[int, int] = FRAME_SIZE  # (width, height) of the rendered frames
     checkpoint_every: int = 200

@@ -1,13 +1,13 @@
 """The embedded world model from nothing, in one command: world clips → VAE → latents → DiT → checkpoint.
 
-    python -m lingbot_ray.world.train_world runs/world --vae-minutes 25 --dit-minutes 45
+    python -m lingbot_ray.world.train_world runs/world
 
 Stages (each skipped when its output exists, so an interrupted run continues with ``--resume``):
 
 1. ``data/``: training clips rendered from the procedural world (``dataset.generate_dataset``);
 2. ``vae_run/vae``: the VAE (``train_vae``, wall-clock budget ``--vae-minutes``);
 3. ``latents.pt``: every clip encoded with it (``train_dit.encode_dataset``);
-4. ``dit_run/``: the causal DiT, teacher-forced for the engine's sampler (``--dit-minutes``);
+4. ``dit_run/``: the causal DiT, teacher-forced for the engine's sampler (``--dit-steps``);
 5. ``checkpoint/``: the serving folder (``train_dit.assemble``);
 6. ``quality.json``: the held-out measurements (``quality.measure``).
 """
@@ -29,10 +29,10 @@ logger = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lingbot_ray.world.train_world", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--clips", type=int, default=2000, help="training clips of 12 latent frames")
+    parser.add_argument("--clips", type=int, default=1000, help="training clips (the session's first 3 blocks each)")
     parser.add_argument("--vae-minutes", type=float, default=25.0)
-    parser.add_argument("--dit-minutes", type=float, default=45.0)
-    parser.add_argument("--dit-steps", type=int, default=3000, help="planned DiT steps (learning-rate schedule)")
+    parser.add_argument("--dit-minutes", type=float, default=None, help="wall-clock cap of the DiT run (default: none)")
+    parser.add_argument("--dit-steps", type=int, default=5000, help="DiT steps (the learning-rate schedule's length)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue the VAE and DiT runs found in OUT")
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "data"
     if not (data / "meta.json").is_file():
-        generate_dataset(data, num_clips=args.clips, num_latent_frames=12, width=160, height=96, seed=args.seed, workers=args.threads)
+        generate_dataset(data, num_clips=args.clips, num_latent_frames=train_dit.TRAIN_LATENT_FRAMES, width=160, height=96, seed=args.seed, workers=args.threads)
     stage("data")
 
     vae_run = args.out / "vae_run"
@@ -77,10 +77,42 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = train_dit.assemble(dit_run, vae_run / "vae", args.out / "checkpoint", width=160, height=96)
     stage("assemble")
     report = quality.measure(checkpoint)
+    stage("quality")
     (args.out / "quality.json").write_text(json.dumps({**report, "minutes": times}, indent=1) + "\n")
+    write_model_card(checkpoint, report, times, " ".join(["python -m lingbot_ray.world.train_world", *(argv or sys.argv[1:])]))
     print(quality.format_report(report))
     print(f"stages done at (minutes): {times}; checkpoint {checkpoint}")
     return 0
+
+
+def write_model_card(checkpoint: Path, report: dict, minutes: dict[str, float], command: str) -> Path:
+    """``README.md`` of the checkpoint folder: what it is, how it was made, what it measures."""
+    from . import quality, train_dit
+
+    state_file = checkpoint / "transformer" / "config.json"
+    config = json.loads(state_file.read_text())
+    text = f"""# lingbot-world-tiny
+
+A tiny LingBot World fast — the real classes (`CausalLingBotWorldTransformer3DModel`, `AutoencoderKLWan`
+decoded by the streaming decoder, the tiny UMT5 prompt encoder) at {report["size"]} — trained by
+`lingbot_ray.world` on the project's procedural world, conditioned on the camera (w/s/a/d move,
+i/j/k/l look); how well it follows it on worlds it never saw is measured below. The prompt plays no
+part (cross-attention outputs are zero).
+
+- DiT: {config["num_layers"]} layers, {config["num_attention_heads"]} heads × {config["attention_head_dim"]}, \
+sink {config["sink_size"]}, window {config["sliding_window_num_frames"]} latent frames; \
+trained teacher-forced for the engine's DMD sampler on {train_dit.TRAIN_LATENT_FRAMES}-latent-frame clips.
+- Made by: `{command}` (stages done at, minutes: {minutes}).
+
+## Held-out quality (`python -m lingbot_ray.world.quality`)
+
+```
+{quality.format_report(report)}
+```
+"""
+    out = checkpoint / "README.md"
+    out.write_text(text)
+    return out
 
 
 if __name__ == "__main__":

@@ -131,7 +131,11 @@ def test_memory_arithmetic_reproduces_model_md():
 
 def expect_cpu_default(config: ServeConfig, options: dict[str, dict[str, Any]]) -> None:
     assert config.model.device == "cpu"
-    assert config.model.build_tiny_if_missing, "the default must run without a download"
+    # the default must run without a download: the trained world model ships in the package
+    assert config.model.path == "embedded:lingbot-world-tiny"
+    from lingbot_ray.serve.checkpoint import ensure_checkpoint
+
+    assert (ensure_checkpoint(config.model) / "model_index.json").is_file()
     for name, o in options.items():
         assert o["ray_actor_options"].get("num_gpus", 0) == 0, name
         assert all(bundle.get("GPU", 0) == 0 for bundle in o.get("placement_group_bundles", [])), name

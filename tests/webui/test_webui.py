@@ -1,6 +1,6 @@
 """The WebUI in a real browser (Playwright + Debian's chromium) against the in-process ingress.
 
-The app (tiny checkpoint, no Ray) is served by uvicorn in a thread; the page is loaded from it, a
+The app (the embedded world model, no Ray) is served by uvicorn in a thread; the page is loaded from it, a
 session is run with every transport, the canvas is read back, a key is pressed, stats and the log
 are checked. The MessagePack codec is unit-tested inside the same browser against msgspec's bytes.
 Skips cleanly when /usr/bin/chromium or the playwright package is missing.
@@ -22,7 +22,6 @@ if not os.path.exists(CHROMIUM):
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 uvicorn = pytest.importorskip("uvicorn")
 
-from lingbot_ray.models.tiny import build_tiny_checkpoint  # noqa: E402
 from lingbot_ray.serve.local import serve_locally  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -35,10 +34,8 @@ KEY = "webui-test-key"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    build_tiny_checkpoint(path)
-    return path
+def checkpoint():
+    return "embedded:lingbot-world-tiny"  # the default: the screenshot shows the trained world model
 
 
 @pytest.fixture(scope="module")

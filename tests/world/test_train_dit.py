@@ -20,7 +20,8 @@ def encoded(tmp_path_factory):
     root = tmp_path_factory.mktemp("dit")
     generate_dataset(root / "data", num_clips=4, num_latent_frames=6, width=W, height=H, seed=0, progress=False)
     build_tiny_vae(root / "vae", base_dim=4, num_res_blocks=1, seed=3)
-    train_dit.encode_dataset(root / "data", root / "vae", root / "latents.pt")
+    # 3 clips per VAE call: the last call holds only one
+    train_dit.encode_dataset(root / "data", root / "vae", root / "latents.pt", latent_frames=6, batch_size=3, progress=False)
     return root
 
 
@@ -31,7 +32,14 @@ def test_encoded_clips_carry_the_engines_condition_and_poses(encoded):
     image = torch.from_numpy(np.asarray(frames[0])).float().div(127.5).sub(1).permute(2, 0, 1)[None]
     from diffusers import AutoencoderKLWan
 
-    engine_condition = StreamingWanVAE(AutoencoderKLWan.from_pretrained(str(encoded / "vae"))).encode_condition(image).slice(0, 6)
+    vae = AutoencoderKLWan.from_pretrained(str(encoded / "vae"))
+    engine_condition = StreamingWanVAE(vae).encode_condition(image).slice(0, 6)
+    # clip 1 shared its VAE call with clips 0 and 2; alone it encodes to the same latents
+    video = torch.from_numpy(np.array(frames)).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    alone = (vae.encode(video).latent_dist.mean - mean) / std
+    torch.testing.assert_close(data["latents"][1].float(), alone[0], atol=2e-3, rtol=2e-3)  # stored fp16
     torch.testing.assert_close(data["conditions"][1].float(), engine_condition[0], atol=2e-3, rtol=2e-3)  # stored fp16
     assert data["conditions"][1][:4, 0].eq(1).all() and data["conditions"][1][:4, 1:].eq(0).all()  # mask on frame 0 only
     torch.testing.assert_close(data["poses"][1].double(), torch.from_numpy(train_dit.block_poses(actions)).double())
@@ -58,3 +66,25 @@ def test_assembled_checkpoint_streams_with_the_renderers_camera(encoded):
     queue = ConditionQueue([["w"]] * 6)
     shapes = [engine.step(state, queue.sample(3, i)).frames.shape for i in range(2)]
     assert shapes == [(9, H, W, 3), (12, H, W, 3)]
+
+
+def test_minutes_plan_the_schedule_from_the_measured_speed(encoded):
+    common = dict(batch_size=2, warmup=2, progress=False, model_overrides=SMALL, checkpoint_every=1000)
+    summary = train_dit.train(encoded / "latents.pt", encoded / "timed", minutes=0.15, **common)
+    state = torch.load(encoded / "timed" / "state.pt", weights_only=False)
+    assert state["total"] > train_dit.SPEED_PROBE_STEPS and summary["steps"] == state["step"] <= state["total"]
+    assert abs(summary["steps"] - state["total"]) <= 0.25 * state["total"]  # the plan fills the time
+    with pytest.raises(ValueError, match="steps or minutes"):
+        train_dit.train(encoded / "latents.pt", encoded / "none", **common)
+
+
+def test_the_camera_probe_sees_shuffled_cameras(encoded):
+    data = torch.load(encoded / "latents.pt", weights_only=False)
+    model = train_dit.new_world_transformer(0, **SMALL)
+    sampler_t = torch.tensor(train_dit.DMDSampler().schedule().timesteps)
+    fresh = train_dit.camera_gain(model, data, sampler_t, clips=4)
+    assert fresh["gain"] == 0.0 and fresh["gain_coarse"] == 0.0  # camera scale/shift start at zero
+    for block in model.blocks:
+        torch.nn.init.normal_(block.cam_shift_layer.weight, std=0.5)
+    used = train_dit.camera_gain(model, data, sampler_t, clips=4)
+    assert used["gain"] != 0.0 and used["own"] != fresh["own"]

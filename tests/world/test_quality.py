@@ -1,0 +1,55 @@
+"""The quality script's two measurements, checked on generators whose answer is known: the renderer
+itself (perfect control, far above "repeat the first frame") and baselines that must fail."""
+
+import numpy as np
+import pytest
+
+from lingbot_ray.world import quality
+from lingbot_ray.world.dataset import make_clip
+
+W, H = 64, 48
+
+
+def renderer(world, first, actions, num_chunks, seed):
+    return make_clip(world, actions, W, H).frames
+
+
+def repeat_first_frame(world, first, actions, num_chunks, seed):
+    return np.repeat(first[None], 9 + 12 * (num_chunks - 1), axis=0)
+
+
+def mirrored_controls(world, first, actions, num_chunks, seed):
+    """Moves, but the wrong way round: w↔s, a↔d, j↔l, i↔k."""
+    swap = dict(zip("wsadjlik", "swdaljki"))
+    return make_clip(world, [[swap[k] for k in keys] for keys in actions], W, H).frames
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return {fn.__name__: quality.measure_generator(fn, W, H, worlds=2, progress=False) for fn in (renderer, repeat_first_frame, mirrored_controls)}
+
+
+def test_the_renderer_follows_every_control_and_beats_the_baseline(reports):
+    report = reports["renderer"]
+    assert report["control_fidelity"] == 1.0
+    assert all(row[a] == 2 for a, row in report["control_confusion"].items())
+    assert report["psnr_gain_db"] >= quality.PSNR_GAIN_TARGET_DB and report["passed"]
+    assert min(report["psnr_repeat_first_frame_db_per_chunk"][1:]) < 30  # the scripts keep the camera moving
+
+
+def test_repeating_the_first_frame_gains_nothing_and_fails(reports):
+    report = reports["repeat_first_frame"]
+    assert report["psnr_gain_db"] == pytest.approx(0.0, abs=0.01)
+    assert report["psnr_model_db_per_chunk"] == report["psnr_repeat_first_frame_db_per_chunk"]
+    assert not report["passed"]
+
+
+def test_mirrored_controls_score_no_fidelity(reports):
+    report = reports["mirrored_controls"]
+    assert report["control_fidelity"] < 0.5 and not report["passed"]
+    assert report["control_confusion"]["w"]["s"] + report["control_confusion"]["j"]["l"] >= 3
+
+
+def test_report_text_names_the_targets(reports):
+    text = quality.format_report(reports["renderer"])
+    assert "PASSED" in text and "target ≥ 90 %" in text and "generator at 64x48" in text
