@@ -89,8 +89,7 @@ def write_model_card(checkpoint: Path, report: dict, minutes: dict[str, float], 
     """``README.md`` of the checkpoint folder: what it is, how it was made, what it measures."""
     from . import quality, train_dit
 
-    state_file = checkpoint / "transformer" / "config.json"
-    config = json.loads(state_file.read_text())
+    config = json.loads((checkpoint / "transformer" / "config.json").read_text())
     text = f"""# lingbot-world-tiny
 
 A tiny LingBot World fast — the real classes (`CausalLingBotWorldTransformer3DModel`, `AutoencoderKLWan`
