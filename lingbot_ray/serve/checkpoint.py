@@ -24,10 +24,14 @@ def apply_threads(model: ModelConfig) -> None:
         torch.set_num_threads(model.torch_threads)
 
 
+EMBEDDED_ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
 def embedded_checkpoints() -> list[str]:
     """Names of the checkpoints shipped inside the package (``model.path: embedded:NAME``)."""
-    root = Path(__file__).resolve().parent.parent / "checkpoints"
-    return sorted(p.name for p in root.iterdir() if (p / "model_index.json").is_file()) if root.is_dir() else []
+    if not EMBEDDED_ROOT.is_dir():
+        return []
+    return sorted(p.name for p in EMBEDDED_ROOT.iterdir() if (p / "model_index.json").is_file())
 
 
 def checkpoint_folder(path: str) -> Path:
@@ -38,7 +42,7 @@ def checkpoint_folder(path: str) -> Path:
     name = path[len(EMBEDDED_PREFIX):]
     if name not in embedded_checkpoints():
         raise FileNotFoundError(f"model.path={path!r}: no embedded checkpoint {name!r}; shipped: {embedded_checkpoints()}")
-    return Path(__file__).resolve().parent.parent / "checkpoints" / name
+    return EMBEDDED_ROOT / name
 
 
 def ensure_checkpoint(model: ModelConfig) -> Path:
