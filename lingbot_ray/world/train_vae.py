@@ -203,6 +203,17 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     return 10.0 * math.log10(1.0 / max(mse, 1e-12))
 
 
+def colour_kept(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """How much of the target's colour a reconstruction keeps: ``1 − |Cb/Cr error| / |Cb/Cr of the
+    target|`` (mean absolute, [−1, 1] tensors ``[B, 3, …]``). 1 is exact colour, 0 a grey image of
+    the right luminance. PSNR hides a grey reconstruction (colour carries little of the pixel
+    variance), and so does a PSNR on Cb/Cr: this does not."""
+    chroma = _CHROMA.to(target.dtype)
+    error = torch.einsum("cd,bd...->bc...", chroma, pred.clamp(-1, 1) - target).abs().mean()
+    scale = torch.einsum("cd,bd...->bc...", chroma, target).abs().mean().clamp_min(1e-8)
+    return float(1 - error / scale)
+
+
 def loss_terms(
     vae: AutoencoderKLWan,
     clip: torch.Tensor,
@@ -547,7 +558,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     report = evaluate(vae_dir, cfg, out / "eval_side_by_side.png") if cfg.eval_clips else None
     if report is not None:
         (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"eval PSNR {report['psnr']:.2f} dB over {report['clips']} held-out clips", flush=True)
+        print(f"eval PSNR {report['psnr']:.2f} dB, colour kept {100 * report['colour_kept']:.0f} % over {report['clips']} held-out clips", flush=True)
     return TrainResult(step, total_steps, vae_dir, report)
 
 
@@ -578,14 +589,15 @@ def evaluate(vae_dir: str | Path, cfg: TrainConfig, png_path: str | Path | None 
     """Reconstruction PSNR on ``eval_clips`` full-frame clips of held-out worlds (seeds ≥
     ``EVAL_SEED_START``): the posterior mean, normalised with the saved statistics, decoded through
     :class:`~lingbot_ray.models.vae_streaming.StreamingWanVAE` in chunks of 3 latent frames, as served.
-    Also reports PSNR per latent-frame position and the normalised latents' statistics."""
+    Also reports how much colour survives (:func:`colour_kept`), PSNR per latent-frame position and
+    the normalised latents' statistics."""
     from ..models.vae_streaming import StreamingWanVAE
 
     streaming = StreamingWanVAE.from_pretrained(vae_dir, subfolder=None)
     vae = streaming.vae
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-    scores, per_position, norm_latents, sheet_rows = [], [], [], []
+    scores, colour, per_position, norm_latents, sheet_rows = [], [], [], [], []
     for i in range(cfg.eval_clips):
         frames = world_clip(cfg.seed, _EVAL_SALT, i, cfg.eval_latent_frames, cfg.frame_size, "eval")
         x = to_pixels(frames)[None]
@@ -597,6 +609,7 @@ def evaluate(vae_dir: str | Path, cfg: TrainConfig, png_path: str | Path | None 
             pieces.append(chunk)
         recon = torch.cat(pieces, dim=2)
         scores.append(psnr(recon, x))
+        colour.append(colour_kept(recon, x))
         positions = [x[:, :, :1]] + list(x[:, :, 1:].split(TEMPORAL_STRIDE, dim=2))
         recon_positions = [recon[:, :, :1]] + list(recon[:, :, 1:].split(TEMPORAL_STRIDE, dim=2))
         per_position.append([psnr(r, t) for r, t in zip(recon_positions, positions, strict=True)])
@@ -612,6 +625,7 @@ def evaluate(vae_dir: str | Path, cfg: TrainConfig, png_path: str | Path | None 
         "frame_size": list(cfg.frame_size),
         "psnr": float(np.mean(scores)),
         "psnr_per_clip": [round(s, 3) for s in scores],
+        "colour_kept": round(float(np.mean(colour)), 3),
         "psnr_per_latent_frame": [round(float(v), 3) for v in np.mean(per_position, axis=0)],
         "normalised_latent_mean": [round(v, 3) for v in z_all.mean(dim=1).tolist()],
         "normalised_latent_std": [round(v, 3) for v in z_all.std(dim=1).tolist()],

@@ -58,6 +58,16 @@ def full_run(tmp_path_factory, one_thread):
     return cfg, tv.train(cfg)
 
 
+def test_colour_kept_is_one_for_exact_colour_and_zero_for_grey():
+    x = tv.to_pixels(make_clip(1_000_011, [[], ["l"]], 48, 32).frames)[None]
+    luma = (torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1, 1) * x).sum(dim=1, keepdim=True)  # BT.601 Y
+    assert tv.colour_kept(x, x) == pytest.approx(1.0)
+    assert abs(tv.colour_kept(luma.expand_as(x), x)) < 0.02  # right luminance, no colour
+    half = luma + 0.5 * (x - luma)  # half the saturation
+    assert tv.colour_kept(half, x) == pytest.approx(0.5, abs=0.02)
+    assert tv.psnr(luma.expand_as(x), x) > 20  # what PSNR makes of the grey picture
+
+
 def test_a_rendered_crop_is_that_window_of_the_full_frame():
     actions = [[], ["w"], ["l"]]
     full = make_clip(5, actions, 48, 32).frames
@@ -105,7 +115,7 @@ def test_saved_folder_loads_with_measured_statistics_and_streams(full_run):
     np.testing.assert_allclose(vae.config.latents_std, std, atol=1e-5)
     assert vae.config.latents_mean != [0.0] * tv.Z_DIM and vae.config.latents_std != [1.0] * tv.Z_DIM
     report = json.loads((Path(cfg.out_dir) / "eval.json").read_text())
-    assert report["clips"] == 1 and np.isfinite(report["psnr"])
+    assert report["clips"] == 1 and np.isfinite(report["psnr"]) and report["colour_kept"] <= 1
     assert (Path(cfg.out_dir) / "eval_side_by_side.png").is_file()
 
     # The serving path: first frame → condition latents, then streamed decode == one-shot decode.
