@@ -203,15 +203,17 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     return 10.0 * math.log10(1.0 / max(mse, 1e-12))
 
 
+def chroma(x: torch.Tensor) -> torch.Tensor:
+    """Cb and Cr ``[B, 2, …]`` of RGB ``[B, 3, …]``."""
+    return torch.einsum("cd,bd...->bc...", _CHROMA.to(x.dtype), x)
+
+
 def colour_kept(pred: torch.Tensor, target: torch.Tensor) -> float:
     """How much of the target's colour a reconstruction keeps: ``1 − |Cb/Cr error| / |Cb/Cr of the
     target|`` (mean absolute, [−1, 1] tensors ``[B, 3, …]``). 1 is exact colour, 0 a grey image of
     the right luminance. PSNR hides a grey reconstruction (colour carries little of the pixel
     variance), and so does a PSNR on Cb/Cr: this does not."""
-    chroma = _CHROMA.to(target.dtype)
-    error = torch.einsum("cd,bd...->bc...", chroma, pred.clamp(-1, 1) - target).abs().mean()
-    scale = torch.einsum("cd,bd...->bc...", chroma, target).abs().mean().clamp_min(1e-8)
-    return float(1 - error / scale)
+    return float(1 - chroma(pred.clamp(-1, 1) - target).abs().mean() / chroma(target).abs().mean().clamp_min(1e-8))
 
 
 def loss_terms(
@@ -242,9 +244,9 @@ def loss_terms(
     mse = (recon - x).square().mean()
     edge = ((recon.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (recon.diff(dim=-2) - x.diff(dim=-2)).abs().mean()) / 2
     kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
-    chroma = torch.einsum("cd,bdthw->bcthw", _CHROMA.to(recon.dtype), recon - x).abs().mean()
-    loss = l1 + mse + edge_weight * edge + kl_weight * kl + chroma_weight * chroma
-    return {"loss": loss, "l1": l1, "mse": mse, "edge": edge, "kl": kl, "chroma": chroma, "x": x, "recon": recon}
+    colour = chroma(recon - x).abs().mean()
+    loss = l1 + mse + edge_weight * edge + kl_weight * kl + chroma_weight * colour
+    return {"loss": loss, "l1": l1, "mse": mse, "edge": edge, "kl": kl, "chroma": colour, "x": x, "recon": recon}
 
 
 # ------------------------------------------------------------------------------------------------- data
