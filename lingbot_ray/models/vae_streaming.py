@@ -21,6 +21,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
+from .wan_norm import use_fast_norms
+
 logger = logging.getLogger(__name__)
 
 # One slot per `WanCausalConv3d`: None (no history yet), a tensor of cached frames, or diffusers'
@@ -172,7 +174,8 @@ class StreamingWanVAE:
     `from_pretrained(dtype=...)`); de-normalisation is done in float32 first.
 
     Args:
-        vae: a loaded `AutoencoderKLWan`; its modules and weights are used as they are.
+        vae: a loaded `AutoencoderKLWan`; its weights are used as they are, its RMS norms get the
+            faster forward of the same maths (`wan_norm.use_fast_norms`, in place).
         max_condition_frames: bound on the latent frames encoded while looking for the encoder's
             fixed point in `encode_condition`.
     """
@@ -187,7 +190,7 @@ class StreamingWanVAE:
             raise ValueError(f"only Wan2.1-layout VAEs (patch_size None) are supported, got {vae.config.patch_size}")
         if vae.use_tiling:
             logger.warning("AutoencoderKLWan tiling is enabled but ignored: streaming decodes whole frames")
-        self.vae = vae.eval()
+        self.vae = use_fast_norms(vae.eval())
         self.max_condition_frames = max_condition_frames
         config = vae.config
         self.z_dim: int = config.z_dim

@@ -14,6 +14,9 @@ served (same sampler, same camera path):
   that of every other action in ≥ 90 % of (world, action) cases.
 
     python -m lingbot_ray.world.quality checkpoints/lingbot-world --worlds 8 --json quality.json
+
+``--vae-ceiling`` also scores the renderer's frames encoded and decoded by the checkpoint's VAE: what
+a perfect DiT would reach with this VAE.
 """
 
 from __future__ import annotations
@@ -64,6 +67,28 @@ def generate(engine, first_frame: np.ndarray, actions: list[list[str]], num_chun
 
 # generate(world_seed, first_frame, actions per latent frame, num_chunks, seed) -> frames [T, H, W, 3]
 Generator = Callable[[int, np.ndarray, list[list[str]], int, int], np.ndarray]
+
+
+def vae_round_trip(vae_dir: str | Path, width: int, height: int) -> Generator:
+    """The VAE's ceiling: the renderer's own frames for the script, encoded and decoded by the
+    checkpoint's VAE (the causal loops training and serving use). A DiT that predicted the latents
+    perfectly would score this; the gap between it and the model is the DiT's."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from ..models.wan_norm import use_fast_norms
+    from .train_vae import decode_frames, encode_moments, to_pixels
+
+    vae = use_fast_norms(AutoencoderKLWan.from_pretrained(str(vae_dir)).eval())
+
+    @torch.no_grad()
+    def generate_fn(world: int, first: np.ndarray, actions: list[list[str]], num_chunks: int, seed: int) -> np.ndarray:
+        truth = make_clip(world, actions[: num_chunks * LATENT_PER_CHUNK], width, height).frames
+        mean, _, _ = encode_moments(vae, to_pixels(truth)[None])
+        pixels = decode_frames(vae, mean)[0][0].clamp(-1, 1)
+        return pixels.add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+    return generate_fn
 
 
 def measure(checkpoint: str | Path, *, worlds: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
@@ -148,9 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worlds", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--vae-ceiling", action="store_true", help="also measure the VAE round trip of the renderer's frames")
     args = parser.parse_args(argv)
     report = measure(args.checkpoint, worlds=args.worlds, seed=args.seed)
     print(format_report(report))
+    if args.vae_ceiling:
+        size = [int(v) for v in report["size"].split("x")]
+        ceiling = measure_generator(vae_round_trip(args.checkpoint / "vae", *size), *size, worlds=args.worlds, seed=args.seed)
+        print("\nVAE ceiling (the renderer's frames through the VAE):\n" + format_report(ceiling))
+        report["vae_ceiling"] = {k: v for k, v in ceiling.items() if k not in ("size", "world_seeds")}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0 if report["passed"] else 1

@@ -59,6 +59,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..control.camera import Intrinsics
+from ..models.wan_norm import use_fast_norms
 from .dataset import EVAL_SEED_START, make_clip, random_actions
 from .render import TEMPORAL_STRIDE, world_intrinsics
 
@@ -150,6 +151,7 @@ def build_vae(base_dim: int, res_blocks: int) -> AutoencoderKLWan:
         latents_mean=[0.0] * Z_DIM,
         latents_std=[1.0] * Z_DIM,
     )
+    use_fast_norms(vae)
     with torch.no_grad():
         vae.quant_conv.weight[:Z_DIM].mul_(MU_INIT_GAIN)
         vae.quant_conv.bias[:Z_DIM].mul_(MU_INIT_GAIN)

@@ -53,3 +53,16 @@ def test_mirrored_controls_score_no_fidelity(reports):
 def test_report_text_names_the_targets(reports):
     text = quality.format_report(reports["renderer"])
     assert "PASSED" in text and "target ≥ 90 %" in text and "generator at 64x48" in text
+
+
+def test_vae_ceiling_generator_round_trips_the_renderers_frames(tmp_path):
+    from lingbot_ray.models.tiny_components import build_tiny_vae
+
+    build_tiny_vae(tmp_path / "vae", base_dim=8, seed=0)
+    generate_fn = quality.vae_round_trip(tmp_path / "vae", W, H)
+    actions = [[]] + [["w"]] * 5
+    frames = generate_fn(quality.EVAL_SEED_START, None, actions, 2, 0)
+    assert frames.shape == (21, H, W, 3) and frames.dtype == np.uint8
+    assert np.array_equal(frames, generate_fn(quality.EVAL_SEED_START, None, actions, 2, 0))  # deterministic
+    truth = make_clip(quality.EVAL_SEED_START, actions, W, H).frames
+    assert not np.array_equal(frames, truth)  # it went through the (random) VAE
