@@ -25,7 +25,8 @@ class ChannelRMSNorm(WanRMS_norm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = 1 if self.channel_first else -1
-        work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # as diffusers: fp32 for half types
+        low_precision = x.dtype in (torch.float16, torch.bfloat16) or "float8_" in str(x.dtype) or "float4_" in str(x.dtype)
+        work = x.float() if low_precision else x  # as diffusers: fp32 maths for half and smaller types
         normalized = work * work.square().sum(dim, keepdim=True).clamp_min(_EPS * _EPS).rsqrt()
         return normalized.to(x.dtype) * self.scale * self.gamma + self.bias
 

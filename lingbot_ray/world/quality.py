@@ -74,12 +74,11 @@ def vae_round_trip(vae_dir: str | Path, width: int, height: int) -> Generator:
     checkpoint's VAE (the causal loops training and serving use). A DiT that predicted the latents
     perfectly would score this; the gap between it and the model is the DiT's."""
     import torch
-    from diffusers import AutoencoderKLWan
 
-    from ..models.wan_norm import use_fast_norms
+    from ..models.vae_streaming import StreamingWanVAE
     from .train_vae import decode_frames, encode_moments, to_pixels
 
-    vae = use_fast_norms(AutoencoderKLWan.from_pretrained(str(vae_dir)).eval())
+    vae = StreamingWanVAE.from_pretrained(vae_dir, subfolder=None).vae  # the serving load path (fast norms)
 
     @torch.no_grad()
     def generate_fn(world: int, first: np.ndarray, actions: list[list[str]], num_chunks: int, seed: int) -> np.ndarray:

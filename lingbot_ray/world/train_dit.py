@@ -93,16 +93,14 @@ def encode_dataset(
 ) -> dict[str, Any]:
     """Encode the first ``latent_frames`` latent frames of every clip of a ``generate_dataset``
     folder, ``batch_size`` clips per VAE call; saves a dict of tensors to ``out``."""
-    from diffusers import AutoencoderKLWan
-
     from ..models.vae_streaming import StreamingWanVAE
     from .dataset import ClipDataset
 
     data = ClipDataset(dataset_dir)
     if latent_frames % BLOCK or latent_frames > data.meta["num_latent_frames"]:
         raise ValueError(f"latent_frames={latent_frames}: must be a multiple of {BLOCK} and at most the clips' {data.meta['num_latent_frames']}")
-    vae = AutoencoderKLWan.from_pretrained(str(vae_dir)).eval()
-    streaming = StreamingWanVAE(vae)
+    streaming = StreamingWanVAE.from_pretrained(vae_dir, subfolder=None)
+    vae = streaming.vae  # loaded as served (fast RMS norms, eval mode)
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     count = len(data) if limit is None else min(limit, len(data))
