@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lingbot_ray.world.train_world", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     parser.add_argument("--clips", type=int, default=1000, help="training clips (the session's first 3 blocks each)")
-    parser.add_argument("--vae-minutes", type=float, default=25.0)
+    parser.add_argument("--vae-minutes", type=float, default=20.0)
     parser.add_argument("--dit-minutes", type=float, default=None, help="wall-clock cap of the DiT run (default: none)")
     parser.add_argument("--dit-steps", type=int, default=5000, help="DiT steps (the learning-rate schedule's length)")
     parser.add_argument("--threads", type=int, default=2)
@@ -90,6 +90,7 @@ def write_model_card(checkpoint: Path, report: dict, minutes: dict[str, float], 
     from . import quality, train_dit
 
     config = json.loads((checkpoint / "transformer" / "config.json").read_text())
+    focal = json.loads((checkpoint / "lingbot_ray.json").read_text()).get("camera_focal")
     text = f"""# lingbot-world-tiny
 
 A tiny LingBot World fast — the real classes (`CausalLingBotWorldTransformer3DModel`, `AutoencoderKLWan`
@@ -101,6 +102,7 @@ part (cross-attention outputs are zero).
 - DiT: {config["num_layers"]} layers, {config["num_attention_heads"]} heads × {config["attention_head_dim"]}, \
 sink {config["sink_size"]}, window {config["sliding_window_num_frames"]} latent frames; \
 trained teacher-forced for the engine's DMD sampler on {train_dit.TRAIN_LATENT_FRAMES}-latent-frame clips.
+- Camera input: the Plücker map at focal length {focal:g} px (`camera_focal` in `lingbot_ray.json`), not the renderer's; near-parallel rays make a rotation the same change at every token (see `lingbot_ray/world/train_dit.py`, `CAMERA_FOCAL_PER_WIDTH`).
 - Made by: `{command}` (stages done at, minutes: {minutes}).
 
 ## Held-out quality (`python -m lingbot_ray.world.quality`)

@@ -22,13 +22,13 @@ def test_it_fits_in_the_repository():
 def test_it_loads_with_the_real_classes_at_the_world_geometry():
     from lingbot_ray.engine import RealtimeEngine
     from lingbot_ray.models.transformer_lingbot import CausalLingBotWorldTransformer3DModel
-    from lingbot_ray.world.render import world_intrinsics
+    from lingbot_ray.world.train_dit import camera_intrinsics
 
     index = json.loads((FOLDER / "model_index.json").read_text())
     assert index["transformer"][1] == CausalLingBotWorldTransformer3DModel.__name__ and index["vae"][1] == "AutoencoderKLWan"
     engine = RealtimeEngine.from_pretrained(FOLDER)
     assert (engine.defaults.width, engine.defaults.height) == (160, 96)
-    assert engine.dit.intrinsics(160, 96).fx == pytest.approx(world_intrinsics(160, 96).fx)
+    assert engine.dit.intrinsics(160, 96).fx == pytest.approx(camera_intrinsics(160, 96).fx)  # the camera input it was trained on
 
 
 @pytest.fixture(scope="module")

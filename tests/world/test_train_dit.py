@@ -58,14 +58,34 @@ def test_training_lowers_the_loss_and_resumes_exactly(encoded):
     assert np.mean(longer["losses"][-8:]) < np.mean(longer["losses"][:8])
 
 
-def test_assembled_checkpoint_streams_with_the_renderers_camera(encoded):
+def test_assembled_checkpoint_streams_with_the_camera_input_it_was_trained_on(encoded):
     out = train_dit.assemble(encoded / "straight", encoded / "vae", encoded / "ckpt", width=W, height=H)
     engine = RealtimeEngine.from_pretrained(out)
-    assert engine.dit.intrinsics(W, H).fx == pytest.approx(500 * W / 832)
+    intrinsics = engine.dit.intrinsics(W, H)
+    assert intrinsics.fx == pytest.approx(train_dit.CAMERA_FOCAL_PER_WIDTH * W)  # not the renderer's 500·W/832
+    # the Plücker input training saw is the one the engine builds from the checkpoint's intrinsics
+    poses = torch.load(encoded / "latents.pt", weights_only=False)["poses"][0]
+    from lingbot_ray.control.plucker import plucker_map
+
+    torch.testing.assert_close(train_dit.clip_plucker(poses, H, W), plucker_map(poses.double().numpy(), H, W, intrinsics))
     state = engine.new_session(SessionSpec(prompt="anything", image=np.zeros((H, W, 3), np.uint8), width=W, height=H))
     queue = ConditionQueue([["w"]] * 6)
     shapes = [engine.step(state, queue.sample(3, i)).frames.shape for i in range(2)]
     assert shapes == [(9, H, W, 3), (12, H, W, 3)]
+
+
+def test_a_run_keeps_the_camera_focal_it_started_with(encoded):
+    common = dict(steps=4, batch_size=2, warmup=2, progress=False, model_overrides=SMALL, checkpoint_every=100)
+    train_dit.train(encoded / "latents.pt", encoded / "focal", until=2, focal_per_width=0.6, **common)
+    train_dit.train(encoded / "latents.pt", encoded / "focal", resume=True, **common)  # default focal asked: the run's kept
+    state = torch.load(encoded / "focal" / "state.pt", weights_only=False)
+    assert state["step"] == 4 and state["focal_per_width"] == 0.6
+    out = train_dit.assemble(encoded / "focal", encoded / "vae", encoded / "focal_ckpt", width=W, height=H)
+    assert RealtimeEngine.from_pretrained(out).dit.intrinsics(W, H).fx == pytest.approx(0.6 * W)
+    del state["focal_per_width"]  # a run saved before the key existed used the renderer's focal
+    torch.save(state, encoded / "focal" / "state.pt")
+    out = train_dit.assemble(encoded / "focal", encoded / "vae", encoded / "old_ckpt", width=W, height=H)
+    assert RealtimeEngine.from_pretrained(out).dit.intrinsics(W, H).fx == pytest.approx(500 * W / 832)
 
 
 def test_minutes_plan_the_schedule_from_the_measured_speed(encoded):
