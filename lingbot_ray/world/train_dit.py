@@ -334,6 +334,10 @@ def train(
         flow = teacher_forced_flow(model, clean, noisy, t, condition, text_embeds_for(model, batch_size), plucker,
                                    sink_frames=sink, window_frames=window)
         loss = x0_loss(noisy - sigma * flow, clean, coarse_weight)
+        if not torch.isfinite(loss):  # stop before the optimizer or a checkpoint takes it in
+            bar.close()
+            raise FloatingPointError(f"train DiT: loss {loss.item()} at step {step + 1}: the run diverged; {state_path} "
+                                     f"keeps its last checkpoint: resume it with a lower --lr (this run: {lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

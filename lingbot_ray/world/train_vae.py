@@ -508,6 +508,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             group["lr"] = lr
         context = data.context(step * cfg.batch)
         terms = loss_terms(vae, x, noise, cfg.kl_weight, cfg.edge_weight, context, cfg.chroma_weight)
+        if not torch.isfinite(terms["loss"]):  # stop before the optimizer or a checkpoint takes it in
+            bar.close()
+            raise FloatingPointError(f"train VAE: loss {terms['loss'].item()} at step {step + 1}: the run diverged; "
+                                     f"{_checkpoint_dir(cfg.out_dir)} keeps its last checkpoints: resume with a lower --lr (this run: {cfg.lr})")
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)

@@ -88,6 +88,21 @@ def test_a_run_keeps_the_camera_focal_it_started_with(encoded):
     assert RealtimeEngine.from_pretrained(out).dit.intrinsics(W, H).fx == pytest.approx(500 * W / 832)
 
 
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(encoded, monkeypatch):
+    real, calls = train_dit.x0_loss, []
+
+    def diverging(*args, **kwargs):  # finite for 3 steps, then NaN
+        calls.append(1)
+        return real(*args, **kwargs) * (float("nan") if len(calls) > 3 else 1.0)
+
+    monkeypatch.setattr(train_dit, "x0_loss", diverging)
+    common = dict(steps=6, batch_size=2, warmup=2, progress=False, model_overrides=SMALL, checkpoint_every=2)
+    with pytest.raises(FloatingPointError, match=r"train DiT: loss nan at step 4: .*lower --lr"):
+        train_dit.train(encoded / "latents.pt", encoded / "diverged", **common)
+    kept = torch.load(encoded / "diverged" / "state.pt", weights_only=False)
+    assert kept["step"] == 2 and all(torch.isfinite(t).all() for t in kept["model"].values())
+
+
 def test_minutes_plan_the_schedule_from_the_measured_speed(encoded):
     common = dict(batch_size=2, warmup=2, progress=False, model_overrides=SMALL, checkpoint_every=1000)
     summary = train_dit.train(encoded / "latents.pt", encoded / "timed", minutes=0.15, **common)

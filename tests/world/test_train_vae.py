@@ -156,3 +156,21 @@ def test_a_warmed_up_stream_continues_exactly(one_thread):
         context = dataset.context(index)
         assert dataset.context(index + 1) == context
         assert dataset[index].shape == (3, 1 + 4 * (context + 1), 8, 16)
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, one_thread, monkeypatch):
+    real = tv.loss_terms
+    calls = []
+
+    def diverging(*args, **kwargs):  # finite for 6 steps, then NaN
+        terms = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) > 6:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(tv, "loss_terms", diverging)
+    with pytest.raises(FloatingPointError, match=r"train VAE: loss nan at step 7: .*lower --lr"):
+        tv.train(tiny_config(tmp_path))
+    kept = torch.load(tv.latest_checkpoint(tmp_path), weights_only=False)
+    assert kept["step"] == 4 and all(torch.isfinite(t).all() for t in kept["model"].values())
