@@ -280,8 +280,9 @@ def train(
         raise ValueError("give steps or minutes (or both)")
     data = torch.load(latents_file, weights_only=False)
     state_path = run_dir / "state.pt"
-    if resume and state_path.is_file():  # the camera input the run was started with
-        focal_per_width = torch.load(state_path, weights_only=False).get("focal_per_width", RENDERER_FOCAL_PER_WIDTH)
+    state = torch.load(state_path, weights_only=False) if resume and state_path.is_file() else None
+    if state is not None:  # the camera input the run was started with
+        focal_per_width = state.get("focal_per_width", RENDERER_FOCAL_PER_WIDTH)
     precompute_plucker(data, focal_per_width=focal_per_width)
     run_dir.mkdir(parents=True, exist_ok=True)
     model = new_world_transformer(seed, **(model_overrides or {})).train()
@@ -298,8 +299,7 @@ def train(
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     generator = torch.Generator().manual_seed(seed)
     step, history, probes = 0, [], []
-    if resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
