@@ -72,12 +72,17 @@ TRAIN_LATENT_FRAMES = 9
 # +1.4 % / +6.6 % at 750 with the renderer's focal. The served model conditions on the same
 # intrinsics (``camera_focal`` in lingbot_ray.json); the video is the renderer's.
 CAMERA_FOCAL_PER_WIDTH = 62.5
-RENDERER_FOCAL_PER_WIDTH = world_intrinsics(832, 480).fx / 832  # what runs saved before the key existed
+RENDERER_FOCAL_PER_WIDTH = world_intrinsics(832, 480).fx / 832
 
 
 def camera_intrinsics(width: int, height: int, focal_per_width: float = CAMERA_FOCAL_PER_WIDTH) -> Intrinsics:
     """The intrinsics of the world model's camera input at ``width`` x ``height``."""
     return Intrinsics.default(width, height, focal=focal_per_width * width)
+
+
+def run_focal_per_width(state: dict[str, Any]) -> float:
+    """The camera focal a saved run trained with (runs saved before the key existed used the renderer's)."""
+    return state.get("focal_per_width", RENDERER_FOCAL_PER_WIDTH)
 
 
 # ------------------------------------------------------------------------------------------ encode
@@ -282,7 +287,7 @@ def train(
     state_path = run_dir / "state.pt"
     state = torch.load(state_path, weights_only=False) if resume and state_path.is_file() else None
     if state is not None:  # the camera input the run was started with
-        focal_per_width = state.get("focal_per_width", RENDERER_FOCAL_PER_WIDTH)
+        focal_per_width = run_focal_per_width(state)
     precompute_plucker(data, focal_per_width=focal_per_width)
     run_dir.mkdir(parents=True, exist_ok=True)
     model = new_world_transformer(seed, **(model_overrides or {})).train()
@@ -337,7 +342,7 @@ def train(
         if not torch.isfinite(loss):  # stop before the optimizer or a checkpoint takes it in
             bar.close()
             raise FloatingPointError(f"train DiT: loss {loss.item()} at step {step + 1}: the run diverged; {state_path} "
-                                     f"keeps its last checkpoint: resume it with a lower --lr (this run: {lr})")
+                                     f"keeps its last checkpoint, if any: resume it with a lower --lr (this run: {lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -383,7 +388,7 @@ def assemble(run_dir: Path, vae_dir: Path, out: Path, *, width: int, height: int
         height=height,
         served_model_name=served_model_name,
         comment=f"lingbot_ray serving defaults of the world model trained on the procedural world ({state['step']} steps)",
-        camera_focal=camera_intrinsics(width, height, state.get("focal_per_width", RENDERER_FOCAL_PER_WIDTH)).fx,
+        camera_focal=camera_intrinsics(width, height, run_focal_per_width(state)).fx,
     )
     return out
 
