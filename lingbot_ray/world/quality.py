@@ -16,7 +16,8 @@ served (same sampler, same camera path):
     python -m lingbot_ray.world.quality checkpoints/lingbot-world --worlds 8 --json quality.json
 
 ``--vae-ceiling`` also scores the renderer's frames encoded and decoded by the checkpoint's VAE: what
-a perfect DiT would reach with this VAE.
+a perfect DiT would reach with this VAE. ``--truth-history`` also scores the model with its KV cache
+written from the truth's latents instead of its own blocks: what the model loses to its own history.
 """
 
 from __future__ import annotations
@@ -86,6 +87,40 @@ def vae_round_trip(vae_dir: str | Path, width: int, height: int) -> Generator:
         mean, _, _ = encode_moments(vae, to_pixels(truth)[None])
         pixels = decode_frames(vae, mean)[0][0].clamp(-1, 1)
         return pixels.add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+    return generate_fn
+
+
+def truth_history(checkpoint: str | Path) -> Generator:
+    """The model, each block's KV cache written from the renderer's frames (VAE-encoded, normalised
+    as training's latents) instead of the block it generated — the history that teacher-forced
+    training shows. The gap to the plain model is what its own history costs it (exposure bias)."""
+    import torch
+
+    from ..engine import RealtimeEngine
+    from ..engine.stages import DiTStage
+    from .train_vae import encode_moments, to_pixels
+
+    class TruthHistoryDiT(DiTStage):
+        truth: torch.Tensor | None = None
+
+        def _flow(self, state, x_t, t, *, update_cache, start, **kwargs):
+            if update_cache:  # the engine's step 5: the clean block that writes the cache
+                x_t = self.truth[:, :, start : start + x_t.shape[2]].to(x_t)
+            return super()._flow(state, x_t, t, update_cache=update_cache, start=start, **kwargs)
+
+    served = RealtimeEngine.from_pretrained(checkpoint)
+    dit = TruthHistoryDiT(served.dit.model, served.dit.geometry, served.dit.sampler, camera_focal=served.dit.camera_focal)
+    engine = RealtimeEngine(served.text, dit, served.vae, defaults=served.defaults)
+    vae = served.vae.vae.vae  # VAEStage → StreamingWanVAE → AutoencoderKLWan
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (vae.config.latents_mean, vae.config.latents_std))
+    width, height = engine.defaults.width, engine.defaults.height
+
+    @torch.no_grad()
+    def generate_fn(world: int, first: np.ndarray, actions: list[list[str]], num_chunks: int, seed: int) -> np.ndarray:
+        truth = make_clip(world, actions[: num_chunks * LATENT_PER_CHUNK], width, height).frames
+        dit.truth = (encode_moments(vae, to_pixels(truth)[None])[0] - mean) / std
+        return generate(engine, first, actions, num_chunks, seed)
 
     return generate_fn
 
@@ -173,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--vae-ceiling", action="store_true", help="also measure the VAE round trip of the renderer's frames")
+    parser.add_argument("--truth-history", action="store_true", help="also measure the model with its KV cache written from the truth")
     args = parser.parse_args(argv)
     report = measure(args.checkpoint, worlds=args.worlds, seed=args.seed)
     print(format_report(report))
@@ -181,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         ceiling = measure_generator(vae_round_trip(args.checkpoint / "vae", *size), *size, worlds=args.worlds, seed=args.seed)
         print("\nVAE ceiling (the renderer's frames through the VAE):\n" + format_report(ceiling))
         report["vae_ceiling"] = {k: v for k, v in ceiling.items() if k not in ("size", "world_seeds")}
+    if args.truth_history:
+        size = [int(v) for v in report["size"].split("x")]
+        oracle = measure_generator(truth_history(args.checkpoint), *size, worlds=args.worlds, seed=args.seed)
+        print("\nTruth history (the KV cache written from the renderer's frames):\n" + format_report(oracle))
+        report["truth_history"] = {k: v for k, v in oracle.items() if k not in ("size", "world_seeds")}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0 if report["passed"] else 1

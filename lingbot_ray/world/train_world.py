@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=1000, help="training clips (the session's first 3 blocks each)")
     parser.add_argument("--vae-minutes", type=float, default=20.0)
     parser.add_argument("--dit-minutes", type=float, default=None, help="wall-clock cap of the DiT run (default: none)")
-    parser.add_argument("--dit-steps", type=int, default=5000, help="DiT steps (the learning-rate schedule's length)")
+    parser.add_argument("--dit-steps", type=int, default=3500, help="DiT steps (the learning-rate schedule's length)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue the VAE and DiT runs found in OUT")

@@ -66,3 +66,24 @@ def test_vae_ceiling_generator_round_trips_the_renderers_frames(tmp_path):
     assert np.array_equal(frames, generate_fn(quality.EVAL_SEED_START, None, actions, 2, 0))  # deterministic
     truth = make_clip(quality.EVAL_SEED_START, actions, W, H).frames
     assert not np.array_equal(frames, truth)  # it went through the (random) VAE
+
+
+def test_truth_history_writes_the_cache_from_the_truth_and_nothing_else():
+    """The diagnostic generator changes only what the KV cache holds: the first chunk (nothing
+    cached yet) is the served model's, bit for bit; the next differs, and is deterministic."""
+    from pathlib import Path
+
+    import lingbot_ray
+    from lingbot_ray.engine import RealtimeEngine
+
+    checkpoint = Path(lingbot_ray.__file__).parent / "checkpoints" / "lingbot-world-tiny"
+    oracle = quality.truth_history(checkpoint)
+    served = RealtimeEngine.from_pretrained(checkpoint)
+    world, actions = quality.EVAL_SEED_START, [[]] + [["w"]] * 5
+    first = make_clip(world, [[]], 160, 96).frames[0]
+    plain = quality.generate(served, first, actions, 2, 0)
+    frames = oracle(world, first, actions, 2, 0)
+    assert frames.shape == plain.shape == (21, 96, 160, 3)
+    assert np.array_equal(frames[:9], plain[:9])
+    assert not np.array_equal(frames[9:], plain[9:])
+    assert np.array_equal(frames, oracle(world, first, actions, 2, 0))
