@@ -8,8 +8,9 @@ Stages (each skipped when its output exists, so an interrupted run continues wit
 2. ``vae_run/vae``: the VAE (``train_vae``, wall-clock budget ``--vae-minutes``);
 3. ``latents.pt``: every clip encoded with it (``train_dit.encode_dataset``);
 4. ``dit_run/``: the causal DiT, teacher-forced for the engine's sampler (``--dit-steps``);
-5. ``checkpoint/``: the serving folder (``train_dit.assemble``);
-6. ``quality.json``: the held-out measurements (``quality.measure``).
+5. ``decoder_run/``: the VAE's decoder fine-tuned on the DiT's own served latents (``train_decoder``);
+6. ``checkpoint/``: the serving folder (``train_dit.assemble``), with that decoder;
+7. ``quality.json``: the held-out measurements (``quality.measure``).
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-minutes", type=float, default=20.0)
     parser.add_argument("--dit-minutes", type=float, default=None, help="wall-clock cap of the DiT run (default: none)")
     parser.add_argument("--dit-steps", type=int, default=3500, help="DiT steps (the learning-rate schedule's length)")
+    parser.add_argument("--decoder-steps", type=int, default=360, help="decoder fine-tuning steps (0: keep the VAE's decoder)")
+    parser.add_argument("--decoder-clips", type=int, default=480, help="training clips the DiT generates for the decoder")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue the VAE and DiT runs found in OUT")
+    parser.add_argument("--resume", action="store_true", help="continue the VAE, DiT and decoder runs found in OUT")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    from . import quality, train_dit, train_vae
+    from . import quality, train_decoder, train_dit, train_vae
     from .dataset import generate_dataset
 
     started = time.monotonic()
@@ -75,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     stage("dit")
 
     checkpoint = train_dit.assemble(dit_run, vae_run / "vae", args.out / "checkpoint", width=160, height=96)
+    if args.decoder_steps:
+        decoder_run = args.out / "decoder_run"
+        vae = train_decoder.train(checkpoint, data, decoder_run, clips=args.decoder_clips, steps=args.decoder_steps, seed=args.seed, resume=args.resume)
+        stage("decoder")
+        checkpoint = train_dit.assemble(dit_run, vae, checkpoint, width=160, height=96)
     stage("assemble")
     report = quality.measure(checkpoint)
     stage("quality")
@@ -102,6 +110,7 @@ part (cross-attention outputs are zero).
 - DiT: {config["num_layers"]} layers, {config["num_attention_heads"]} heads × {config["attention_head_dim"]}, \
 sink {config["sink_size"]}, window {config["sliding_window_num_frames"]} latent frames; \
 trained teacher-forced for the engine's DMD sampler on {train_dit.TRAIN_LATENT_FRAMES}-latent-frame clips.
+- VAE: trained on the rendered clips; unless `--decoder-steps 0`, its decoder is then fine-tuned on the DiT's own served latents (`lingbot_ray/world/train_decoder.py`; the encoder, hence the latent space, is unchanged).
 - Camera input: the Plücker map at focal length {focal:g} px (`camera_focal` in `lingbot_ray.json`), not the renderer's; near-parallel rays make a rotation the same change at every token (see `lingbot_ray/world/train_dit.py`, `CAMERA_FOCAL_PER_WIDTH`).
 - Made by: `{command}` (stages done at, minutes: {minutes}).
 
