@@ -424,13 +424,14 @@ class VAEStage:
         return VAESessionState(self, resolved)
 
     @torch.inference_mode()
-    def encode_condition(self, image: np.ndarray):
-        """uint8 [H, W, 3] → the model's ConditionLatents (first frame, then black)."""
+    def encode_condition(self, image: np.ndarray, *, max_frames: int | None = None):
+        """uint8 [H, W, 3] → the model's ConditionLatents (first frame, then black); ``max_frames``
+        stops the encoder after that many latent frames (see ``StreamingWanVAE.encode_condition``)."""
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image={getattr(image, 'shape', type(image))!r}: must be uint8 [H, W, 3]")
         pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
         pixels = pixels.permute(2, 0, 1).unsqueeze(0).float().div(127.5).sub(1.0)
-        return self.vae.encode_condition(pixels)
+        return self.vae.encode_condition(pixels, max_frames=max_frames)
 
     @torch.inference_mode()
     def decode(self, state: VAESessionState, latents: torch.Tensor) -> np.ndarray:

@@ -40,6 +40,7 @@ from .train_vae import chroma, decode_frames, to_pixels
 
 logger = logging.getLogger(__name__)
 
+
 @torch.no_grad()
 def generate_latents(checkpoint: Path, dataset_dir: Path, count: int, *, seed: int = 0, progress: bool = True) -> torch.Tensor:
     """The served DiT's clean latents ``[count, C, F, h, w]`` (normalised, as ``DiTStage.step``
@@ -63,8 +64,7 @@ def generate_latents(checkpoint: Path, dataset_dir: Path, count: int, *, seed: i
         # The engine's new_session, less the VAE's session: the condition is encoded for the clip's
         # frames only (``max_frames``; the same latents as the endless condition's first frames,
         # without running the encoder to its fixed point, which costs more than the clip's DiT steps).
-        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-        condition = engine.vae.vae.encode_condition(pixels, max_frames=chunks * per_chunk)
+        condition = engine.vae.encode_condition(image, max_frames=chunks * per_chunk)
         state = engine.dit.new_session(spec.resolve(engine.geometry), condition, prompt_embeds)
         queue = ConditionQueue([list(a) for a in actions])
         try:

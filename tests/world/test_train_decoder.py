@@ -55,8 +55,7 @@ def test_fine_tuning_moves_only_the_decoder_lowers_its_loss_and_resumes_exactly(
         if name.startswith(("encoder.", "quant_conv.")):
             assert torch.equal(tensor, before[name]), name
     assert any(not torch.equal(a[k], before[k]) for k in a if k.startswith("decoder."))
-    longer = torch.load(checkpoint / "straight" / "state.pt", weights_only=False)["losses"]
-    assert len(longer) == 6
+    assert len(torch.load(checkpoint / "straight" / "state.pt", weights_only=False)["losses"]) == 6
     many = train_decoder.train(checkpoint / "checkpoint", checkpoint / "data", checkpoint / "many", steps=40, **common)
     losses = torch.load(many.parent / "state.pt", weights_only=False)["losses"]
     assert np.mean(losses[-8:]) < np.mean(losses[:8])
