@@ -32,6 +32,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTimeTextImageEmbedding
 
 from .attention import (
+    FrameMask,
     LingBotCrossAttnProcessor,
     LingBotSelfAttnProcessor,
     PositionLimitError,
@@ -159,7 +160,7 @@ class LingBotWorldTransformerBlock(nn.Module):
             text_kv: Cross-attention `(key, value)` of this layer, each `[B, L, heads, head_dim]`.
             rotary_emb: `(cos, sin)` from `rope_cos_sin`.
             camera_modulation: `(scale, shift)` `[B, S, dim]` of this layer, or None to skip the camera path.
-            attention_mask (`torch.Tensor` `[1, 1, S, S]` bool, *optional*): Full-sequence path only.
+            attention_mask (`FrameMask` or `torch.Tensor` `[1, 1, S, S]` bool, *optional*): Full-sequence path only.
             kv_cache, plan, layer_idx: Causal path only.
             sequence_parallel (`SequenceParallel`, *optional*): Every `S` above is this rank's token shard,
                 except in `rotary_emb`, `attention_mask` and the KV cache, which cover the full sequence.
@@ -612,9 +613,7 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
                 )
             if not bool(frame_mask.any(dim=1).all()):
                 raise ValueError("frame_mask has a query frame that attends to nothing")
-            token_mask = frame_mask.to(hidden_states.device)
-            token_mask = token_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
-            attention_mask = token_mask[None, None]
+            attention_mask = FrameMask(frame_mask.to(hidden_states.device), tokens_per_frame)
 
         # 2. Conditions
         text_cache = self.build_text_cache(encoder_hidden_states)

@@ -11,7 +11,9 @@ clip followed by a noisy copy of it,
 and the frame mask lets a clean frame see what the cache-writing forward sees (block-causal with
 the sink/window, ``kv_cache.block_causal_frame_mask``), and a noisy block see the clean frames the
 cache holds when that block is generated plus its own noisy frames. The noisy half's flow then
-equals the cached inference path exactly (``tests/world/test_teacher_forcing.py``).
+equals the cached inference path exactly (``tests/world/test_teacher_forcing.py``). The forward
+leaves out the clean frames no block reads (the last block's), and the model attends group by
+group under the frame mask (``attention.FrameMask``), never scoring a pair the mask forbids.
 """
 
 from __future__ import annotations
@@ -54,9 +56,14 @@ def teacher_forced_flow(
     """
     batch, _, frames = clean.shape[:3]
     block = model.config.num_frames_per_block
-    hidden = torch.cat([torch.cat([clean, condition], dim=1), torch.cat([noisy, condition], dim=1)], dim=2)
-    timesteps = torch.cat([torch.zeros(batch, frames, dtype=torch.float32, device=clean.device), frame_timesteps.float()], dim=1)
     mask = teacher_forcing_mask(frames, block, sink_frames=sink_frames, window_frames=window_frames).to(clean.device)
-    cameras = torch.cat([plucker, plucker], dim=2) if plucker is not None else None
-    flow = model(hidden, timesteps, text_embeds, cameras, frame_mask=mask, frame_positions=list(range(frames)) * 2).sample
-    return flow[:, :, frames:]
+    # Clean frames after the last one a noisy block reads (the last block's, at least) change no
+    # output: the clean prefix is closed under its own block-causal attention, so they are left out.
+    history = int(mask[frames:, :frames].any(dim=0).nonzero().max()) + 1 if mask[frames:, :frames].any() else 0
+    keep = list(range(history)) + list(range(frames, 2 * frames))
+    mask = mask[keep][:, keep]
+    hidden = torch.cat([torch.cat([clean, condition], dim=1)[:, :, :history], torch.cat([noisy, condition], dim=1)], dim=2)
+    timesteps = torch.cat([torch.zeros(batch, history, dtype=torch.float32, device=clean.device), frame_timesteps.float()], dim=1)
+    cameras = torch.cat([plucker[:, :, :history], plucker], dim=2) if plucker is not None else None
+    flow = model(hidden, timesteps, text_embeds, cameras, frame_mask=mask, frame_positions=list(range(history)) + list(range(frames))).sample
+    return flow[:, :, history:]

@@ -9,7 +9,7 @@ renderer's frames. The encoder stays frozen, so the latent space — the DiT's t
 first-frame condition — does not change, and the streaming decoder and its cache are the same code.
 
 Measured on the held-out quality (``quality.measure``) of the shipped checkpoint, with the defaults
-(480 clips, 360 steps): +0.25 to +0.30 dB on every chunk (gain +2.56 → +2.83 dB); control fidelity
+(then 480 clips, 360 steps): +0.25 to +0.30 dB on every chunk (gain +2.56 → +2.83 dB); control fidelity
 unchanged at 84.4 %.
 
 Loss per step: ``L1 + MSE + chroma_weight × L1 of the Cb/Cr error`` over the first ``frames``
@@ -17,7 +17,7 @@ latent frames of ``batch`` clips, decoded by the causal loop the streaming decod
 linear warm-up then cosine to zero; batch ``s`` depends only on ``(seed, s)``, so ``--resume``
 continues a run exactly.
 
-    python -m lingbot_ray.world.train_decoder CHECKPOINT DATASET RUN_DIR --clips 480 --steps 360
+    python -m lingbot_ray.world.train_decoder CHECKPOINT DATASET RUN_DIR --clips 400 --steps 360
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def train(
     dataset_dir: Path,
     run_dir: Path,
     *,
-    clips: int = 480,
+    clips: int = 400,
     steps: int = 360,
     lr: float = 2e-3,
     batch: int = 2,
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="the assembled world-model checkpoint folder")
     parser.add_argument("dataset", type=Path, help="the training clips (generate_dataset folder)")
     parser.add_argument("run", type=Path)
-    parser.add_argument("--clips", type=int, default=480)
+    parser.add_argument("--clips", type=int, default=400)
     parser.add_argument("--steps", type=int, default=360)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)

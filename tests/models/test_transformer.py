@@ -289,6 +289,38 @@ def test_gradient_checkpointing_gives_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("pattern", ["block_causal", "teacher_forcing", "random"])
+def test_frame_mask_attention_equals_dense_token_mask(pattern):
+    """Attention group by group under a FrameMask == one call under its dense token mask, values and gradients."""
+    from lingbot_ray.models.attention import FrameMask, scaled_dot_product_attention
+    from lingbot_ray.world.teacher_forcing import teacher_forcing_mask
+
+    gen = torch.Generator().manual_seed(3)
+    if pattern == "block_causal":
+        frame_mask = block_causal_frame_mask(9, BLOCK, sink_frames=3, window_frames=6)
+    elif pattern == "teacher_forcing":
+        frame_mask = teacher_forcing_mask(9, BLOCK, sink_frames=0, window_frames=6)
+    else:
+        frame_mask = torch.rand(7, 7, generator=gen) < 0.4
+        frame_mask[torch.arange(7), torch.arange(7)] = True  # every query frame attends somewhere
+    mask = FrameMask(frame_mask, TOKENS)
+    assert len(mask.groups) < frame_mask.shape[0] or pattern == "random"
+    frames = frame_mask.shape[0]
+    query, key, value = (torch.randn(2, frames * TOKENS, 2, 8, generator=gen, requires_grad=True) for _ in range(3))
+    weights = torch.randn(2, frames * TOKENS, 2, 8, generator=gen)
+
+    grouped = mask.attend(query, key, value, scaled_dot_product_attention)
+    grads_grouped = torch.autograd.grad((grouped * weights).sum(), (query, key, value))
+    dense = scaled_dot_product_attention(query, key, value, mask.dense())
+    grads_dense = torch.autograd.grad((dense * weights).sum(), (query, key, value))
+
+    torch.testing.assert_close(grouped, dense, atol=1e-6, rtol=0)
+    for got, expected in zip(grads_grouped, grads_dense):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="FrameMask covers"):
+        mask.attend(query[:, :-1], key, value, scaled_dot_product_attention)
+
+
 def test_rope_split_matches_head_dim():
     assert rope_axis_dims(128) == (44, 42, 42)
     assert rope_axis_dims(16) == (8, 4, 4)

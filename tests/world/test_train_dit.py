@@ -123,3 +123,22 @@ def test_the_camera_probe_sees_shuffled_cameras(encoded):
         torch.nn.init.normal_(block.cam_shift_layer.weight, std=0.5)
     used = train_dit.camera_gain(model, data, sampler_t, clips=4)
     assert used["gain"] != 0.0 and used["own"] != fresh["own"]
+
+
+def test_silenced_text_attention_changes_no_output_and_refuses_a_live_projection():
+    torch.manual_seed(0)
+    model = train_dit.new_world_transformer(0, **SMALL).eval()
+    for block in model.blocks:  # the rest of the block trained away from its init
+        for p in block.attn2.to_q.parameters():
+            p.data.normal_()
+    hidden, t = torch.randn(2, 36, 6, 4, 6), torch.rand(2, 6) * 1000
+    text, plucker = torch.randn(2, 4, model.config.text_dim), torch.randn(2, 384, 6, 4, 6)
+    with torch.no_grad():
+        before = model(hidden, t, text, plucker).sample
+        train_dit.silence_text_attention(model)
+        after = model(hidden, t, text, plucker).sample
+    assert torch.equal(before, after)
+    live = train_dit.new_world_transformer(0, **SMALL)
+    torch.nn.init.ones_(live.blocks[0].attn2.to_out[0].bias)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn2\.to_out"):
+        train_dit.silence_text_attention(live)
