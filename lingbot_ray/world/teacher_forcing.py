@@ -59,7 +59,8 @@ def teacher_forced_flow(
     mask = teacher_forcing_mask(frames, block, sink_frames=sink_frames, window_frames=window_frames).to(clean.device)
     # Clean frames after the last one a noisy block reads (the last block's, at least) change no
     # output: the clean prefix is closed under its own block-causal attention, so they are left out.
-    history = int(mask[frames:, :frames].any(dim=0).nonzero().max()) + 1 if mask[frames:, :frames].any() else 0
+    read = mask[frames:, :frames].any(dim=0).nonzero()
+    history = int(read.max()) + 1 if len(read) else 0
     keep = list(range(history)) + list(range(frames, 2 * frames))
     mask = mask[keep][:, keep]
     hidden = torch.cat([torch.cat([clean, condition], dim=1)[:, :, :history], torch.cat([noisy, condition], dim=1)], dim=2)

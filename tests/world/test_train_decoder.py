@@ -10,9 +10,7 @@ from lingbot_ray.engine import RealtimeEngine, SessionSpec
 from lingbot_ray.models.tiny_components import build_tiny_vae
 from lingbot_ray.world import train_decoder, train_dit
 from lingbot_ray.world.dataset import ClipDataset, generate_dataset
-
-SMALL = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64, "freq_dim": 32}
-W, H = 64, 48
+from tests.world.test_train_dit import H, SMALL, W
 
 
 @pytest.fixture(scope="module")
