@@ -5,7 +5,7 @@
 Stages (each skipped when its output exists, so an interrupted run continues with ``--resume``):
 
 1. ``data/``: training clips rendered from the procedural world (``dataset.generate_dataset``);
-2. ``vae_run/vae``: the VAE (``train_vae``, wall-clock budget ``--vae-minutes``);
+2. ``vae_run/vae``: the VAE (``train_vae`` on crops of those clips, wall-clock budget ``--vae-minutes``);
 3. ``latents.pt``: every clip encoded with it (``train_dit.encode_dataset``);
 4. ``dit_run/``: the causal DiT, teacher-forced for the engine's sampler (``--dit-steps``);
 5. ``decoder_run/``: the VAE's decoder fine-tuned on the DiT's own served latents (``train_decoder``);
@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         if checkpoint is not None:
             cfg = train_vae.config_from_checkpoint(checkpoint, minutes=args.vae_minutes)
         else:
-            cfg = train_vae.TrainConfig(out_dir=str(vae_run), minutes=args.vae_minutes, seed=args.seed)
+            # crops of the clips just rendered, each trained part after up to as much warm-up as a clip holds
+            trained = 1 + (train_vae.TrainConfig.frames - 1) // 4
+            cfg = train_vae.TrainConfig(out_dir=str(vae_run), minutes=args.vae_minutes, seed=args.seed, data_dir=str(data),
+                                        max_context=train_dit.TRAIN_LATENT_FRAMES - trained)
         train_vae.train(cfg, resume=checkpoint is not None)
     stage("vae")
 

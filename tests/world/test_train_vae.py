@@ -1,4 +1,5 @@
-"""Training the world VAE: crops render exactly, the loss falls, resume is exact, the saved folder serves."""
+"""Training the world VAE: crops render exactly (or are cut from a dataset's clips), the loss falls,
+resume is exact, the saved folder serves."""
 
 import json
 from pathlib import Path
@@ -12,7 +13,7 @@ from lingbot_ray.engine.session import ModelGeometry, SessionSpec
 from lingbot_ray.engine.stages import VAEStage, frames_to_uint8
 from lingbot_ray.models.vae_streaming import StreamingWanVAE
 from lingbot_ray.world import train_vae as tv
-from lingbot_ray.world.dataset import make_clip
+from lingbot_ray.world.dataset import ClipDataset, generate_dataset, make_clip
 
 STEPS = 12
 
@@ -156,6 +157,67 @@ def test_a_warmed_up_stream_continues_exactly(one_thread):
         context = dataset.context(index)
         assert dataset.context(index + 1) == context
         assert dataset[index].shape == (3, 1 + 4 * (context + 1), 8, 16)
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips") / "data"
+    generate_dataset(folder, num_clips=3, num_latent_frames=4, width=32, height=24, seed=0, workers=1)
+    return folder
+
+
+def test_crops_of_a_datasets_clips_are_windows_of_their_first_frames(clip_folder):
+    clips = [tv.to_pixels(np.array(frames)) for frames, _, _ in ClipDataset(clip_folder)]
+    dataset = tv.ClipCropDataset(clip_folder, 0, 5, (16, 8), batch=2, max_context=2, first_frame_share=0.3)
+    assert dataset.frame_size == (32, 24)
+    contexts = set()
+    for index in range(16):
+        sample, context = dataset[index], dataset.context(index)
+        contexts.add(context)
+        length = 1 + 4 * (context + 1)
+        assert sample.shape == (3, length, 8, 16)
+        assert torch.equal(sample, dataset[index])  # a pure function of (seed, index)
+        windows = [clip[:, :length, y : y + 8, x : x + 16] for clip in clips for y in range(17) for x in range(17)]
+        assert sum(torch.equal(sample, window) for window in windows) >= 1, index
+    assert contexts == {0, 1, 2}
+
+
+def test_training_on_a_datasets_clips_resumes_exactly_and_checks_they_fit(clip_folder, tmp_path, one_thread):
+    whole = tv.train(tiny_config(tmp_path / "whole", steps=4, data_dir=str(clip_folder), eval_clips=0))
+    assert whole.step == 4 and whole.vae_dir is not None
+    assert tv.train(tiny_config(tmp_path / "parts", steps=4, data_dir=str(clip_folder), stop_at=2)).step == 2
+    tv.train(tiny_config(tmp_path / "parts", steps=4, data_dir=str(clip_folder)), resume=True)
+    expected = torch.load(tv.latest_checkpoint(tmp_path / "whole"), weights_only=False)
+    got = torch.load(tv.latest_checkpoint(tmp_path / "parts"), weights_only=False)
+    assert got["config"]["data_dir"] == str(clip_folder)
+    for name, tensor in expected["model"].items():
+        assert torch.equal(tensor, got["model"][name]), name
+    with pytest.raises(ValueError, match=r"clips have 4 latent frames, max_context=3 with frames=5 needs 5"):
+        tv.train(tiny_config(tmp_path / "long", data_dir=str(clip_folder), max_context=3))
+    with pytest.raises(ValueError, match=r"clips are 32x24, frame_size is 48x24"):
+        tv.train(tiny_config(tmp_path / "wide", data_dir=str(clip_folder), frame_size=(48, 24)))
+
+
+def test_a_run_that_slows_down_re_plans_its_schedule_and_still_anneals(tmp_path, one_thread, monkeypatch, capsys):
+    clock, real = [0.0], tv.loss_terms
+
+    def timed(*args, **kwargs):  # 1 s per step, 2 s from step 21 on, on a fake clock
+        clock[0] += 1.0 if clock[0] < 20 else 2.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tv, "loss_terms", timed)
+    monkeypatch.setattr(tv.time, "perf_counter", lambda: clock[0])
+    cfg = tiny_config(tmp_path, steps=None, minutes=1.0, eval_clips=0)
+    result = tv.train(cfg)
+    out = capsys.readouterr().out
+    planned = int(out.split("schedule fixed at ")[1].split()[0])
+    assert planned == 13 + int(0.98 * (60 - 13))  # timed from step 3 to 13 at 1 s/step
+    assert result.total_steps < planned
+    assert result.step == result.total_steps and clock[0] <= 60  # the schedule ran to its end in time
+    last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == result.total_steps
+    assert last["lr"] == pytest.approx(tv.lr_at(result.total_steps - 1, result.total_steps, cfg))
+    assert last["lr"] < 1.1 * cfg.min_lr_ratio * cfg.lr  # annealed
 
 
 def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, one_thread, monkeypatch):
