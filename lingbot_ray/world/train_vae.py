@@ -83,6 +83,11 @@ _CHROMA = torch.tensor([[-0.1687, -0.3313, 0.5], [0.5, -0.4187, -0.0813]])
 _DATA_SALT, _STATS_SALT, _EVAL_SALT, _CONTEXT_SALT = 0x7A3E, 0x57A7, 0xE7A1, 0xC0A7
 
 
+def trained_latent_frames(frames: int) -> int:
+    """Latent frames of a trained part of ``frames = 1 + 4k`` pixel frames."""
+    return 1 + (frames - 1) // TEMPORAL_STRIDE
+
+
 @dataclass
 class TrainConfig:
     """Everything a run depends on; stored in every checkpoint (``--resume`` reuses it)."""
@@ -138,7 +143,7 @@ class TrainConfig:
             meta = ClipDataset(self.data_dir).meta
             if (meta["width"], meta["height"]) != (frame_w, frame_h):
                 raise ValueError(f"data_dir {self.data_dir}: clips are {meta['width']}x{meta['height']}, frame_size is {frame_w}x{frame_h}")
-            needed = self.max_context + 1 + (self.frames - 1) // TEMPORAL_STRIDE
+            needed = self.max_context + trained_latent_frames(self.frames)
             if needed > meta["num_latent_frames"]:
                 raise ValueError(f"data_dir {self.data_dir}: clips have {meta['num_latent_frames']} latent frames, max_context="
                                  f"{self.max_context} with frames={self.frames} needs {needed}")
@@ -329,7 +334,7 @@ class CropDataset(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, _DATA_SALT, index])
         world_seed = int(rng.integers(0, EVAL_SEED_START))
-        trained = 1 + (self.frames - 1) // TEMPORAL_STRIDE
+        trained = trained_latent_frames(self.frames)
         context = self.context(index)
         actions = random_actions(rng, context + trained)
         x0 = int(rng.integers(0, self.frame_size[0] - self.crop[0] + 1))
@@ -350,7 +355,7 @@ class ClipCropDataset(CropDataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, _DATA_SALT, index])
         clip = int(rng.integers(len(self.clips)))
-        length = 1 + TEMPORAL_STRIDE * (self.context(index) + (self.frames - 1) // TEMPORAL_STRIDE)
+        length = 1 + TEMPORAL_STRIDE * (self.context(index) + trained_latent_frames(self.frames) - 1)
         x0 = int(rng.integers(0, self.frame_size[0] - self.crop[0] + 1))
         y0 = int(rng.integers(0, self.frame_size[1] - self.crop[1] + 1))
         return to_pixels(self.clips[clip][0][:length, y0 : y0 + self.crop[1], x0 : x0 + self.crop[0]])

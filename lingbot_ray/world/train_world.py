@@ -65,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = train_vae.config_from_checkpoint(checkpoint, minutes=args.vae_minutes)
         else:
             # crops of the clips just rendered, each trained part after up to as much warm-up as a clip holds
-            trained = 1 + (train_vae.TrainConfig.frames - 1) // 4
-            cfg = train_vae.TrainConfig(out_dir=str(vae_run), minutes=args.vae_minutes, seed=args.seed, data_dir=str(data),
-                                        max_context=train_dit.TRAIN_LATENT_FRAMES - trained)
+            warmup = train_dit.TRAIN_LATENT_FRAMES - train_vae.trained_latent_frames(train_vae.TrainConfig.frames)
+            cfg = train_vae.TrainConfig(out_dir=str(vae_run), minutes=args.vae_minutes, seed=args.seed, data_dir=str(data), max_context=warmup)
         train_vae.train(cfg, resume=checkpoint is not None)
     stage("vae")
 
