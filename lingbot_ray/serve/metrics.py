@@ -3,10 +3,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 _MS_BUCKETS = [10, 25, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800]
 _STAGES = ("text_encoder", "dit", "vae", "postprocess", "queue_wait", "raw_payload_build", "ws_write", "chunk_total")
+# Ray's metrics agent drops a gauge series about two report intervals (20 s by default) after its last
+# set, so a session count that holds still would vanish from Prometheus: it is set again this often.
+GAUGE_REFRESH_S = 5.0
 
 
 class IngressMetrics:
@@ -29,6 +35,13 @@ class IngressMetrics:
         )
         self._latency.set_default_tags(dict(tags))
         self._active = 0
+        self._sessions.set(0)
+        threading.Thread(target=self._refresh, name="lingbot-metrics-refresh", daemon=True).start()
+
+    def _refresh(self) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            self._sessions.set(self._active)
 
     def session_started(self) -> None:
         self._active += 1

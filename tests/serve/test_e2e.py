@@ -456,6 +456,13 @@ def test_prometheus_metrics_are_exported(cluster):
     assert 'stage="dit"' in text and 'stage="vae"' in text
     started = [line for line in text.splitlines() if line.startswith("ray_lingbot_sessions_started_total")]
     assert any(float(line.rsplit(" ", 1)[1]) >= 1 for line in started)
+    # the session count holds still now: Ray exports a gauge within a report interval (10 s) and its agent
+    # drops it two intervals later unless it is set again, so a count set only on change is gone by now
+    time.sleep(40)
+    with urllib.request.urlopen(cluster["metrics"], timeout=10) as response:
+        text = response.read().decode()
+    active = [line for line in text.splitlines() if line.startswith("ray_lingbot_sessions_active{")]
+    assert active and all(float(line.rsplit(" ", 1)[1]) == 0 for line in active), active
 
 
 def test_interpolation_then_upscaling_through_the_graph(cluster):
