@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -78,7 +79,13 @@ def se3_inverse(poses: np.ndarray) -> np.ndarray:
 
 
 class CameraTrajectory:
-    """One session's camera path, integrated from identity one latent frame at a time."""
+    """One session's camera path, integrated from identity one latent frame at a time.
+
+    ``max_history`` bounds the poses kept (the first one and the most recent ``max_history``): a
+    served session runs for as long as its client stays, so its state must not grow with its
+    length. :meth:`chunk_c2w` of ``F`` frames needs ``F + 1`` recent poses when ``framewise``.
+    ``None`` keeps every pose (the world tools read whole trajectories through :attr:`poses`).
+    """
 
     def __init__(
         self,
@@ -88,9 +95,12 @@ class CameraTrajectory:
         move_step: float = 0.05,
         pitch_limit_deg: float = 85.0,
         framewise: bool = True,
+        max_history: int | None = None,
     ) -> None:
         if not 0 <= pitch_limit_deg < 90:
             raise ValueError(f"pitch_limit_deg must be in [0, 90), got {pitch_limit_deg}")
+        if max_history is not None and max_history < 2:
+            raise ValueError(f"max_history must be >= 2 or None, got {max_history}")
         self.pitch_step_deg = pitch_step_deg
         self.yaw_step_deg = yaw_step_deg
         self.move_step = move_step
@@ -99,13 +109,15 @@ class CameraTrajectory:
         self._rotation = np.eye(3)
         self._position = np.zeros(3)
         self._pitch_deg = 0.0
-        self._poses: list[np.ndarray] = []
+        self._first: np.ndarray | None = None
+        self._poses: deque[np.ndarray] = deque(maxlen=max_history)
+        self._count = 0
         # Running max of the conditioning translations' norms, so a chunk needs no full rescan.
         self._max_translation = 0.0
 
     @property
     def num_frames(self) -> int:
-        return len(self._poses)
+        return self._count
 
     @property
     def pitch_deg(self) -> float:
@@ -113,7 +125,8 @@ class CameraTrajectory:
 
     @property
     def poses(self) -> np.ndarray:
-        """Absolute camera-to-world poses of every latent frame so far, ``[N, 4, 4]``."""
+        """Absolute camera-to-world poses of the kept latent frames, ``[N, 4, 4]``: every frame so far
+        unless ``max_history`` bounds them."""
         return np.stack(self._poses) if self._poses else np.zeros((0, 4, 4))
 
     def advance(self, actions: Iterable[str]) -> np.ndarray:
@@ -127,10 +140,13 @@ class CameraTrajectory:
         pose[:3, :3] = self._rotation
         pose[:3, 3] = self._position
         if self._poses:
-            reference = self._poses[-1] if self.framewise else self._poses[0]
+            reference = self._poses[-1] if self.framewise else self._first
             moved = np.linalg.norm(pose[:3, 3] - reference[:3, 3])
             self._max_translation = max(self._max_translation, float(moved))
+        if self._first is None:
+            self._first = pose
         self._poses.append(pose)
+        self._count += 1
         return pose.copy()
 
     def extend(self, actions_per_frame: Iterable[Iterable[str]]) -> None:
@@ -159,11 +175,14 @@ class CameraTrajectory:
         Relative to the first frame, frame-to-frame deltas when ``framewise``, translations divided
         by the largest translation norm of the session's history (unchanged when nothing moved).
         """
-        if not 1 <= num_frames <= len(self._poses):
-            raise ValueError(f"num_frames {num_frames} must be in [1, {len(self._poses)}] (frames so far)")
-        start = len(self._poses) - num_frames
-        first = max(start - 1, 0) if self.framewise else start
-        relative = se3_inverse(self._poses[0]) @ np.stack(self._poses[first:])
+        if not 1 <= num_frames <= self._count:
+            raise ValueError(f"num_frames {num_frames} must be in [1, {self._count}] (frames so far)")
+        start = self._count - num_frames
+        needed = self._count - (max(start - 1, 0) if self.framewise else start)
+        if needed > len(self._poses):
+            raise ValueError(f"num_frames {num_frames} needs {needed} recent poses; max_history keeps {len(self._poses)}")
+        recent = list(self._poses)[len(self._poses) - needed :]
+        relative = se3_inverse(self._first) @ np.stack(recent)
         if self.framewise:
             deltas = se3_inverse(relative[:-1]) @ relative[1:]
             out = deltas if start > 0 else np.concatenate([np.eye(4)[None], deltas])

@@ -153,7 +153,8 @@ class DiTSessionState:
         _check_open(self.closed, "DiT session state")
         stage = self._stage
         self.generator = torch.Generator(device="cpu").manual_seed(self.spec.seed)
-        self.trajectory = CameraTrajectory()
+        # a block's poses need the frame before it: the history is bounded by one block + 1
+        self.trajectory = CameraTrajectory(max_history=self.resolved.geometry.num_frames_per_block + 1)
         self.kv_cache = stage.model.new_kv_cache(
             batch_size=self.batch_size,
             tokens_per_frame=self.resolved.geometry.tokens_per_frame(self.spec.width, self.spec.height),

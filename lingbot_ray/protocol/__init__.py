@@ -24,10 +24,13 @@ from .errors import (
     AuthError,
     CapacityError,
     CloseCode,
+    InitTimeout,
     InvalidEvent,
     InvalidInit,
+    MessageTooBig,
     Outcome,
     ProtocolError,
+    ServerShutdown,
     SessionLost,
     outcome_for,
 )

@@ -16,11 +16,14 @@ INVALID_INIT = "invalid generate request"
 INVALID_EVENT = "invalid event"
 GENERATION_COMPLETE = "generation complete"
 _MAX_CLOSE_REASON_BYTES = 123  # RFC 6455: a close frame's payload is at most 125 bytes
+_MAX_REASON_CHARS = 200
 
 
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
+    GOING_AWAY = 1001
     POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013
 
@@ -33,8 +36,8 @@ class ProtocolError(ValueError):
     def __init__(self, field: str, value: object, reason: str):
         self.field = field
         self.value = value
-        self.reason = reason
-        super().__init__(f"{field}={_short_repr(value)}: {reason}")
+        self.reason = clip(reason, _MAX_REASON_CHARS)  # validators quote the value: keep it short
+        super().__init__(f"{clip(field, 80)}={_short_repr(value)}: {self.reason}")
 
 
 class InvalidInit(ProtocolError):
@@ -57,6 +60,18 @@ class SessionLost(RuntimeError):
     """The stage holding the session's state died or forgot it."""
 
 
+class InitTimeout(RuntimeError):
+    """No valid ``init`` arrived in time (close 1008: the client broke the protocol's first step)."""
+
+
+class MessageTooBig(RuntimeError):
+    """A client message over the configured size (close 1009)."""
+
+
+class ServerShutdown(RuntimeError):
+    """The server is going away (a rollout, a downscale, a stop): close 1001."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What the server says and does for an exception: an error message, and maybe a close."""
@@ -66,11 +81,27 @@ class Outcome:
     close_reason: str = ""
 
 
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, marked when cut: what a client sent never reaches a
+    reply or a log line at full length."""
+    return text if len(text) <= limit else f"{text[: limit - 20]}... <{len(text)} chars>"
+
+
+_PLAIN = (str, int, float, bool, type(None), list, dict, tuple)
+
+
 def _short_repr(value: object, limit: int = 80) -> str:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return f"<{len(value)} bytes>"
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if not isinstance(value, _PLAIN):  # e.g. a MessagePack extension: its repr shows heap addresses
+        return f"<{type(value).__name__}>"
+    if isinstance(value, (list, dict, tuple)) and len(value) > 16:
+        return f"<{type(value).__name__} of {len(value)}>"
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"<nested {type(value).__name__}>"
+    return clip(text, limit)
 
 
 def _clip_reason(text: str) -> str:
@@ -90,10 +121,17 @@ def outcome_for(exc: BaseException | None) -> Outcome:
     if isinstance(exc, CapacityError):
         message = f"no capacity: {exc}"
         return Outcome(ErrorMessage(content=message), CloseCode.TRY_AGAIN_LATER, _clip_reason(message))
-    if isinstance(exc, AuthError):
-        message = f"unauthorized: {exc}"
-        return Outcome(ErrorMessage(content=message), CloseCode.POLICY_VIOLATION, _clip_reason(message))
+    closing = {
+        AuthError: ("unauthorized", CloseCode.POLICY_VIOLATION),
+        InitTimeout: ("init timeout", CloseCode.POLICY_VIOLATION),
+        MessageTooBig: ("message too big", CloseCode.MESSAGE_TOO_BIG),
+        ServerShutdown: ("server shutting down", CloseCode.GOING_AWAY),
+    }
+    for kind, (prefix, code) in closing.items():
+        if isinstance(exc, kind):
+            message = f"{prefix}: {exc}"
+            return Outcome(ErrorMessage(content=message), code, _clip_reason(message))
     lines = str(exc).strip().splitlines()
-    first_line = lines[0] if lines else type(exc).__name__
+    first_line = clip(lines[0], _MAX_REASON_CHARS) if lines else type(exc).__name__
     message = f"error during generate loop: {first_line}"
     return Outcome(ErrorMessage(content=message), CloseCode.INTERNAL_ERROR, _clip_reason(message))

@@ -81,10 +81,16 @@ class IngressConfig(_Section):
     num_cpus: float = 0.5
     # Concurrent WebSocket sessions one ingress replica carries (each holds a request slot).
     max_sessions: int = 16
+    # Sockets that have not sent a valid init yet hold no session slot; at most this many wait at
+    # once (more are refused with 1013), each for at most init_timeout_s (then closed with 1008).
+    max_pending_inits: int = 16
+    init_timeout_s: float = 30.0
     # API key: the value itself, or the name of an environment variable holding it.
     api_key: str | None = None
     api_key_env: str | None = "LINGBOT_API_KEY"
     cors_allow_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    # The largest WebSocket message either way: frame batches are split below it; a client message
+    # above it closes the socket with 1009.
     max_message_bytes: int = 8 * 2**20
     # Chunks of one session between "DiT started" and "sent": bounds memory, gives backpressure.
     max_chunks_in_flight: int = 2
@@ -128,12 +134,16 @@ class ServeConfig(_Section):
             "postprocess.num_replicas": self.postprocess.num_replicas,
             "ingress.num_replicas": self.ingress.num_replicas,
             "ingress.max_sessions": self.ingress.max_sessions,
+            "ingress.max_pending_inits": self.ingress.max_pending_inits,
             "ingress.max_chunks_in_flight": self.ingress.max_chunks_in_flight,
             "ingress.max_message_bytes": self.ingress.max_message_bytes,
         }
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key}={value!r}: must be >= 1")
+        for key, value in {"ingress.init_timeout_s": self.ingress.init_timeout_s, "ingress.stage_timeout_s": self.ingress.stage_timeout_s}.items():
+            if not value > 0:
+                raise ValueError(f"{key}={value!r}: must be > 0")
         if self.ingress.max_message_bytes > 16 * 2**20:
             raise ValueError(
                 f"ingress.max_message_bytes={self.ingress.max_message_bytes}: uvicorn caps WebSocket messages at 16 MiB"
@@ -199,7 +209,7 @@ def deployment_options(config: ServeConfig) -> dict[str, dict[str, Any]]:
         "Ingress": {
             "num_replicas": config.ingress.num_replicas,
             "ray_actor_options": {"num_cpus": config.ingress.num_cpus},
-            # Each open WebSocket holds one slot for its whole life.
-            "max_ongoing_requests": config.ingress.max_sessions + 4,
+            # Each open WebSocket holds one slot for its whole life, waiting for init or streaming.
+            "max_ongoing_requests": config.ingress.max_sessions + config.ingress.max_pending_inits + 4,
         },
     }

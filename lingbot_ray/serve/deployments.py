@@ -10,6 +10,7 @@ Tensors cross replica boundaries as numpy arrays (zero-copy between replicas on 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import os
@@ -43,16 +44,29 @@ def replica_tag() -> str:
 
 
 class _StageReplica:
-    """Shared plumbing: one model-work thread, and a session table with a capacity whose idle
-    entries are released, so sessions of an ingress that died without closing them do not hold
-    their slots forever."""
+    """Shared plumbing of the sticky stages: one model-work thread, and session slots.
+
+    A session takes a slot in two calls: ``open_session`` reserves it (no model work, so a full
+    replica refuses at once, before anyone encodes anything; the router sends it to the replica with
+    the most free slots), then ``start_session`` does the model work and installs the session's
+    state. ``close_session`` frees both, at any point, and is remembered for a while so that a
+    reservation or start that arrives after its close (calls are not ordered) is refused instead of
+    holding a slot. Slots no call has touched for ``idle_timeout_s`` are released, so sessions of an
+    ingress that died without closing them do not hold their slots forever.
+    """
+
+    STAGE = "stage"
+    CLOSED_MEMORY = 4096  # closed session ids remembered (bounded: a replica lives for days)
 
     def __init__(self, capacity: int, idle_timeout_s: float):
         self.capacity = capacity
-        self.sessions: dict[str, Any] = {}
+        self.sessions: dict[str, Any] = {}  # started sessions' state
+        self.held: set[str] = set()  # sessions with a slot here: reserved or started
         self.replica_id = replica_tag()
         self.idle_timeout_s = idle_timeout_s
+        self._closed: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._touched: dict[str, float] = {}
+        self.starts = 0  # sessions whose model work began here (operators; tests of early refusal)
         self._reaper: asyncio.Task | None = None
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
@@ -94,25 +108,59 @@ class _StageReplica:
         self._touch(sid)
         return state
 
-    def _admit(self, sid: str, what: str) -> None:
-        if sid in self.sessions:
+    def _check_held(self, sid: str) -> None:
+        """Before a session's model work: its slot must be reserved and not closed since."""
+        if sid not in self.held:
+            raise SessionLost(f"session {sid} has no slot on {self.replica_id} (closed, or never reserved)")
+        self.starts += 1
+        self._touch(sid)
+
+    async def _install(self, sid: str, state: Any) -> None:
+        """Keep a started session's state, unless it was closed while it started."""
+        if sid not in self.held:
+            await self._run(state.release)
+            raise SessionLost(f"session {sid} was closed on {self.replica_id} while it started")
+        self.sessions[sid] = state
+
+    async def open_session(self, sid: str) -> str:
+        """Reserve a slot for ``sid`` (no model work); returns this replica's id."""
+        if sid in self._closed:
+            raise SessionLost(f"session {sid} was already closed on {self.replica_id}")
+        if sid in self.held:
             raise ValueError(f"session_id={sid!r}: already open on {self.replica_id}")
-        if len(self.sessions) >= self.capacity:
-            raise CapacityError(f"{what} {self.replica_id} holds {len(self.sessions)}/{self.capacity} sessions")
+        if len(self.held) >= self.capacity:
+            raise CapacityError(f"{self.STAGE} {self.replica_id} holds {len(self.held)}/{self.capacity} sessions")
+        self.held.add(sid)
+        self._touch(sid)
+        return self.replica_id
 
     def record_routing_stats(self) -> dict[str, Any]:
-        return {"sessions": len(self.sessions), "capacity": self.capacity}
+        return {"sessions": len(self.held), "capacity": self.capacity}
 
     def describe(self) -> dict[str, Any]:
         """Who this replica is and which sessions it holds (tests, operators)."""
-        return {"replica_id": self.replica_id, "sessions": sorted(self.sessions), "capacity": self.capacity}
+        return {
+            "replica_id": self.replica_id,
+            "pid": os.getpid(),
+            "sessions": sorted(self.held),
+            "capacity": self.capacity,
+            "starts": self.starts,
+        }
 
     async def close_session(self, sid: str) -> bool:
+        held = sid in self.held
+        self.held.discard(sid)
         self._touched.pop(sid, None)
+        self._closed[sid] = None
+        while len(self._closed) > self.CLOSED_MEMORY:
+            self._closed.popitem(last=False)
         state = self.sessions.pop(sid, None)
         if state is not None:
-            await self._run(state.release)
-        return state is not None
+            await self._release(sid, state)
+        return held
+
+    async def _release(self, sid: str, state: Any) -> None:
+        await self._run(state.release)
 
 
 class TextEncoder:
@@ -143,18 +191,23 @@ class DiTGroup(_StageReplica):
 
     One replica is one group of ``dit.sequence_parallel_degree`` ranks (:mod:`.dit_group`)."""
 
+    STAGE = "DiT group"
+
     def __init__(self, config: ServeConfig):
         super().__init__(config.dit.sessions_per_group, config.dit.session_idle_timeout_s)
         self.ranks = RankGroup(config, self._timed)
         self.sessions = self.ranks.local.sessions
         logger.info("DiTGroup %s ready: %d rank(s), %d session slot(s)", self.replica_id, self.ranks.size, self.capacity)
 
-    async def open_session(
+    async def start_session(
         self, sid: str, spec: SessionSpec, condition: Any, text: dict[str, Any], negative: dict[str, Any] | None
     ) -> dict[str, Any]:
-        self._admit(sid, "DiT group")
+        self._check_held(sid)
         negative_embeds = None if negative is None else negative["embeds"]
         latent_frames, _ = await self.ranks.call("open", sid, spec, condition, text["embeds"], negative_embeds)
+        if sid not in self.held:  # closed while it started: the ranks hold the state, not self.sessions
+            await self.ranks.call("close", sid)
+            raise SessionLost(f"session {sid} was closed on {self.replica_id} while it started")
         self._touch(sid)
         return {"replica_id": self.replica_id, "latent_frames_per_chunk": latent_frames}
 
@@ -166,12 +219,8 @@ class DiTGroup(_StageReplica):
             out["text_encoder_ms"] = text["text_encoder_ms"]
         return out
 
-    async def close_session(self, sid: str) -> bool:
-        self._touched.pop(sid, None)
-        if sid not in self.sessions:
-            return False
+    async def _release(self, sid: str, state: Any) -> None:
         await self.ranks.call("close", sid)
-        return True
 
     def check_health(self) -> None:
         self.ranks.check_health()
@@ -183,19 +232,20 @@ class DiTGroup(_StageReplica):
 class VAEDecoder(_StageReplica):
     """First-frame encoding and every live session's streaming decode cache (sticky)."""
 
+    STAGE = "VAE decoder"
+
     def __init__(self, config: ServeConfig):
         super().__init__(config.vae.sessions_per_replica, config.vae.session_idle_timeout_s)
         apply_threads(config.model)
         folder = ensure_checkpoint(config.model)
         self.stage = VAEStage.from_pretrained(folder, device=config.model.device)
 
-    async def open_session(self, sid: str, spec: SessionSpec) -> Any:
-        """Register the session's decode cache and return its condition latents (for the DiT)."""
-        self._admit(sid, "VAE decoder")
+    async def start_session(self, sid: str, spec: SessionSpec) -> Any:
+        """Set up the session's decode cache and return its condition latents (for the DiT)."""
+        self._check_held(sid)
         resolved = spec.resolve(self.stage.geometry)
         condition = await self._run(self.stage.encode_condition, spec.image)
-        self.sessions[sid] = self.stage.new_session(resolved)
-        self._touch(sid)
+        await self._install(sid, self.stage.new_session(resolved))
         return condition
 
     def _decode(self, sid: str, latents: np.ndarray) -> np.ndarray:
@@ -235,6 +285,8 @@ class PostProcess(_StageReplica):
     """RIFE interpolation, then Real-ESRGAN upscaling, per session (sticky: RIFE pairs a chunk's first
     frame with the previous chunk's last). Weights are loaded once per path and shared by sessions."""
 
+    STAGE = "post-process"
+
     def __init__(self, config: ServeConfig):
         super().__init__(config.postprocess.sessions_per_replica, config.postprocess.session_idle_timeout_s)
         apply_threads(config.model)
@@ -260,11 +312,10 @@ class PostProcess(_StageReplica):
         esrgan = self._model("esrgan", options.esrgan_path) if options.upscale != 1 else None
         return PostProcessor(rife, esrgan, tile=self.tile)
 
-    async def open_session(self, sid: str, options: PostOptions) -> None:
-        self._admit(sid, "post-process")
+    async def start_session(self, sid: str, options: PostOptions) -> None:
+        self._check_held(sid)
         processor = await self._run(self._processor, options)
-        self.sessions[sid] = _PostState(processor, options)
-        self._touch(sid)
+        await self._install(sid, _PostState(processor, options))
 
     async def process(self, sid: str, vae_out: dict[str, Any]) -> dict[str, Any]:
         state = self._session(sid)

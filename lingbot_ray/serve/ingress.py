@@ -12,8 +12,9 @@ accepted, told why and closed with 1008.
 from __future__ import annotations
 
 import hmac
-import math
 import logging
+import math
+import os
 import pathlib
 from typing import Any
 
@@ -28,14 +29,14 @@ from starlette.websockets import WebSocket
 
 from lingbot_ray.engine import read_geometry
 from lingbot_ray.models.pipeline import read_serving_defaults
-from lingbot_ray.protocol import AuthError, CapacityError, ModelCard, ModelList, model_not_found, outcome_for, encode_server_message
+from lingbot_ray.protocol import AuthError, ModelCard, ModelList, model_not_found, outcome_for, encode_server_message
 
 from .backend import StageBackend
 from .checkpoint import ensure_checkpoint
 from .config import ServeConfig
 from .deployments import replica_tag
 from .media import MediaPolicy
-from .session import SessionDriver, SessionSettings
+from .session import SessionDriver, SessionSettings, Slots
 
 logger = logging.getLogger("ray.serve")
 
@@ -72,6 +73,7 @@ class Ingress:
             max_message_bytes=config.ingress.max_message_bytes,
             max_chunks_in_flight=config.ingress.max_chunks_in_flight,
             stage_timeout_s=config.ingress.stage_timeout_s,
+            init_timeout_s=config.ingress.init_timeout_s,
             rife_model_path=config.postprocess.rife_model_path,
             esrgan_model_path=config.postprocess.esrgan_model_path,
             model_dirs=tuple(config.postprocess.model_dirs),
@@ -82,13 +84,26 @@ class Ingress:
             dit_precision={"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[config.model.dit_dtype],
         )
         self._api_key = config.ingress.resolved_api_key()
-        self._active = 0
         self.replica_id = replica_tag()
+        self.sessions = Slots(config.ingress.max_sessions, f"ingress {self.replica_id} carries sessions")
+        self.waiting = Slots(config.ingress.max_pending_inits, f"ingress {self.replica_id} has sockets waiting for init")
         self.asgi = self._build_app()
         logger.info("ingress ready: model %s, api key %s", self.model_name, "on" if self._api_key else "off")
 
     def __serve_build_asgi_app__(self):
         return self.asgi
+
+    def describe(self) -> dict[str, Any]:
+        """This replica's session slots (tests, operators): streaming sessions and sockets that
+        have not sent a valid init yet."""
+        return {
+            "replica_id": self.replica_id,
+            "pid": os.getpid(),
+            "sessions": self.sessions.used,
+            "max_sessions": self.sessions.limit,
+            "waiting_for_init": self.waiting.used,
+            "max_pending_inits": self.waiting.limit,
+        }
 
     # -- auth ------------------------------------------------------------------------------------
 
@@ -139,19 +154,9 @@ class Ingress:
 
     async def generate(self, websocket: WebSocket) -> None:
         await websocket.accept()
-        limit = self.config.ingress.max_sessions
-        if self._active >= limit:
-            outcome = outcome_for(CapacityError(f"ingress {self.replica_id} carries {self._active}/{limit} sessions"))
-            await websocket.send_bytes(encode_server_message(outcome.error))
-            await websocket.close(code=int(outcome.close_code), reason=outcome.close_reason)
-            if self.metrics:
-                self.metrics.session_rejected("CapacityError")
-            return
-        self._active += 1
-        try:
-            await SessionDriver(websocket, self.backend, self.settings, self.metrics).run()
-        finally:
-            self._active -= 1
+        await SessionDriver(
+            websocket, self.backend, self.settings, self.metrics, sessions=self.sessions, waiting=self.waiting
+        ).run()
 
     def _build_app(self):
         routes = [

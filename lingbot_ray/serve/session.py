@@ -1,15 +1,20 @@
 """One realtime session per WebSocket: the protocol's lifecycle on top of a :class:`StageBackend`.
 
 1. Read messages until one validates as ``init`` (each invalid one gets ``invalid generate
-   request``; the socket stays open).
-2. Open the session on every stage (refused with 1013 when no group has room).
-3. Run two tasks: the event reader (also how a disconnect is noticed) and the generation loop,
-   pipelined: chunk N+1's conditions are sampled and its DiT work submitted as soon as chunk N's DiT
-   work ends, while chunk N decodes and chunk N-1 is encoded and sent. At most
-   ``max_chunks_in_flight`` chunks are between "submitted" and "sent", so a slow client pauses
-   generation instead of growing queues.
-4. Whatever ends the session (``max_chunks``, disconnect, error), every stage frees its state and
-   one log line records the session's figures.
+   request``; the socket stays open), for at most ``ingress.init_timeout_s``. A socket that has not
+   sent a valid init holds no session slot: it counts only against ``ingress.max_pending_inits``.
+2. Admission before any model work: a slot of this ingress, then a slot on every sticky stage
+   (refused with 1013 when none has room).
+3. From here the event reader runs, and it is also how a disconnect is noticed: while the stages
+   open the session (prompt, first frame, DiT state) and while it streams. A client that leaves
+   during the opening stops it.
+4. The generation loop is pipelined: chunk N+1's conditions are sampled and its DiT work submitted
+   as soon as chunk N's DiT work ends, while chunk N decodes and chunk N-1 is encoded and sent. At
+   most ``max_chunks_in_flight`` chunks are between "submitted" and "sent", so a slow client pauses
+   generation instead of growing queues; nothing the session keeps grows with its length.
+5. Whatever ends the session (``max_chunks``, disconnect, error, shutdown), the slots are given back
+   before anything else (synchronously, so a cancelled handler cannot skip it), every stage frees
+   its state, and one log line records the session's figures.
 """
 
 from __future__ import annotations
@@ -27,11 +32,14 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from lingbot_ray.control.conditions import ConditionQueue
 from lingbot_ray.engine import ModelGeometry, SessionSpec
 from lingbot_ray.protocol import (
+    CapacityError,
     ChunkStats,
     InitLimits,
     InitRequest,
+    InitTimeout,
     InvalidEvent,
     InvalidInit,
+    MessageTooBig,
     ProtocolError,
     decode_event,
     decode_init,
@@ -43,6 +51,7 @@ from lingbot_ray.transport import make_encoder
 from .backend import StageBackend
 from .deployments import PostOptions
 from .media import MediaPolicy, load_first_frame
+from .stats import QuantileSketch
 
 logger = logging.getLogger("ray.serve")
 
@@ -57,13 +66,43 @@ class SessionSettings:
     default_fps: float = 16.0
     limits: InitLimits = field(default_factory=InitLimits)
     media: MediaPolicy = field(default_factory=MediaPolicy)
+    # the largest WebSocket message either way: outbound chunks are split below it, inbound
+    # messages above it close the socket with 1009
     max_message_bytes: int = 8 * 2**20
     max_chunks_in_flight: int = 2
     stage_timeout_s: float = 120.0
+    init_timeout_s: float = 30.0
     # post-processing: server-side weights, and where a client's own paths may point
     rife_model_path: str | None = None
     esrgan_model_path: str | None = None
     model_dirs: tuple[str, ...] = ()
+
+
+class Slots:
+    """A counted resource with a cap (sessions, sockets waiting for init). Taking and giving back
+    are synchronous, so no cancellation can land between a session's end and its release."""
+
+    def __init__(self, limit: int, what: str):
+        self.limit, self.what, self.used = limit, what, 0
+
+    def take(self) -> None:
+        if self.used >= self.limit:
+            raise CapacityError(f"{self.what} {self.used}/{self.limit}")
+        self.used += 1
+
+    def give(self) -> None:
+        self.used -= 1
+        assert self.used >= 0, "slot given back twice"
+
+
+# SessionSpec fields whose init field has another name
+_WIRE_FIELDS = {
+    "window_frames": "realtime_causal_kv_cache_num_frames",
+    "sink_size": "realtime_causal_sink_size",
+    "width": "size",
+    "height": "size",
+    "image": "first_frame",
+}
 
 
 class _Closed(Exception):
@@ -75,14 +114,25 @@ def _ms(seconds: float) -> int:
 
 
 class SessionDriver:
-    def __init__(self, websocket: WebSocket, backend: StageBackend, settings: SessionSettings, metrics=None):
+    def __init__(
+        self,
+        websocket: WebSocket,
+        backend: StageBackend,
+        settings: SessionSettings,
+        metrics=None,
+        *,
+        sessions: Slots | None = None,
+        waiting: Slots | None = None,
+    ):
         self.ws = websocket
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
+        self.sessions = sessions or Slots(2**31, "sessions")
+        self.waiting = waiting or Slots(2**31, "sockets waiting for init")
         self.session_id = uuid.uuid4().hex
         self._send_lock = asyncio.Lock()
-        self._chunk_ms: list[float] = []
+        self._chunk_ms = QuantileSketch()
         self._frames_sent = 0
         self._bytes_sent = 0
         self._dit_replica = ""
@@ -104,6 +154,9 @@ class SessionDriver:
         data = message.get("bytes")
         if data is None:  # a text frame: the protocol is binary MessagePack only
             data = (message.get("text") or "").encode()
+        limit = self.settings.max_message_bytes
+        if len(data) > limit:
+            raise MessageTooBig(f"{len(data)} bytes > {limit} (ingress.max_message_bytes)")
         return data
 
     async def _close(self, code: int, reason: str) -> None:
@@ -117,54 +170,89 @@ class SessionDriver:
 
     async def run(self) -> None:
         started = time.perf_counter()
-        end_reason, init, opened, registered = "client left before init", None, False, False
-        reader = generator = None
+        end_reason, admitted, opened = "client left before init", False, False
+        tasks: list[asyncio.Task] = []
         try:
-            init, spec, post = await self._read_init()
-            # From here a stage may hold state for this id, even if opening fails half-way.
-            registered = True
-            info = await asyncio.wait_for(self.backend.open(self.session_id, spec, post), self.settings.stage_timeout_s)
+            # Step 1: a valid init, in time; the socket holds no session slot yet
+            self.waiting.take()
+            try:
+                init, spec, post = await asyncio.wait_for(self._read_init(), self.settings.init_timeout_s)
+            except asyncio.TimeoutError:
+                raise InitTimeout(f"no valid init within {self.settings.init_timeout_s:g} s (ingress.init_timeout_s)") from None
+            finally:
+                self.waiting.give()
+            # Step 2: this ingress's slot; the stages' slots are reserved first thing in open
+            self.sessions.take()
+            admitted = True
+            # Step 3: the reader watches the socket while the stages open the session
+            queue = ConditionQueue(init.camera_script)
+            reader = asyncio.create_task(self._read_events(queue))
+            opening = asyncio.create_task(self.backend.open(self.session_id, spec, post), name="opening")
+            tasks += [reader, opening]
+            info = await self._unless_gone(opening, reader, "opening the session")
             opened = True
             self._dit_replica = str(info.get("replica_id", ""))
             self._log_start(init, spec)
             if self.metrics:
                 self.metrics.session_started()
-            queue = ConditionQueue(init.camera_script)
-            reader = asyncio.create_task(self._read_events(queue))
+            # Step 4: stream until max_chunks, a disconnect or a failure
             generator = asyncio.create_task(self._generate(init, queue, int(info["latent_frames_per_chunk"])))
+            tasks.append(generator)
             done, _ = await asyncio.wait({reader, generator}, return_when=asyncio.FIRST_COMPLETED)
             if generator in done:
                 generator.result()  # raises the generation failure, if any
                 end_reason = "generation complete"
                 await self._end(None)
             else:
-                end_reason = "client disconnected"
-        except _Closed:
+                reader.result()  # raises why the reader stopped: the client left, or broke a limit
+        except (_Closed, WebSocketDisconnect):
             end_reason = "client disconnected"
-        except WebSocketDisconnect:
-            end_reason = "client disconnected"
+        except asyncio.CancelledError:
+            end_reason = "cancelled"
+            raise
         except Exception as exc:
             end_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            if self.metrics and opened is False:
+            if self.metrics and not opened:
                 self.metrics.session_rejected(type(exc).__name__)
             await self._end(exc)
         finally:
-            for task in (reader, generator):
-                if task is not None and not task.done():
-                    task.cancel()
-            for task in (reader, generator):
-                if task is not None:
-                    try:
-                        await task
-                    except BaseException:
-                        pass
-            if registered:
-                # Shielded: a cancelled handler must still free every stage's state.
-                await asyncio.shield(self.backend.close(self.session_id))
+            # Step 5: the bookkeeping first, with no await before it; then the stages' cleanup,
+            # shielded, so that a cancelled handler still frees every stage's state
+            if admitted:
+                self.sessions.give()
             if opened:
                 if self.metrics:
                     self.metrics.session_ended()
                 self._log_end(started, end_reason)
+            if admitted:
+                await asyncio.shield(self._release(tasks))
+
+    async def _release(self, tasks: list[asyncio.Task]) -> None:
+        """Close the session on every stage, then collect what is still running for it.
+
+        The closing comes first and is how unfinished work stops: a stage refuses a start or a
+        chunk of a session it has closed, so an abandoned opening fails at its next stage and a
+        chunk in flight at the next chunk boundary. (Cancelling Ray handle calls instead blocks the
+        ingress's event loop while a call is still being routed.)
+        """
+        for task in tasks:
+            if task.get_name() != "opening":
+                task.cancel()
+        await self.backend.close(self.session_id)
+        await asyncio.wait(tasks, timeout=self.settings.stage_timeout_s)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: an abandoned call's failure is expected, not news
+
+    async def _unless_gone(self, task: asyncio.Task, reader: asyncio.Task, what: str):
+        """``task``'s result, unless the client leaves (the reader ends) or the stages take longer
+        than ``ingress.stage_timeout_s`` first; the task is then left to :meth:`_release`."""
+        done, _ = await asyncio.wait({task, reader}, timeout=self.settings.stage_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        if reader in done:
+            reader.result()  # raises why the reader stopped
+        raise TimeoutError(f"{what} took longer than ingress.stage_timeout_s={self.settings.stage_timeout_s:g} s")
 
     async def _end(self, exc: BaseException | None) -> None:
         outcome = outcome_for(exc)
@@ -250,8 +338,10 @@ class SessionDriver:
             )
             spec.resolve(self.settings.geometry)
         except ValueError as exc:
-            field_name = str(exc).split("=", 1)[0] if "=" in str(exc) else "init"
-            raise InvalidInit(field_name, None, str(exc)) from None
+            # the engine names its own fields: tell the client the init field it sent
+            name = str(exc).split("=", 1)[0] if "=" in str(exc) else ""
+            wire = _WIRE_FIELDS.get(name, name if name in InitRequest.__struct_fields__ else "init")
+            raise InvalidInit(wire, getattr(init, wire, None), str(exc).split(": ", 1)[-1]) from None
         return spec
 
     async def _read_events(self, queue: ConditionQueue) -> None:
@@ -281,9 +371,9 @@ class SessionDriver:
     async def _generate(self, init: InitRequest, queue: ConditionQueue, latent_frames: int) -> None:
         slots = asyncio.Semaphore(self.settings.max_chunks_in_flight)
         ready: asyncio.Queue = asyncio.Queue()
-        submitted: list = []
-        producer = asyncio.create_task(self._produce(init, queue, latent_frames, slots, ready, submitted))
-        sender = asyncio.create_task(self._send_chunks(init, ready, slots))
+        in_flight: set = set()  # submitted and not yet sent: at most max_chunks_in_flight
+        producer = asyncio.create_task(self._produce(init, queue, latent_frames, slots, ready, in_flight))
+        sender = asyncio.create_task(self._send_chunks(init, ready, slots, in_flight))
         try:
             done, _ = await asyncio.wait({producer, sender}, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -292,28 +382,24 @@ class SessionDriver:
         finally:
             for task in (producer, sender):
                 task.cancel()
-            for future in submitted[-self.settings.max_chunks_in_flight - 1 :]:
-                if future.cancel is not None:
-                    try:
-                        future.cancel()
-                    except Exception:  # already finished
-                        pass
+            for future in in_flight:
+                future.cancel()
 
-    async def _produce(self, init, queue, latent_frames, slots, ready, submitted) -> None:
+    async def _produce(self, init, queue, latent_frames, slots, ready, in_flight) -> None:
         chunk_index = 0
         while init.max_chunks is None or chunk_index < init.max_chunks:
             await slots.acquire()
             prepare_start = time.perf_counter()
             conditions = queue.sample(latent_frames, chunk_index)
             future = self.backend.submit(self.session_id, conditions)
-            submitted.append(future)
+            in_flight.add(future)
             await ready.put((chunk_index, conditions.event_id, future, prepare_start, time.perf_counter()))
             # Conditions for the next chunk are sampled once this chunk's DiT work ends.
             await asyncio.wait_for(future.dit_done, self.settings.stage_timeout_s)
             chunk_index += 1
         await ready.put(None)
 
-    async def _send_chunks(self, init: InitRequest, ready: asyncio.Queue, slots: asyncio.Semaphore) -> None:
+    async def _send_chunks(self, init: InitRequest, ready: asyncio.Queue, slots: asyncio.Semaphore, in_flight: set) -> None:
         encoder = make_encoder(
             init.realtime_output_format,
             quality=init.preview_quality,
@@ -352,6 +438,7 @@ class SessionDriver:
             for batch in batches:
                 payload_bytes += await self._send(batch)
             write_end = time.perf_counter()
+            in_flight.discard(future)
             slots.release()
 
             stage_ms = {k: float(result.get(k, 0.0)) for k in ("text_encoder_ms", "dit_ms", "vae_ms", "postprocess_ms")}
@@ -386,7 +473,7 @@ class SessionDriver:
                 replica_id=str(result.get("dit_replica", "")),
             )
             await self._send(stats)
-            self._chunk_ms.append(stats.chunk_total_ms)
+            self._chunk_ms.add(stats.chunk_total_ms)
             self._frames_sent += int(frames.shape[0])
             self._bytes_sent += payload_bytes
             if self.metrics:
@@ -410,18 +497,17 @@ class SessionDriver:
 
     def _log_end(self, started: float, reason: str) -> None:
         duration = time.perf_counter() - started
-        chunk_ms = np.asarray(self._chunk_ms) if self._chunk_ms else np.zeros(1)
         logger.info(
             "session end id=%s reason=%r chunks=%d frames=%d duration_s=%.1f generated_fps=%.2f "
             "chunk_ms_p50=%.0f chunk_ms_p95=%.0f bytes=%d dit=%s",
             self.session_id,
             reason,
-            len(self._chunk_ms),
+            self._chunk_ms.count,
             self._frames_sent,
             duration,
             self._frames_sent / duration if duration > 0 else 0.0,
-            float(np.percentile(chunk_ms, 50)),
-            float(np.percentile(chunk_ms, 95)),
+            self._chunk_ms.quantile(0.5),
+            self._chunk_ms.quantile(0.95),
             self._bytes_sent,
             self._dit_replica,
         )

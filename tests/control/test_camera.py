@@ -167,3 +167,25 @@ def test_random_actions_keep_a_valid_rotation_and_match_the_definition(actions, 
 
     chunk = min(chunk, len(actions))
     np.testing.assert_allclose(cam.chunk_c2w(chunk), _reference_chunk(poses, chunk, framewise), atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.lists(st.sampled_from("wsadijkl"), max_size=3), min_size=30, max_size=60),
+    st.booleans(),
+    st.integers(min_value=1, max_value=3),
+)
+def test_bounded_history_gives_the_same_chunk_poses_as_the_whole_history(actions, framewise, block):
+    """A served session keeps only the poses a chunk needs (its state must not grow with its
+    length), and conditions exactly as if it kept them all."""
+    whole = CameraTrajectory(framewise=framewise)
+    bounded = CameraTrajectory(framewise=framewise, max_history=block + 1)
+    for start in range(0, len(actions) - block + 1, block):
+        for frame in actions[start : start + block]:
+            whole.advance(frame)
+            bounded.advance(frame)
+        np.testing.assert_array_equal(bounded.chunk_c2w(block), whole.chunk_c2w(block))
+    assert bounded.num_frames == whole.num_frames
+    assert len(bounded.poses) == block + 1 < len(whole.poses)
+    with pytest.raises(ValueError, match="max_history"):
+        bounded.chunk_c2w(block + 2)

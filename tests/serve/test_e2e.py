@@ -251,13 +251,17 @@ def test_sessions_are_sticky_spread_by_capacity_and_refused_when_full(cluster):
             asyncio.create_task(long_session(results, "b", started_b)),
         ]
         await asyncio.wait_for(asyncio.gather(started_a.wait(), started_b.wait()), 120)
+        vae = serve.get_deployment_handle("VAEDecoder", app_name=APP)
+        encoded_before = (await vae.describe.remote())["starts"]
         refused = await refused_session()
+        encoded_after = (await vae.describe.remote())["starts"]
         await asyncio.gather(*tasks)
-        return results, refused
+        return results, refused, encoded_after - encoded_before
 
-    results, refused = run(scenario())
+    results, refused, encoded = run(scenario())
     _, _, errors, code, _, _ = refused
     assert code == 1013 and errors and "no capacity" in errors[0]["content"]
+    assert encoded == 0, "the refused session's first frame was encoded: refusal must come before model work"
     replicas = []
     for key in ("a", "b"):
         stats, close_code, reason = results[key]
@@ -441,7 +445,13 @@ def test_reference_pages_minimal_client_receives_frames(cluster, tmp_path, monke
 def test_prometheus_metrics_are_exported(cluster):
     # runs after sessions above; Ray's metrics agent exports on its own period
     # Ray prefixes application metrics with "ray_"
-    wanted = ("ray_lingbot_sessions_started_total", "ray_lingbot_frames_generated_total", "ray_lingbot_chunk_stage_ms_bucket", "ray_lingbot_sessions_active")
+    wanted = (
+        "ray_lingbot_sessions_started_total",
+        "ray_lingbot_frames_generated_total",
+        "ray_lingbot_chunk_stage_ms_bucket",
+        "ray_lingbot_sessions_active",
+        "ray_lingbot_text_cache_bytes",
+    )
     deadline = time.monotonic() + 60
     while True:
         try:

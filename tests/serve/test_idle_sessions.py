@@ -18,9 +18,8 @@ def test_idle_sessions_are_released_and_active_ones_kept():
     async def scenario():
         live, orphan = _State(), _State()
         for sid, state in (("live", live), ("orphan", orphan)):
-            replica._admit(sid, "stage")
-            replica.sessions[sid] = state
-            replica._touch(sid)
+            await replica.open_session(sid)
+            await replica._install(sid, state)
         for _ in range(12):  # 1.2 s: the live session keeps being used, the orphan does not
             await asyncio.sleep(0.1)
             replica._session("live")
@@ -30,3 +29,30 @@ def test_idle_sessions_are_released_and_active_ones_kept():
     assert orphan.released and "orphan" not in replica.sessions
     assert not live.released and "live" in replica.sessions
     assert replica.record_routing_stats() == {"sessions": 1, "capacity": 2}
+
+
+def test_slots_are_reserved_before_model_work_and_closes_win_races():
+    """A full replica refuses at the reservation; a close that overtakes a start frees the slot and
+    the late start releases what it built; a reservation after its close is refused."""
+    import pytest
+
+    from lingbot_ray.protocol import CapacityError, SessionLost
+
+    replica = _StageReplica(capacity=1, idle_timeout_s=60)
+
+    async def scenario():
+        await replica.open_session("a")
+        with pytest.raises(CapacityError, match="1/1"):
+            await replica.open_session("b")
+        assert replica.record_routing_stats() == {"sessions": 1, "capacity": 1}
+        late = _State()
+        await replica.close_session("a")  # overtakes a's start
+        with pytest.raises(SessionLost, match="while it started"):
+            await replica._install("a", late)
+        with pytest.raises(SessionLost, match="already closed"):
+            await replica.open_session("a")
+        await replica.open_session("b")
+        return late
+
+    late = asyncio.run(scenario())
+    assert late.released and replica.held == {"b"} and not replica.sessions

@@ -18,6 +18,7 @@ from lingbot_ray.serve.local import serve_locally
 from tests.serve.test_e2e import collect, init_message
 
 KEY = "s3cret-key"
+INIT_TIMEOUT_S = 4.0
 
 
 class _Address(str):
@@ -31,7 +32,14 @@ def server(tmp_path_factory):
     config = {
         "model": {"path": str(checkpoint), "torch_threads": 1},
         "dit": {"sessions_per_group": 4},
-        "ingress": {"api_key": KEY, "max_sessions": 1, "cors_allow_origins": ["http://webui.example"]},
+        "ingress": {
+            "api_key": KEY,
+            "max_sessions": 1,
+            "cors_allow_origins": ["http://webui.example"],
+            "max_pending_inits": 2,
+            "init_timeout_s": INIT_TIMEOUT_S,
+            "max_message_bytes": 2**20,
+        },
     }
     with serve_locally(config) as srv:
         address = _Address(srv.address)
@@ -116,7 +124,8 @@ def test_sessions_beyond_the_ingress_limit_are_refused_1013(server):
     async def scenario():
         async with await open_when_free(url, max_chunks=None, realtime_output_format="raw") as first:
             async with websockets.connect(url, max_size=None) as second:
-                refused = await collect(second)  # refused on arrival, before any message
+                await second.send(init_message())  # a socket takes a session slot with a valid init
+                refused = await collect(second)
             await first.send(msgspec.msgpack.encode({"type": "event", "kind": "prompt", "payload": "still here"}))
             still_streaming = await collect(first, stop_after_chunks=1)
         return refused, still_streaming
@@ -169,3 +178,50 @@ def test_post_processing_without_configured_weights_is_an_invalid_init_naming_th
     error = asyncio.run(attempt())
     assert error["content"] == "invalid generate request"
     assert "enable_upscaling" in error["detail"] and "postprocess.esrgan_model_path" in error["detail"]
+
+
+def test_sockets_without_init_hold_no_session_slot_and_are_closed_after_the_init_timeout(server):
+    """Idle sockets cannot deny service: they wait outside the session slots, only up to
+    ``max_pending_inits`` at once (more are refused 1013 on arrival), and each for at most
+    ``init_timeout_s`` (then 1008 with the reason)."""
+    url = f"ws://{server}/v1/realtime_video/generate?api_key={KEY}"
+
+    async def scenario():
+        idle = [(await websockets.connect(url, max_size=None), time.monotonic())]
+        # the one session slot is free for a real client while a socket idles
+        streaming = await open_when_free(url, max_chunks=2, realtime_output_format="raw")
+        session = await collect(streaming)
+        refused = None
+        for _ in range(3):  # two wait at most: the first idle one may have timed out meanwhile
+            ws = await websockets.connect(url, max_size=None)
+            try:
+                told = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 0.5))  # a refused socket is told at once
+            except asyncio.TimeoutError:
+                idle.append((ws, time.monotonic()))
+                continue
+            refused = (told, await collect(ws))
+            break
+        idle_ends = []
+        for ws, since in idle:
+            idle_ends.append((await collect(ws), time.monotonic() - since))
+        return refused, session, idle_ends
+
+    refused, session, idle_ends = asyncio.run(scenario())
+    assert session[3] == 1000 and len(session[1]) == 1, session[3:5]  # the first chunk was read by open_when_free
+    assert refused and refused[1][3] == 1013 and "waiting for init 2/2" in refused[0]["content"], refused
+    for (_, _, errors, code, reason, _), held in idle_ends:
+        assert code == 1008 and reason.startswith("init timeout") and "ingress.init_timeout_s" in errors[0]["content"]
+    assert INIT_TIMEOUT_S - 0.5 < idle_ends[-1][1] < INIT_TIMEOUT_S + 5, idle_ends[-1][1]
+
+
+def test_an_inbound_message_over_the_limit_closes_1009(server):
+    url = f"ws://{server}/v1/realtime_video/generate?api_key={KEY}"
+
+    async def scenario():
+        async with websockets.connect(url, max_size=None) as ws:
+            await ws.send(init_message(padding=b"x" * (2**20 + 1)))  # unknown keys are ignored, size is not
+            return await collect(ws)
+
+    _, _, errors, code, reason, _ = asyncio.run(scenario())
+    assert code == 1009 and reason.startswith("message too big"), (code, reason)
+    assert "ingress.max_message_bytes" in errors[0]["content"]
