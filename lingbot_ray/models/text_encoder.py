@@ -40,6 +40,8 @@ class PromptEncoder:
         tokenizer: the matching `T5TokenizerFast` (appends `</s>`).
         max_length: token positions of the output; longer prompts are truncated.
         cache_size: prompts remembered (least recently used evicted first); 0 disables the cache.
+        cache_bytes: bound on what the cache holds, embeddings plus prompt text (least recently
+            used evicted first): a replica lives for days and its prompts come from clients.
 
     `encode` returns cached tensors as they are, shared between callers: treat them as read-only.
     Safe to call from several threads (the cache is locked; encoder forwards are not serialised).
@@ -52,6 +54,7 @@ class PromptEncoder:
         *,
         max_length: int = 512,
         cache_size: int = 16,
+        cache_bytes: int = 256 * 2**20,
     ) -> None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
@@ -66,7 +69,9 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cached_bytes = 0
         self._lock = threading.Lock()
 
     @classmethod
@@ -114,17 +119,27 @@ class PromptEncoder:
 
         embeds = self._encode_uncached(text)
 
-        if self.cache_size:
+        if self.cache_size and _entry_bytes(text, embeds) <= self.cache_bytes:
             with self._lock:
-                self._cache[text] = embeds
+                if text not in self._cache:
+                    self._cache[text] = embeds
+                    self._cached_bytes += _entry_bytes(text, embeds)
                 self._cache.move_to_end(text)
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+                while len(self._cache) > self.cache_size or self._cached_bytes > self.cache_bytes:
+                    evicted, tensor = self._cache.popitem(last=False)
+                    self._cached_bytes -= _entry_bytes(evicted, tensor)
         return embeds
+
+    @property
+    def cache_stats(self) -> tuple[int, int]:
+        """(entries, bytes) the prompt cache holds now."""
+        with self._lock:
+            return len(self._cache), self._cached_bytes
 
     def clear_cache(self) -> None:
         with self._lock:
             self._cache.clear()
+            self._cached_bytes = 0
 
     @torch.no_grad()
     def _encode_uncached(self, text: str) -> torch.Tensor:
@@ -146,3 +161,7 @@ class PromptEncoder:
         embeds = hidden.new_zeros(1, self.max_length, hidden.shape[-1])
         embeds[:, :num_tokens] = hidden
         return embeds
+
+
+def _entry_bytes(text: str, embeds: torch.Tensor) -> int:
+    return len(text) + embeds.numel() * embeds.element_size()

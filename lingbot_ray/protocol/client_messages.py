@@ -20,6 +20,8 @@ from .errors import InvalidEvent, InvalidInit, ProtocolError
 U32 = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
 ACTION_TOKENS = frozenset("wasdijkl")
 MAX_PENDING_ENTRIES = 512
+# The deepest message the protocol has is 4 levels (init → condition_inputs → camera_actions → list).
+MAX_NESTING = 16
 _SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 
 
@@ -34,6 +36,8 @@ class InitLimits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_prompt_chars: int = 8192
     max_first_frame_bytes: int = 12 * 2**20
     max_script_entries: int = MAX_PENDING_ENTRIES
+    # pacing sends frames at fps: a tiny fps would hold a DiT slot for hours per chunk
+    min_fps: float = 1.0
     max_fps: float = 120.0
     # KV-cache memory grows with the window (and doubles with guidance): cap what a client may ask
     max_window_frames: int = 64
@@ -186,14 +190,36 @@ def check_actions(script: list[list[str]], field: str, error: type[ProtocolError
     return [[token for token in entry if token in ACTION_TOKENS] for entry in script]
 
 
+def _nesting(value: Any) -> int:
+    """How deep maps and arrays nest in ``value`` (iteratively: a hostile message cannot recurse)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > MAX_NESTING:
+                    return depth + 1
+                stack.append((child, depth + 1))
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def _as_map(raw: Any, error: type[ProtocolError]) -> dict:
     if isinstance(raw, (bytes, bytearray, memoryview)):
         try:
             raw = msgspec.msgpack.decode(raw)
         except msgspec.DecodeError as exc:
             raise error("message", f"<{len(raw)} bytes>", f"not MessagePack: {exc}") from None
+        except RecursionError:
+            raise error("message", f"<{len(raw)} bytes>", f"maps/arrays nested deeper than {MAX_NESTING} levels") from None
     if not isinstance(raw, dict):
         raise error("message", raw, "must be a MessagePack map")
+    for key in raw:
+        if not isinstance(key, str):
+            raise error("message", key, f"map keys must be strings, got a {type(key).__name__} key")
+    if _nesting(raw) > MAX_NESTING:
+        raise error("message", "<nested message>", f"maps/arrays nested deeper than {MAX_NESTING} levels")
     return raw
 
 
@@ -222,10 +248,16 @@ def decode_init(
         field = _field_of(exc)
         raise InvalidInit(field, _lookup(message, field), str(exc)) from None
 
+    if len(init.prompt) > 4 * limits.max_prompt_chars:  # not worth cleaning
+        raise InvalidInit("prompt", f"<{len(init.prompt)} chars>", f"longer than {limits.max_prompt_chars}")
     updates: dict[str, Any] = {"prompt": normalize_prompt(init.prompt, "prompt", InvalidInit)}
     if len(updates["prompt"]) > limits.max_prompt_chars:
         raise InvalidInit("prompt", f"<{len(updates['prompt'])} chars>", f"longer than {limits.max_prompt_chars}")
     if init.negative_prompt is not None:
+        if len(init.negative_prompt) > limits.max_prompt_chars:
+            raise InvalidInit(
+                "negative_prompt", f"<{len(init.negative_prompt)} chars>", f"longer than {limits.max_prompt_chars}"
+            )
         updates["negative_prompt"] = " ".join(html.unescape(init.negative_prompt).split()) or None
     if init.model not in (None, "", served_model):
         raise InvalidInit("model", init.model, f"not served here (served: {served_model!r})")
@@ -253,8 +285,8 @@ def decode_init(
             )
     updates["size"] = f"{width}x{height}"
 
-    if init.fps > limits.max_fps:
-        raise InvalidInit("fps", init.fps, f"above {limits.max_fps}")
+    if not limits.min_fps <= init.fps <= limits.max_fps:
+        raise InvalidInit("fps", init.fps, f"must be in [{limits.min_fps:g}, {limits.max_fps:g}]")
     if init.num_frames is not None and init.num_frames > limits.max_num_frames:
         raise InvalidInit("num_frames", init.num_frames, f"above {limits.max_num_frames}")
     if init.num_inference_steps > limits.max_inference_steps:
@@ -320,6 +352,16 @@ def _camera_payload(payload: Any, field: str, limits: InitLimits) -> dict[str, A
     raise InvalidEvent(field, payload, 'must be list[list[str]] or {"mode": "state", "transitions": [...]}')
 
 
+def _event_prompt(text: str, field: str, limits: InitLimits) -> str:
+    """A prompt event is capped like the init's prompt (before any cleaning, so a huge one costs nothing)."""
+    if len(text) > 4 * limits.max_prompt_chars:
+        raise InvalidEvent(field, f"<{len(text)} chars>", f"longer than {limits.max_prompt_chars}")
+    prompt = normalize_prompt(text, field, InvalidEvent)
+    if len(prompt) > limits.max_prompt_chars:
+        raise InvalidEvent(field, f"<{len(prompt)} chars>", f"longer than {limits.max_prompt_chars}")
+    return prompt
+
+
 def decode_event(raw: bytes | dict, *, limits: InitLimits | None = None) -> ClientEvent:
     """Validate a runtime event. Raises :class:`InvalidEvent` naming the field and value."""
     limits = limits or InitLimits()
@@ -332,7 +374,7 @@ def decode_event(raw: bytes | dict, *, limits: InitLimits | None = None) -> Clie
     if kind == "prompt":
         if not isinstance(payload, str):
             raise InvalidEvent("payload", payload, "a prompt event's payload must be a string")
-        return ClientEvent(kind=kind, event_id=event_id, prompt=normalize_prompt(payload, "payload", InvalidEvent))
+        return ClientEvent(kind=kind, event_id=event_id, prompt=_event_prompt(payload, "payload", limits))
     if kind == "camera_actions":
         return ClientEvent(kind=kind, event_id=event_id, **_camera_payload(payload, "payload", limits))
     if kind == "composite_input":
@@ -352,7 +394,7 @@ def decode_event(raw: bytes | dict, *, limits: InitLimits | None = None) -> Clie
             prompt = payload.get("prompt")
             if not isinstance(prompt, str):
                 raise InvalidEvent("payload.prompt", prompt, "must be a string when listed in input_types")
-            parts["prompt"] = normalize_prompt(prompt, "payload.prompt", InvalidEvent)
+            parts["prompt"] = _event_prompt(prompt, "payload.prompt", limits)
         if "camera_actions" in input_types:
             parts.update(_camera_payload(payload.get("camera_actions"), "payload.camera_actions", limits))
         return ClientEvent(kind=kind, event_id=event_id, **parts)

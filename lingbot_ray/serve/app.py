@@ -35,6 +35,16 @@ class RayIngress(Ingress):
         self.metrics = IngressMetrics(self.model_name)
 
 
+class RayTextEncoder(TextEncoder):
+    """The text encoder as a Serve replica: its prompt cache's size is exported."""
+
+    def __init__(self, config: ServeConfig):
+        from .metrics import TextCacheMetrics
+
+        super().__init__(config)
+        self.metrics = TextCacheMetrics(config.served_model_name, lambda: self.stage.prompt_encoder.cache_stats)
+
+
 def build_app(args: dict[str, Any] | ServeConfig | None = None):
     """Validate the config, make sure the checkpoint exists, and bind the deployment graph."""
     config = load_config(args)
@@ -44,7 +54,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None):
     def deploy(cls, name: str):
         return serve.deployment(cls, name=name, **options[name])
 
-    text = deploy(TextEncoder, "TextEncoder").bind(config)
+    text = deploy(RayTextEncoder, "TextEncoder").bind(config)
     dit = deploy(DiTGroup, "DiTGroup").bind(config)
     vae = deploy(VAEDecoder, "VAEDecoder").bind(config)
     post = deploy(PostProcess, "PostProcess").bind(config)

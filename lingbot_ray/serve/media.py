@@ -18,6 +18,7 @@ import ipaddress
 import os
 import socket
 import ssl
+import stat
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -38,7 +39,9 @@ class MediaPolicy:
     allow_url_fetch: bool = False
     max_bytes: int = 12 * 2**20
     fetch_timeout_s: float = 5.0
-    max_pixels: int = 40_000_000
+    # Decoded pixels allowed: this, or 4× the session's frame when that is larger. A small file can
+    # decode to a huge frame (a 154 KB PNG of 6300×6300 once took 300 MB of the ingress).
+    max_pixels: int = 2048 * 2048
     allowed_schemes: tuple[str, ...] = field(default=("http", "https"))
 
 
@@ -63,10 +66,15 @@ def read_image_bytes(value: bytes | str, policy: MediaPolicy) -> bytes:
 
 
 def decode_image(data: bytes, width: int, height: int, policy: MediaPolicy) -> np.ndarray:
+    limit = max(policy.max_pixels, 4 * width * height)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > policy.max_pixels:
-                raise InvalidInit(FIELD, f"{image.width}x{image.height}", f"more than {policy.max_pixels} pixels")
+            if image.width * image.height > limit:
+                # JPEG decodes at 1/2, 1/4 or 1/8 scale while reading, still covering the target;
+                # only when too big, so that other frames decode exactly as the reference's do
+                image.draft("RGB", (width, height))
+            if image.width * image.height > limit:
+                raise InvalidInit(FIELD, f"{image.width}x{image.height}", f"more than {limit} pixels to decode for a {width}x{height} session")
             rgb = image.convert("RGB")
     except InvalidInit:
         raise
@@ -90,6 +98,8 @@ def _from_data_uri(value: str) -> bytes:
 def _read_path(value: str, policy: MediaPolicy) -> bytes:
     if not policy.allowed_dirs:
         raise InvalidInit(FIELD, value, "server paths are disabled (no media.allowed_dirs configured)")
+    if "\x00" in value:
+        raise InvalidInit(FIELD, value, "a path cannot contain a NUL byte")
     real = os.path.realpath(value)
     for root in policy.allowed_dirs:
         root_real = os.path.realpath(root)
@@ -98,13 +108,22 @@ def _read_path(value: str, policy: MediaPolicy) -> bytes:
     else:
         raise InvalidInit(FIELD, value, "path is outside the allowed directories")
     try:
-        size = os.path.getsize(real)
-        if size > policy.max_bytes:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise InvalidInit(FIELD, value, f"cannot read: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)  # of what was opened, not of what the path named a moment before
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidInit(FIELD, value, "not a regular file (a FIFO, device, socket or folder)")
+        if info.st_size > policy.max_bytes:
             raise InvalidInit(FIELD, value, f"file larger than {policy.max_bytes} bytes")
-        with open(real, "rb") as handle:
+        with os.fdopen(os.dup(fd), "rb") as handle:
             return handle.read(policy.max_bytes + 1)
     except OSError as exc:
         raise InvalidInit(FIELD, value, f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def is_public_address(address: str) -> bool:

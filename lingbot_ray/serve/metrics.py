@@ -15,6 +15,35 @@ _STAGES = ("text_encoder", "dit", "vae", "postprocess", "queue_wait", "raw_paylo
 GAUGE_REFRESH_S = 5.0
 
 
+def _every(seconds: float, name: str, fn) -> None:
+    """Run ``fn`` every ``seconds`` on a daemon thread (gauges must be set again: see above)."""
+
+    def loop():
+        while True:
+            time.sleep(seconds)
+            fn()
+
+    threading.Thread(target=loop, name=name, daemon=True).start()
+
+
+class TextCacheMetrics:
+    """Size of the text encoder's prompt cache: bounded, and exported so an operator sees it."""
+
+    def __init__(self, model: str, cache_stats):
+        self._entries = Gauge("lingbot_text_cache_entries", "Prompts cached by this text encoder replica.", tag_keys=("model",))
+        self._bytes = Gauge("lingbot_text_cache_bytes", "Bytes held by this text encoder replica's prompt cache.", tag_keys=("model",))
+        for gauge in (self._entries, self._bytes):
+            gauge.set_default_tags({"model": model})
+        self._cache_stats = cache_stats
+        self.update()
+        _every(GAUGE_REFRESH_S, "lingbot-text-cache-metrics", self.update)
+
+    def update(self) -> None:
+        entries, size = self._cache_stats()
+        self._entries.set(entries)
+        self._bytes.set(size)
+
+
 class IngressMetrics:
     def __init__(self, model: str):
         tags = {"model": model}
@@ -36,12 +65,7 @@ class IngressMetrics:
         self._latency.set_default_tags(dict(tags))
         self._active = 0
         self._sessions.set(0)
-        threading.Thread(target=self._refresh, name="lingbot-metrics-refresh", daemon=True).start()
-
-    def _refresh(self) -> None:
-        while True:
-            time.sleep(GAUGE_REFRESH_S)
-            self._sessions.set(self._active)
+        _every(GAUGE_REFRESH_S, "lingbot-metrics-refresh", lambda: self._sessions.set(self._active))
 
     def session_started(self) -> None:
         self._active += 1

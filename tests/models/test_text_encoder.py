@@ -152,3 +152,18 @@ def test_tiny_tokenizer_is_identical_on_every_build(tmp_path):
     shipped = json.loads(SHIPPED_VOCAB.read_text())["vocab"]
     assert [p for p, _ in shipped[:3]] == ["<pad>", "</s>", "<unk>"]
     assert {p for p, _ in train_tiny_vocab()} == {p for p, _ in shipped}  # same pieces as a fresh training
+
+
+def test_the_prompt_cache_is_bounded_by_bytes_as_well_as_entries(encoder):
+    """Clients choose the prompts: the cache must not grow with their length (a fuzz run once took
+    a text-encoder replica from 441 MB to 3 GB)."""
+    one = encoder.encode("a probe").numel() * encoder.encode("a probe").element_size()
+    bounded = PromptEncoder(encoder.text_encoder, encoder.tokenizer, max_length=MAX_LENGTH, cache_size=100, cache_bytes=3 * one + 3000)
+    for i in range(10):
+        bounded.encode(f"prompt {i} " + "z" * 900)
+        entries, size = bounded.cache_stats
+        assert size <= bounded.cache_bytes and entries <= 3
+    assert bounded.cache_stats[0] == 3
+    huge = PromptEncoder(encoder.text_encoder, encoder.tokenizer, max_length=MAX_LENGTH, cache_size=4, cache_bytes=one // 2)
+    huge.encode("never fits")
+    assert huge.cache_stats == (0, 0)

@@ -222,3 +222,52 @@ def test_invalid_events(fields):
 def test_second_init_is_an_invalid_event():
     with pytest.raises(InvalidEvent, match="type"):
         decode_event(msgspec.msgpack.encode({"type": "init", "prompt": "x"}))
+
+
+@pytest.mark.parametrize("levels", [20, 100_000])
+def test_deeply_nested_messages_are_refused_naming_the_nesting(levels):
+    """Nesting beyond any real message is refused at decode with the protocol's error (no
+    RecursionError), whether the decoder would manage it or not."""
+    tail = b"\x91" * levels + b"\x01"  # [[[...1...]]]
+    init = b"\x84\xa4type\xa4init\xa6prompt\xa1x\xabfirst_frame\xc4\x011\xa7padding" + tail
+    event = b"\x83\xa4type\xa5event\xa4kind\xa6prompt\xa7payload" + tail
+    with pytest.raises(InvalidInit, match="nested deeper than 16 levels") as refused:
+        decode_init(init, served_model="m", default_size="64x64")
+    assert refused.value.field == "message"
+    with pytest.raises(InvalidEvent, match="nested deeper than 16 levels"):
+        decode_event(event)
+
+
+def test_prompt_events_are_capped_like_the_init_prompt():
+    limits = InitLimits(max_prompt_chars=100)
+    huge = "x" * 10_000_000  # once accepted: the shared text encoder spent a minute on it
+    for message in (
+        {"type": "event", "kind": "prompt", "payload": huge},
+        {"type": "event", "kind": "composite_input", "payload": {"input_types": ["prompt"], "prompt": "y" * 101}},
+    ):
+        with pytest.raises(InvalidEvent, match="longer than 100") as refused:
+            decode_event(msgspec.msgpack.encode(message), limits=limits)
+        assert len(str(refused.value)) < 300
+    assert decode_event({"type": "event", "kind": "prompt", "payload": "a  b" * 20}, limits=limits).prompt
+
+
+def test_every_numeric_init_field_is_bounded_on_both_sides():
+    for fps in (1e-300, 0.5, 0, -1, 121):
+        with pytest.raises(InvalidInit) as refused:
+            init(fps=fps)
+        assert refused.value.field == "fps"
+    assert init(fps=1).fps == 1
+
+
+def test_replies_and_logs_never_carry_a_client_value_at_full_length_or_a_heap_address():
+    huge_enum = "webp" * 1_000_000
+    with pytest.raises(InvalidInit) as refused:
+        init(realtime_output_format=huge_enum)
+    assert refused.value.field == "realtime_output_format" and len(str(refused.value)) < 400
+    ext = msgspec.msgpack.encode({"type": "init", "prompt": "x", "first_frame": msgspec.msgpack.Ext(1, b"abc")})
+    with pytest.raises(InvalidInit) as refused:
+        decode_init(ext, served_model="m", default_size="64x64")
+    assert "0x" not in str(refused.value) and refused.value.field == "first_frame"
+    with pytest.raises(InvalidEvent, match="map keys must be strings") as refused:
+        decode_event(msgspec.msgpack.encode({"type": "event", 7: "x", "kind": "prompt"}))
+    assert refused.value.field == "message"

@@ -132,3 +132,40 @@ def test_url_fetch_reads_with_caps_and_no_redirects(local_server):
         load_first_frame(local_server + "/redirect", 16, 16, policy)
     with pytest.raises(InvalidInit, match="Content-Length"):
         load_first_frame(local_server + "/a.png", 16, 16, MediaPolicy(allow_url_fetch=True, max_bytes=20))
+
+
+def test_fifos_devices_and_folders_are_refused_at_once_and_nul_bytes_name_the_field(tmp_path):
+    """A FIFO inside an allowed folder has no writer: reading it would block; it is refused on open."""
+    import time
+
+    policy = MediaPolicy(allowed_dirs=(str(tmp_path),))
+    fifo = tmp_path / "frame.png"
+    os.mkfifo(fifo)
+    (tmp_path / "zero").symlink_to("/dev/zero")  # a device reached through the allowed folder
+    policy_with_dev = MediaPolicy(allowed_dirs=(str(tmp_path), "/dev"))
+    started = time.monotonic()
+    with pytest.raises(InvalidInit, match="not a regular file") as refused:
+        load_first_frame(str(fifo), 32, 32, policy)
+    assert time.monotonic() - started < 1.0 and refused.value.field == "first_frame"
+    with pytest.raises(InvalidInit, match="not a regular file"):
+        load_first_frame(str(tmp_path / "zero"), 32, 32, policy_with_dev)
+    with pytest.raises(InvalidInit, match="not a regular file"):
+        load_first_frame(str(tmp_path), 32, 32, policy)
+    with pytest.raises(InvalidInit, match="NUL byte") as nul:
+        load_first_frame(str(tmp_path / "a\x00b.png"), 32, 32, policy)
+    assert nul.value.field == "first_frame"
+
+
+def test_decoded_pixels_are_capped_by_the_session_size():
+    """A small file that decodes to a huge frame is refused before decoding (PNG), or decoded at a
+    reduced scale (JPEG); the cap follows the session's size."""
+    big_png = png_bytes(3000, 3000)  # 9 MP of flat colour: a few KB of file
+    assert len(big_png) < 100_000
+    with pytest.raises(InvalidInit, match="more than 4194304 pixels") as refused:
+        load_first_frame(big_png, 160, 96, MediaPolicy())
+    assert refused.value.field == "first_frame"
+    assert load_first_frame(big_png, 1600, 1600, MediaPolicy()).shape == (1600, 1600, 3)  # 4× its area
+    buffer = io.BytesIO()
+    Image.new("RGB", (3000, 3000), (10, 200, 30)).save(buffer, format="JPEG")
+    frame = load_first_frame(buffer.getvalue(), 160, 96, MediaPolicy())  # drafted to 375x375 while reading
+    assert frame.shape == (96, 160, 3) and abs(int(frame[40, 80, 1]) - 200) < 6
