@@ -46,7 +46,11 @@ class RayTextEncoder(TextEncoder):
 
 
 def build_app(args: dict[str, Any] | ServeConfig | None = None):
-    """Validate the config, make sure the checkpoint exists, and bind the deployment graph."""
+    """Validate the config, make sure the checkpoint exists, and bind the deployment graph.
+
+    ``serve run lingbot_ray.serve.app:build_app`` serves the embedded model with no file at all;
+    ``serve build lingbot_ray.serve.app:app`` writes the config of that default application.
+    """
     config = load_config(args)
     ensure_checkpoint(config.model)  # build the embedded model once, before replicas race for it
     options = deployment_options(config)
@@ -57,7 +61,8 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None):
     text = deploy(RayTextEncoder, "TextEncoder").bind(config)
     dit = deploy(DiTGroup, "DiTGroup").bind(config)
     vae = deploy(VAEDecoder, "VAEDecoder").bind(config)
-    post = deploy(PostProcess, "PostProcess").bind(config)
+    # post-processing is deployed only where it can run: with weights configured or allowed
+    post = deploy(PostProcess, "PostProcess").bind(config) if config.postprocess.has_weights else None
     ingress = serve.deployment(serve.ingress()(RayIngress), name="Ingress", **options["Ingress"])
     return ingress.bind(config, text, dit, vae, post)
 
@@ -67,3 +72,11 @@ def build_in_process(args: dict[str, Any] | ServeConfig | None = None) -> Ingres
     config = load_config(args)
     backend = InProcessBackend(TextEncoder(config), DiTGroup(config), VAEDecoder(config), PostProcess(config))
     return Ingress(config, backend)
+
+
+def __getattr__(name: str):
+    # ``app``: the default application as an object, for tools that take one (``serve build``);
+    # built on first access, not at import
+    if name == "app":
+        return build_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,8 +26,9 @@ EMBEDDED_PREFIX = "embedded:"
 
 class ModelConfig(_Section):
     # Folder of a diffusers-style LingBot checkpoint (model_index.json at its root), or
-    # ``embedded:NAME`` for a checkpoint shipped in the package (lingbot_ray/checkpoints/NAME).
-    path: str = "checkpoints/lingbot-tiny"
+    # ``embedded:NAME`` for a checkpoint shipped in the package (lingbot_ray/checkpoints/NAME): by
+    # default the embedded world model, so build_app({}) serves something without any file.
+    path: str = "embedded:lingbot-world-tiny"
     # Build the embedded tiny checkpoint at ``path`` on first start when the folder is absent.
     build_tiny_if_missing: bool = False
     # Name served at /v1/models and accepted in init.model; default: the folder's name.
@@ -74,6 +75,11 @@ class PostProcessConfig(StageConfig):
     model_dirs: list[str] = msgspec.field(default_factory=list)
     # Real-ESRGAN tile size in pixels for frames whose activations do not fit (None: whole frames).
     tile: int | None = None
+
+    @property
+    def has_weights(self) -> bool:
+        """Whether any session could post-process: server weights, or folders clients may name."""
+        return bool(self.rife_model_path or self.esrgan_model_path or self.model_dirs)
 
 
 class IngressConfig(_Section):

@@ -314,3 +314,24 @@ def test_misspelled_key_in_a_real_file_is_rejected_by_name(path):
     args["dit"]["sequence_parallel_degre"] = args["dit"].pop("sequence_parallel_degree")
     with pytest.raises(ValueError, match="sequence_parallel_degre.*dit|dit.*sequence_parallel_degre"):
         load_config(args)
+
+
+def test_serve_build_writes_the_default_application_and_build_app_needs_no_args(tmp_path):
+    """A pip user has no config file: the builder's defaults serve the embedded model, and
+    ``serve build`` works on the documented import path (post-processing, with no weights anywhere,
+    is not deployed)."""
+    import subprocess
+
+    from lingbot_ray.serve.app import build_app
+    from lingbot_ray.serve.config import load_config
+
+    assert load_config({}).model.path == "embedded:lingbot-world-tiny"
+    assert build_app({}) is not None
+    out = tmp_path / "built.yaml"
+    done = subprocess.run(
+        ["serve", "build", "lingbot_ray.serve.app:app", "-o", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    app = yaml.safe_load(out.read_text())["applications"][0]
+    assert app["import_path"] == "lingbot_ray.serve.app:app"
+    assert {d["name"] for d in app["deployments"]} == {"Ingress", "TextEncoder", "DiTGroup", "VAEDecoder"}
