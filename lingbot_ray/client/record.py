@@ -246,7 +246,8 @@ async def record(
                 live=live_queue,
                 stop=stop,
                 on_frames=lambda batch, frames: writer.write(frames, float(batch.get("fps") or default_fps)),
-                on_stats=lambda stats: stats_file.write(json.dumps(stats) + "\n"),
+                # flushed per chunk: the file is also how a watcher follows a live recording
+                on_stats=lambda stats: (stats_file.write(json.dumps(stats) + "\n"), stats_file.flush()),
                 api_key=api_key,
             )
         finally:

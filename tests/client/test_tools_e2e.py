@@ -113,12 +113,26 @@ def test_record_live_keys_from_a_terminal(server, tmp_path):
     master, slave = os.openpty()
     init = make_init("x", pathlib.Path(SAMPLE).read_bytes(), output_format="raw")  # no max_chunks: runs until Q
 
+    written = tmp_path / "live" / "stats.jsonl"  # flushed per chunk
+
+    def chunks() -> list[dict]:
+        try:
+            return [json.loads(line) for line in written.read_text().splitlines() if line.endswith("}")]
+        except FileNotFoundError:
+            return []
+
+    def wait_for(condition) -> None:  # on the stream itself, with a generous deadline
+        deadline = time.monotonic() + 180
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def type_keys():
-        time.sleep(2.0)  # the session is streaming by now
-        for _ in range(15):  # a held key auto-repeats
+        wait_for(lambda: len(chunks()) >= 1)  # streaming
+        for _ in range(15):  # a held key auto-repeats (the terminal's pace, not the server's)
             os.write(master, b"w")
             time.sleep(0.1)
-        time.sleep(2.0)  # released after --release-after, then a few more chunks
+        # released after --release-after; Q once the release is echoed and the stream is long enough
+        wait_for(lambda: len(chunks()) >= 4 and any(c["event_id"] == 2 for c in chunks()))
         os.write(master, b"q")
 
     typist = threading.Thread(target=type_keys)
