@@ -58,11 +58,12 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None):
     def deploy(cls, name: str):
         return serve.deployment(cls, name=name, **options[name])
 
-    text = deploy(RayTextEncoder, "TextEncoder").bind(config)
-    dit = deploy(DiTGroup, "DiTGroup").bind(config)
-    vae = deploy(VAEDecoder, "VAEDecoder").bind(config)
+    # each stage is bound only the model and its own section (see ServeConfig.for_stage)
+    text = deploy(RayTextEncoder, "TextEncoder").bind(config.for_stage("text_encoder"))
+    dit = deploy(DiTGroup, "DiTGroup").bind(config.for_stage("dit"))
+    vae = deploy(VAEDecoder, "VAEDecoder").bind(config.for_stage("vae"))
     # post-processing is deployed only where it can run: with weights configured or allowed
-    post = deploy(PostProcess, "PostProcess").bind(config) if config.postprocess.has_weights else None
+    post = deploy(PostProcess, "PostProcess").bind(config.for_stage("postprocess")) if config.postprocess.has_weights else None
     ingress = serve.deployment(serve.ingress()(RayIngress), name="Ingress", **options["Ingress"])
     return ingress.bind(config, text, dit, vae, post)
 

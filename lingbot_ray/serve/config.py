@@ -103,6 +103,8 @@ class IngressConfig(_Section):
     # Seconds a stage call may take before the session is failed (guards against a dead group).
     stage_timeout_s: float = 120.0
     webui_dir: str | None = None
+    # How long a rollout or downscale lets this replica's sessions go on before they are cut.
+    graceful_shutdown_timeout_s: float = 60.0
 
     def resolved_api_key(self) -> str | None:
         if self.api_key:
@@ -110,6 +112,19 @@ class IngressConfig(_Section):
         if self.api_key_env:
             return os.environ.get(self.api_key_env) or None
         return None
+
+
+# ingress knobs that can change live (Serve's user_config → Ingress.reconfigure): no replica is replaced
+LIVE_INGRESS_FIELDS = (
+    "max_sessions",
+    "max_pending_inits",
+    "init_timeout_s",
+    "api_key",
+    "api_key_env",
+    "max_message_bytes",
+    "max_chunks_in_flight",
+    "stage_timeout_s",
+)
 
 
 class MediaConfig(_Section):
@@ -154,6 +169,27 @@ class ServeConfig(_Section):
             raise ValueError(
                 f"ingress.max_message_bytes={self.ingress.max_message_bytes}: uvicorn caps WebSocket messages at 16 MiB"
             )
+
+    def for_stage(self, section: str) -> ServeConfig:
+        """What one stage deployment is bound: the model and its own section, the rest at their
+        defaults (a stage reads nothing else). Note that Serve hashes an application's whole
+        ``args`` into its code version, so any change of ``args`` replaces every replica; live
+        changes go through the ingress's ``user_config`` (:meth:`with_live`)."""
+        return ServeConfig(model=self.model, **{section: getattr(self, section)})
+
+    def with_live(self, user_config: dict[str, Any] | None) -> ServeConfig:
+        """This config with the live knobs of ``user_config`` laid over it (validated like the whole
+        config): ``deployments: [{name: Ingress, user_config: {ingress: {...}, limits: {...},
+        media: {...}}}]`` in a serve config changes them without replacing any replica."""
+        user_config = user_config or {}
+        unknown = set(user_config) - {"ingress", "limits", "media"}
+        if unknown or set(user_config.get("ingress", {})) - set(LIVE_INGRESS_FIELDS):
+            raise ValueError(f"user_config={sorted(user_config)!r}: only ingress.{{{', '.join(LIVE_INGRESS_FIELDS)}}}, limits, media are live")
+        merged = msgspec.to_builtins(self)
+        merged["ingress"].update(user_config.get("ingress", {}))
+        for section in ("limits", "media"):
+            merged[section].update(user_config.get(section, {}))
+        return load_config(merged)
 
     @property
     def served_model_name(self) -> str:
@@ -214,6 +250,7 @@ def deployment_options(config: ServeConfig) -> dict[str, dict[str, Any]]:
         "PostProcess": stage(config.postprocess, sticky=True),
         "Ingress": {
             "num_replicas": config.ingress.num_replicas,
+            "graceful_shutdown_timeout_s": config.ingress.graceful_shutdown_timeout_s,
             "ray_actor_options": {"num_cpus": config.ingress.num_cpus},
             # Each open WebSocket holds one slot for its whole life, waiting for init or streaming.
             "max_ongoing_requests": config.ingress.max_sessions + config.ingress.max_pending_inits + 4,

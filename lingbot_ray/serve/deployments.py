@@ -171,7 +171,12 @@ class TextEncoder:
         folder = ensure_checkpoint(config.model)
         device = "cpu" if config.text_encoder.cpu_offload else config.model.device
         self.stage = TextStage.from_pretrained(folder, device=device, dtype=torch_dtype(config.model.text_encoder_dtype))
+        self.replica_id = replica_tag()
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="text")
+
+    def describe(self) -> dict[str, Any]:
+        entries, size = self.stage.prompt_encoder.cache_stats
+        return {"replica_id": self.replica_id, "pid": os.getpid(), "cache_entries": entries, "cache_bytes": size}
 
     def _encode(self, prompt: str | None, negative: bool) -> np.ndarray:
         embeds = self.stage.encode_negative(prompt) if negative else self.stage.encode(prompt)

@@ -52,17 +52,39 @@ class Ingress:
     the notebook can also serve it in-process with :meth:`asgi`."""
 
     def __init__(self, config: ServeConfig, backend: StageBackend, metrics=None):
+        self._bound = config  # what user_config is laid over
         self.config = config
         self.backend = backend
         self.metrics = metrics
         folder = ensure_checkpoint(config.model)
-        defaults = read_serving_defaults(folder)
-        self.model_name = config.model.served_model_name or defaults.served_model_name or config.served_model_name
+        self._defaults = read_serving_defaults(folder)
+        self._geometry = read_geometry(folder)
+        self.model_name = config.model.served_model_name or self._defaults.served_model_name or config.served_model_name
+        self.card = ModelCard(
+            id=self.model_name,
+            num_gpus=math.ceil(config.dit.num_gpus_per_rank * config.dit.sequence_parallel_degree),
+            dit_precision={"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[config.model.dit_dtype],
+        )
+        self.replica_id = replica_tag()
+        self.sessions = Slots(config.ingress.max_sessions, f"ingress {self.replica_id} carries sessions")
+        self.waiting = Slots(config.ingress.max_pending_inits, f"ingress {self.replica_id} has sockets waiting for init")
+        self._apply(config)
+        self.asgi = self._build_app()
+        logger.info("ingress ready: model %s, api key %s", self.model_name, "on" if self._api_key else "off")
+
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Serve's ``user_config``: the live knobs (limits, timeouts, media policy, API key) laid over
+        the app's ``args``, in place; sessions already streaming keep the settings they started with."""
+        self._apply(self._bound.with_live(user_config))
+        logger.info("ingress reconfigured: %s", msgspec.json.encode(user_config).decode()[:500])
+
+    def _apply(self, config: ServeConfig) -> None:
+        self.config = config
         self.settings = SessionSettings(
             served_model=self.model_name,
-            geometry=read_geometry(folder),
-            default_size=f"{defaults.width}x{defaults.height}",
-            default_fps=defaults.fps,
+            geometry=self._geometry,
+            default_size=f"{self._defaults.width}x{self._defaults.height}",
+            default_fps=self._defaults.fps,
             limits=config.limits,
             media=MediaPolicy(
                 allowed_dirs=tuple(config.media.allowed_dirs),
@@ -78,17 +100,9 @@ class Ingress:
             esrgan_model_path=config.postprocess.esrgan_model_path,
             model_dirs=tuple(config.postprocess.model_dirs),
         )
-        self.card = ModelCard(
-            id=self.model_name,
-            num_gpus=math.ceil(config.dit.num_gpus_per_rank * config.dit.sequence_parallel_degree),
-            dit_precision={"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[config.model.dit_dtype],
-        )
+        self.sessions.limit = config.ingress.max_sessions
+        self.waiting.limit = config.ingress.max_pending_inits
         self._api_key = config.ingress.resolved_api_key()
-        self.replica_id = replica_tag()
-        self.sessions = Slots(config.ingress.max_sessions, f"ingress {self.replica_id} carries sessions")
-        self.waiting = Slots(config.ingress.max_pending_inits, f"ingress {self.replica_id} has sockets waiting for init")
-        self.asgi = self._build_app()
-        logger.info("ingress ready: model %s, api key %s", self.model_name, "on" if self._api_key else "off")
 
     def __serve_build_asgi_app__(self):
         return self.asgi
@@ -103,6 +117,7 @@ class Ingress:
             "max_sessions": self.sessions.limit,
             "waiting_for_init": self.waiting.used,
             "max_pending_inits": self.waiting.limit,
+            "max_chunks_in_flight": self.settings.max_chunks_in_flight,
         }
 
     # -- auth ------------------------------------------------------------------------------------

@@ -171,7 +171,8 @@ class SessionDriver:
     async def run(self) -> None:
         started = time.perf_counter()
         end_reason, admitted, opened = "client left before init", False, False
-        tasks: list[asyncio.Task] = []
+        tasks: list[asyncio.Task] = []  # cancelled at the end
+        opening: asyncio.Task | None = None  # left to finish: the stages' close stops it
         try:
             # Step 1: a valid init, in time; the socket holds no session slot yet
             self.waiting.take()
@@ -187,8 +188,8 @@ class SessionDriver:
             # Step 3: the reader watches the socket while the stages open the session
             queue = ConditionQueue(init.camera_script)
             reader = asyncio.create_task(self._read_events(queue))
-            opening = asyncio.create_task(self.backend.open(self.session_id, spec, post), name="opening")
-            tasks += [reader, opening]
+            tasks.append(reader)
+            opening = asyncio.create_task(self.backend.open(self.session_id, spec, post))
             info = await self._unless_gone(opening, reader, "opening the session")
             opened = True
             self._dit_replica = str(info.get("replica_id", ""))
@@ -224,22 +225,21 @@ class SessionDriver:
                 if self.metrics:
                     self.metrics.session_ended()
                 self._log_end(started, end_reason)
+            for task in tasks:
+                task.cancel()
             if admitted:
-                await asyncio.shield(self._release(tasks))
+                await asyncio.shield(self._release(tasks + ([opening] if opening else [])))
 
     async def _release(self, tasks: list[asyncio.Task]) -> None:
         """Close the session on every stage, then collect what is still running for it.
 
-        The closing comes first and is how unfinished work stops: a stage refuses a start or a
-        chunk of a session it has closed, so an abandoned opening fails at its next stage and a
-        chunk in flight at the next chunk boundary. (Cancelling Ray handle calls instead blocks the
-        ingress's event loop while a call is still being routed.)
+        The closing is how unfinished work stops: a stage refuses a start or a chunk of a session it
+        has closed, so an abandoned opening fails at its next stage call and a chunk in flight at
+        the next chunk boundary (a replica's model thread cannot be interrupted mid-call anyway).
         """
-        for task in tasks:
-            if task.get_name() != "opening":
-                task.cancel()
         await self.backend.close(self.session_id)
-        await asyncio.wait(tasks, timeout=self.settings.stage_timeout_s)
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.settings.stage_timeout_s)
         for task in tasks:
             if task.done() and not task.cancelled():
                 task.exception()  # retrieved: an abandoned call's failure is expected, not news

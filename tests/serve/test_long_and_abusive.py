@@ -5,6 +5,8 @@ Ray cluster.
   grow with its length.
 - Abrupt disconnects at every phase of a session leak no slot anywhere (ingress, DiT group, VAE
   replica, the sessions metric), and after a storm of them a session at full capacity streams.
+- Fuzzed init and event messages are answered with errors naming a field; the server goes on.
+- A live knob changes through a redeploy without replacing a replica or cutting a session.
 
 The app serves a copy of the embedded model whose transformer config allows 4,096 RoPE positions
 instead of 1,024 (the limit only ends a session: the frames of the first 1,024 latent frames are the
@@ -30,7 +32,6 @@ import yaml
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from lingbot_ray.serve.app import build_app  # noqa: E402
 from lingbot_ray.serve.checkpoint import checkpoint_folder  # noqa: E402
 from tests.serve.test_e2e import _free_port, collect, init_message  # noqa: E402
 
@@ -57,7 +58,7 @@ def server():
     with open(config_file, "w") as handle:
         json.dump({**transformer, "rope_max_seq_len": 4096}, handle)
     args["model"]["path"] = checkpoint
-    serve.run(build_app(args), name=APP, route_prefix="/")
+    deploy(args)
     yield {
         "url": f"ws://127.0.0.1:{port}/v1/realtime_video/generate",
         "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
@@ -67,6 +68,17 @@ def server():
     serve.shutdown()
     ray.shutdown()
     shutil.rmtree(root, ignore_errors=True)
+
+
+def deploy(args: dict, deployments: list | None = None) -> None:
+    """Deploy as ``serve run serve_config.yaml`` (and KubeRay) do: from a config, so that a redeploy
+    that changes only a deployment's options (``user_config``) replaces no replica."""
+    from ray.serve.schema import ServeDeploySchema
+
+    app = {"name": APP, "route_prefix": "/", "import_path": "lingbot_ray.serve.app:build_app", "args": args}
+    if deployments:
+        app["deployments"] = deployments
+    serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}), _blocking=True)
 
 
 def describe(deployment: str) -> dict:
@@ -340,3 +352,32 @@ def test_fuzzed_inits_and_events_get_errors_naming_fields_and_the_server_keeps_s
 
     _, stats, errors, code, reason, _ = asyncio.run(normal())
     assert (code, reason) == (1000, "generation complete") and len(stats) == 2 and not errors
+
+
+# ------------------------------------------------------------------------------------ live config
+
+
+def test_a_live_knob_changes_without_replacing_a_replica_or_cutting_a_session(server):
+    """Changing an ingress knob in the serve config's ``deployments`` section (Serve's user_config)
+    redeploys without replacing a replica: a session that was streaming keeps streaming."""
+    before = {name: describe(name)["replica_id"] for name in ("Ingress", "DiTGroup", "VAEDecoder", "TextEncoder")}
+    assert describe("Ingress")["max_chunks_in_flight"] == 2
+    knobs = [{"name": "Ingress", "user_config": {"ingress": {"max_chunks_in_flight": 3}, "limits": {"max_fps": 60}}}]
+
+    async def scenario():
+        async with websockets.connect(server["url"], max_size=None) as ws:
+            await ws.send(init_message(max_chunks=None, size="32x32", num_inference_steps=1, realtime_output_format="raw"))
+            await collect(ws, stop_after_chunks=2)
+            await asyncio.to_thread(deploy, server["args"], knobs)
+            after = await asyncio.to_thread(lambda: {name: describe(name)["replica_id"] for name in before})
+            live = await asyncio.to_thread(lambda: describe("Ingress")["max_chunks_in_flight"])
+            _, stats, errors, code, _, _ = await collect(ws, stop_after_chunks=10)  # still streaming
+            return after, live, stats, errors, code
+
+    try:
+        after, live, stats, errors, code = asyncio.run(scenario())
+    finally:
+        deploy(server["args"])
+    assert live == 3
+    assert after == before, "a replica was replaced"
+    assert code is None and not errors and len(stats) == 10
