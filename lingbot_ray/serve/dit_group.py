@@ -120,6 +120,13 @@ class RankGroup:
         group = get_current_placement_group()
         if group is None:
             raise RuntimeError("dit.sequence_parallel_degree > 1 needs the replica's placement group (placement_group_bundles)")
+        if group.bundle_count < self.size:
+            # a deployments: override of placement_group_bundles in the serve config that disagrees
+            raise ValueError(
+                f"dit.sequence_parallel_degree={self.size}: the DiTGroup's placement group has "
+                f"{group.bundle_count} bundle(s), one per rank is needed (remove placement_group_bundles "
+                "from the DiTGroup's deployments entry: the app computes it)"
+            )
         worker_cls = ray.remote(DiTRank)
         self.workers = [
             worker_cls.options(

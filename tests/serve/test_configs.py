@@ -335,3 +335,19 @@ def test_serve_build_writes_the_default_application_and_build_app_needs_no_args(
     app = yaml.safe_load(out.read_text())["applications"][0]
     assert app["import_path"] == "lingbot_ray.serve.app:app"
     assert {d["name"] for d in app["deployments"]} == {"Ingress", "TextEncoder", "DiTGroup", "VAEDecoder"}
+
+
+def test_a_placement_group_override_that_disagrees_with_the_sequence_parallel_degree_is_named(monkeypatch):
+    """Serve lets a serve config override any deployment option; the DiT group's placement group is
+    computed from dit.sequence_parallel_degree, so an override with too few bundles fails with both."""
+    import ray.util
+
+    from lingbot_ray.serve.dit_group import RankGroup
+
+    class OneBundle:
+        bundle_count = 1
+
+    monkeypatch.setattr(ray.util, "get_current_placement_group", lambda: OneBundle())
+    config = load_config({"dit": {"sequence_parallel_degree": 2}, "model": {"torch_threads": 1}})
+    with pytest.raises(ValueError, match=r"sequence_parallel_degree=2: .* has 1 bundle\(s\)"):
+        RankGroup(config, run_local=None)
