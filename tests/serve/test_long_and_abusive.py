@@ -58,11 +58,16 @@ def server():
     with open(config_file, "w") as handle:
         json.dump({**transformer, "rope_max_seq_len": 4096}, handle)
     args["model"]["path"] = checkpoint
+    frames = os.path.join(root, "frames")  # a folder first_frame paths may name, with a FIFO in it
+    os.makedirs(frames)
+    os.mkfifo(os.path.join(frames, "fifo.png"))
+    args["media"]["allowed_dirs"] = [frames]
     deploy(args)
     yield {
         "url": f"ws://127.0.0.1:{port}/v1/realtime_video/generate",
         "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
         "logs": os.path.join(root, "ray", "session_latest", "logs", "serve"),
+        "frames": frames,
         "args": args,
     }
     serve.shutdown()
@@ -381,3 +386,49 @@ def test_a_live_knob_changes_without_replacing_a_replica_or_cutting_a_session(se
     assert live == 3
     assert after == before, "a replica was replaced"
     assert code is None and not errors and len(stats) == 10
+
+
+# ------------------------------------------------------------------------------ targeted attacks
+
+
+def test_targeted_attacks_are_refused_by_their_wire_field_and_the_server_goes_on(server):
+    """Each finding of the abuse runs, against the real server: refused at once, naming the field the
+    client sent, with a short reply; the session or the socket goes on."""
+    import io
+
+    from PIL import Image
+
+    huge_png = io.BytesIO()
+    Image.new("RGBA", (6300, 6300), (1, 2, 3, 4)).save(huge_png, format="PNG")  # ~150 KB, 40 MP decoded
+    attacks = [  # (the field the reply must name, what it says, the message)
+        ("fps", "must be in", init_message(fps=1e-300)),
+        ("first_frame", "not a regular file", init_message(first_frame=os.path.join(server["frames"], "fifo.png"))),
+        ("first_frame", "NUL byte", init_message(first_frame=os.path.join(server["frames"], "a\x00b.png"))),
+        ("first_frame", "pixels", init_message(first_frame=huge_png.getvalue())),
+        ("realtime_causal_kv_cache_num_frames", "must be at least", init_message(realtime_causal_kv_cache_num_frames=1)),
+        ("realtime_output_format", "", init_message(realtime_output_format="webp" * 1_000_000)),
+    ]
+
+    async def scenario():
+        replies = []
+        async with websockets.connect(server["url"], max_size=None) as ws:
+            for _, _, message in attacks:
+                started = time.monotonic()
+                await ws.send(message)
+                replies.append((msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 60)), time.monotonic() - started))
+            # the same socket then streams, and a 4 MB prompt event is refused while it goes on
+            await ws.send(init_message(max_chunks=None, size="32x32", num_inference_steps=1, realtime_output_format="raw"))
+            await collect(ws, stop_after_chunks=1)
+            await ws.send(msgspec.msgpack.encode({"type": "event", "kind": "prompt", "payload": "p" * 4_000_000, "event_id": 5}))
+            batches, stats, errors, code, _, _ = await collect(ws, stop_after_chunks=3)
+        return replies, errors, stats, code
+
+    replies, errors, stats, code = asyncio.run(scenario())
+    for (field, says, _), (reply, seconds) in zip(attacks, replies):
+        assert reply["content"] == "invalid generate request", (field, reply)
+        assert reply["detail"].startswith(field + "=") and says in reply["detail"], (field, reply["detail"][:300])
+        assert len(reply["detail"]) < 400 and seconds < 10, (field, seconds, reply["detail"][:200])
+    assert len(errors) == 1 and errors[0]["detail"].startswith("payload=") and "longer than" in errors[0]["detail"]
+    assert code is None and len(stats) == 3 and all(s["event_id"] is None for s in stats)  # refused: never sampled
+    longest = max(len(line) for line in ingress_log_lines(server))
+    assert longest < 2200, f"a log line of {longest} characters"
