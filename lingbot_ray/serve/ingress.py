@@ -76,7 +76,8 @@ class Ingress:
         """Serve's ``user_config``: the live knobs (limits, timeouts, media policy, API key) laid over
         the app's ``args``, in place; sessions already streaming keep the settings they started with."""
         self._apply(self._bound.with_live(user_config))
-        logger.info("ingress reconfigured: %s", msgspec.json.encode(user_config).decode()[:500])
+        changed = sorted(f"{section}.{name}" for section, values in (user_config or {}).items() for name in values)
+        logger.info("ingress reconfigured: %s", ", ".join(changed) or "back to args")  # names only: a key is a secret
 
     def _apply(self, config: ServeConfig) -> None:
         self.config = config
