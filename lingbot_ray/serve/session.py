@@ -121,15 +121,16 @@ class SessionDriver:
         settings: SessionSettings,
         metrics=None,
         *,
-        sessions: Slots | None = None,
-        waiting: Slots | None = None,
+        sessions: Slots,
+        waiting: Slots,
     ):
+        """``sessions``/``waiting``: the ingress replica's slots, shared by all its sockets."""
         self.ws = websocket
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
-        self.sessions = sessions or Slots(2**31, "sessions")
-        self.waiting = waiting or Slots(2**31, "sockets waiting for init")
+        self.sessions = sessions
+        self.waiting = waiting
         self.session_id = uuid.uuid4().hex
         self._send_lock = asyncio.Lock()
         self._chunk_ms = QuantileSketch()

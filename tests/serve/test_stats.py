@@ -31,8 +31,7 @@ def test_empty_small_and_huge_values():
 def test_no_log_line_of_the_serving_code_carries_a_huge_value():
     import logging
 
-    import lingbot_ray.serve  # noqa: F401  (installs the filter)
-    from lingbot_ray.serve import MAX_LOG_LINE_CHARS
+    from lingbot_ray.serve import MAX_LOG_LINE_CHARS  # importing the package installs the filter
 
     class Keep(logging.Handler):  # on the logger itself: Ray may stop it propagating to the root
         records: list = []
