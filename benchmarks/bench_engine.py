@@ -27,7 +27,7 @@ from lingbot_ray.models.tiny import build_tiny_checkpoint
 
 logger = logging.getLogger("bench_engine")
 
-STAGES = ("text", "dit", "vae", "total")
+STAGES = ("text_encoder_ms", "dit_ms", "vae_ms", "total_ms")
 # A camera pattern that keeps the trajectory (and so the camera path) busy.
 MOVES = (("w",), ("w", "l"), ("d",), ("i",), ("s", "j"), ())
 
@@ -80,17 +80,17 @@ def run(args: argparse.Namespace, folder: Path) -> str:
         f"load {load_s * 1e3:.0f} ms, new session {session_s * 1e3:.0f} ms, "
         f"{args.chunks} chunks timed after {args.warmup} warm-up",
         "",
-        f"{'stage':<8}{'median ms':>12}{'p90 ms':>10}{'min ms':>10}{'share':>8}",
+        f"{'stage':<16}{'median ms':>12}{'p90 ms':>10}{'min ms':>10}{'share':>8}",
     ]
-    total_median = statistics.median(timings["total"])
+    total_median = statistics.median(timings["total_ms"])
     for stage in STAGES:
         values = timings[stage]
         median = statistics.median(values)
         rows.append(
-            f"{stage:<8}{median:>12.1f}{percentile(values, 90):>10.1f}{min(values):>10.1f}"
+            f"{stage:<16}{median:>12.1f}{percentile(values, 90):>10.1f}{min(values):>10.1f}"
             f"{(median / total_median if total_median else 0.0):>8.0%}"
         )
-    total_s = sum(timings["total"]) / 1e3
+    total_s = sum(timings["total_ms"]) / 1e3
     rows += ["", f"generated {frames} frames in {total_s:.2f} s of model time = {frames / total_s:.1f} fps"]
     return "\n".join(rows) + "\n"
 

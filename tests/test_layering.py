@@ -1,4 +1,10 @@
-"""The layout is the architecture: light layers must stay light, and the engine never imports ray."""
+"""The layout is the architecture: light layers must stay light, the engine never imports ray, and
+the serving layer reaches models only through the engine.
+
+    protocol, transport, control, checkpoint  ← no torch, no ray
+    engine (stages, hosts, chain)             ← no ray; its messages and chain need no torch
+    serve (deployments, ingress, router)      ← models only through engine; the ingress loads no model stack
+"""
 
 import ast
 import pathlib
@@ -26,8 +32,18 @@ def _assert_import_leaves_out(modules: list[str], banned: tuple[str, ...]) -> No
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)
 
 
-def test_protocol_and_transport_import_neither_torch_nor_ray():
-    _assert_import_leaves_out(["lingbot_ray.protocol", "lingbot_ray.transport"], ("torch", "ray"))
+MODEL_STACK = ("torch", "diffusers", "transformers")
+
+
+def test_light_layers_import_neither_the_model_stack_nor_ray():
+    light = ["lingbot_ray.protocol", "lingbot_ray.transport", "lingbot_ray.control", "lingbot_ray.checkpoint"]
+    _assert_import_leaves_out(light, MODEL_STACK + ("ray",))
+
+
+def test_the_ingress_and_the_chain_load_no_model_stack():
+    """The ingress replica imports these (and what they import) and nothing else of ours."""
+    modules = ["lingbot_ray.serve.ingress", "lingbot_ray.serve.session", "lingbot_ray.serve.backend", "lingbot_ray.engine.chain"]
+    _assert_import_leaves_out(modules, MODEL_STACK)
 
 
 @pytest.mark.parametrize("layer", ["protocol", "transport", "control", "engine", "models"])
@@ -39,10 +55,17 @@ def test_lower_layers_never_import_ray_or_serve(layer):
         assert "lingbot_ray.serve" not in source and "from ..serve" not in source, f"{path} imports serve"
 
 
-@pytest.mark.parametrize("layer", ["protocol", "transport"])
-def test_wire_layers_have_no_tensor_libraries(layer):
+@pytest.mark.parametrize("layer", ["protocol", "transport", "control"])
+def test_light_layers_have_no_tensor_libraries(layer):
     for path in (PACKAGE / layer).rglob("*.py"):
         assert not {"torch", "ray", "diffusers", "transformers"} & _imported_modules(path), path
+
+
+def test_serve_reaches_models_only_through_the_engine():
+    for path in (PACKAGE / "serve").rglob("*.py"):
+        source = path.read_text()
+        assert "lingbot_ray.models" not in source and "from ..models" not in source, f"{path} imports models"
+        assert not {"diffusers", "transformers"} & _imported_modules(path), path
 
 
 def test_client_tools_import_neither_torch_nor_ray():

@@ -1,31 +1,52 @@
-"""The realtime engine: session state and the per-chunk step, in-process and without Ray.
+"""The realtime engine: session state, the stages and the stage chain, in-process and without Ray.
 
-Three stages (text, DiT, VAE) usable on their own — the Ray deployments wrap one each — and
-:class:`RealtimeEngine`, which composes them for tests, benchmarks and notebooks.
+The stages (text, DiT, VAE, post-processing) are usable on their own; their hosts keep sessions by
+id and speak the chain's typed messages (:mod:`.messages`); :class:`RealtimeEngine` runs the chain
+in-process, the Ray deployments wrap one host each.
+
+Names load on first use: the torch-free parts (:mod:`.messages`, :mod:`.session`, :mod:`.chain`)
+can be imported by a process that never loads a model (the ingress).
 """
 
-from .engine import RealtimeEngine, SessionState
-from .errors import EngineError, PositionLimitReached, SessionClosedError
-from .sampler import DMDSampler, DMDSchedule
-from .session import ChunkOutput, ModelGeometry, ResolvedSpec, SessionSpec
-from .stages import DiTSessionState, DiTStage, TextStage, VAESessionState, VAEStage, read_geometry
+from __future__ import annotations
 
-__all__ = [
-    "ChunkOutput",
-    "DMDSampler",
-    "DMDSchedule",
-    "DiTSessionState",
-    "DiTStage",
-    "EngineError",
-    "ModelGeometry",
-    "PositionLimitReached",
-    "RealtimeEngine",
-    "ResolvedSpec",
-    "SessionClosedError",
-    "SessionSpec",
-    "SessionState",
-    "TextStage",
-    "VAESessionState",
-    "VAEStage",
-    "read_geometry",
-]
+import importlib
+
+_EXPORTS = {
+    "ChunkOutput": "session",
+    "ResolvedSpec": "session",
+    "SessionSpec": "session",
+    "ModelGeometry": "session",
+    "ChunkRequest": "messages",
+    "DiTChunk": "messages",
+    "FrameChunk": "messages",
+    "PostOptions": "messages",
+    "PromptEmbeds": "messages",
+    "SessionOpened": "messages",
+    "StageTimings": "messages",
+    "StageChain": "chain",
+    "EngineError": "errors",
+    "PositionLimitReached": "errors",
+    "SessionClosedError": "errors",
+    "DMDSampler": "sampler",
+    "DMDSchedule": "sampler",
+    "DiTSessionState": "stages",
+    "DiTStage": "stages",
+    "TextStage": "stages",
+    "VAESessionState": "stages",
+    "VAEStage": "stages",
+    "DiTHost": "hosts",
+    "VAEHost": "hosts",
+    "PostHost": "postprocess",
+    "PostStage": "postprocess",
+    "RealtimeEngine": "engine",
+    "SessionState": "engine",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

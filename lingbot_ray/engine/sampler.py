@@ -38,10 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checkpoint import V1_SHIFT, V1_TIMESTEP_INDICES
+
 logger = logging.getLogger(__name__)
 
-V1_TIMESTEP_INDICES = (0, 179, 358, 679)
-V1_SHIFT = 10.0
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
 
 # flow_fn(x_t [B,C,F,h,w] fp32, t: float) -> flow prediction with the same shape

@@ -1,5 +1,5 @@
-"""What a session asks for (:class:`SessionSpec`), what one chunk returns (:class:`ChunkOutput`), and
-the model geometry both are checked against (:class:`ModelGeometry`).
+"""What a session asks for (:class:`SessionSpec`) and what one chunk returns (:class:`ChunkOutput`),
+both checked against the served model's :class:`~lingbot_ray.checkpoint.ModelGeometry`.
 
 A spec is plain data (it travels between Ray stages); :meth:`SessionSpec.resolve` checks it against
 the served model and fills the model defaults, returning a :class:`ResolvedSpec` the stages use.
@@ -7,53 +7,19 @@ the served model and fills the model defaults, returning a :class:`ResolvedSpec`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
+from ..checkpoint import ModelGeometry, ServingDefaults
+from .messages import StageTimings
+
 Quality = Literal["lossless", "high"]
 _QUALITIES = ("lossless", "high")
 _MAX_SEED = 2**64 - 1
-
-
-@dataclass(frozen=True)
-class ModelGeometry:
-    """Shapes the engine derives from the served checkpoint's configs (never literals).
-
-    ``vae_scale_spatial``/``vae_scale_temporal`` come from the VAE config, the rest from the
-    transformer config.
-    """
-
-    vae_scale_spatial: int
-    vae_scale_temporal: int
-    latent_channels: int
-    patch_size: tuple[int, int, int]
-    num_frames_per_block: int
-    default_sink_size: int
-    default_window_frames: int
-    rope_max_seq_len: int | None
-
-    @property
-    def size_multiple(self) -> int:
-        """Pixel sizes must be whole patches of whole latent pixels."""
-        return self.vae_scale_spatial * max(self.patch_size[1], self.patch_size[2])
-
-    def pixel_frames(self, num_latent_frames: int, *, first: bool) -> int:
-        """Pixel frames the causal VAE yields: the session's very first latent frame gives one."""
-        if first:
-            return 1 + self.vae_scale_temporal * (num_latent_frames - 1)
-        return self.vae_scale_temporal * num_latent_frames
-
-    def blocks_per_chunk(self, num_frames: int) -> int:
-        """PROTOCOL.md: ``num_frames`` rounded up to whole blocks of ``temporal * frames_per_block``."""
-        return max(1, math.ceil(num_frames / (self.vae_scale_temporal * self.num_frames_per_block)))
-
-    def tokens_per_frame(self, width: int, height: int) -> int:
-        h = height // self.vae_scale_spatial // self.patch_size[1]
-        w = width // self.vae_scale_spatial // self.patch_size[2]
-        return h * w
 
 
 @dataclass(frozen=True, eq=False)  # eq would compare images element-wise
@@ -69,9 +35,9 @@ class SessionSpec:
     image: np.ndarray = field(repr=False)
     width: int
     height: int
-    num_frames: int = 12
+    num_frames: int = ServingDefaults.num_frames
     seed: int = 42
-    num_inference_steps: int = 4
+    num_inference_steps: int = len(ServingDefaults.timestep_indices)
     guidance_scale: float = 1.0
     negative_prompt: str | None = None
     sink_size: int | None = None
@@ -166,19 +132,25 @@ class ResolvedSpec:
 
 @dataclass
 class ChunkOutput:
-    """One generated chunk. ``frames``: uint8 [N, H, W, 3] RGB, N = 1+4(F-1) for chunk 0 and 4F
-    after, F = ``num_latent_frames``. ``timings_ms``: ``text``, ``dit``, ``vae``, ``total``."""
+    """One generated chunk of :meth:`RealtimeEngine.step`. ``frames``: uint8 [N, H, W, 3] RGB, N =
+    1+4(F-1) for chunk 0 and 4F after (times the interpolation factor with post-processing), F =
+    ``num_latent_frames``. ``timings``: each stage's milliseconds."""
 
     frames: np.ndarray
     chunk_index: int
     event_id: int | None
-    timings_ms: dict[str, float]
+    timings: StageTimings
     num_latent_frames: int
     start_frame: int
 
     @property
     def num_frames(self) -> int:
         return int(self.frames.shape[0])
+
+    @property
+    def timings_ms(self) -> dict[str, float]:
+        """The timings by stage name, plus their ``total``."""
+        return {**dataclasses.asdict(self.timings), "total_ms": self.timings.total_ms}
 
 
 def _is_int(value: object) -> bool:

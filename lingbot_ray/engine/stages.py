@@ -15,8 +15,10 @@ which carry their own lifecycle: ``reset()`` (back to the session's first chunk,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,49 +29,16 @@ import torch
 from ..control.camera import CameraTrajectory, Intrinsics
 from ..control.conditions import ChunkConditions
 from ..control.plucker import plucker_map
-from ..models import pipeline
+from ..checkpoint import ModelGeometry, read_geometry, read_serving_defaults
+from ..models import loading
 from ..models.attention import PositionLimitError
+from ..models.transformer_lingbot import CAMERA_UNSHUFFLE
 from .errors import PositionLimitReached, SessionClosedError
+from .messages import ChunkRequest, PromptEmbeds
 from .sampler import DMDSampler, randn_like_session
-from .session import ModelGeometry, ResolvedSpec
+from .session import ResolvedSpec
 
 logger = logging.getLogger(__name__)
-
-
-def read_geometry(folder: str | Path) -> ModelGeometry:
-    """The shapes a checkpoint implies, from its transformer and VAE configs (no weights loaded)."""
-    return geometry_from_configs(
-        pipeline.read_component_config(folder, "transformer"),
-        pipeline.read_component_config(folder, "vae"),
-    )
-
-
-def geometry_from_configs(transformer: dict[str, Any], vae: dict[str, Any]) -> ModelGeometry:
-    """Geometry from the ``transformer/config.json`` and ``vae/config.json`` dictionaries."""
-
-    def need(config: dict[str, Any], component: str, key: str) -> Any:
-        if config.get(key) is None:
-            raise ValueError(f"{component}/config.json {key}={config.get(key)!r}: required")
-        return config[key]
-
-    temporal_down = [bool(d) for d in need(vae, "vae", "temperal_downsample")]
-    # older AutoencoderKLWan configs lack the scale factors; the downsampling list implies them
-    spatial = int(vae.get("scale_factor_spatial") or 2 ** len(temporal_down))
-    temporal = int(vae.get("scale_factor_temporal") or 2 ** sum(temporal_down))
-    patch = tuple(int(p) for p in need(transformer, "transformer", "patch_size"))
-    if len(patch) != 3:
-        raise ValueError(f"transformer/config.json patch_size={list(patch)!r}: expected (t, h, w)")
-    rope = transformer.get("rope_max_seq_len")
-    return ModelGeometry(
-        vae_scale_spatial=spatial,
-        vae_scale_temporal=temporal,
-        latent_channels=int(need(transformer, "transformer", "out_channels")),
-        patch_size=patch,  # type: ignore[arg-type]
-        num_frames_per_block=int(need(transformer, "transformer", "num_frames_per_block")),
-        default_sink_size=int(need(transformer, "transformer", "sink_size")),
-        default_window_frames=int(need(transformer, "transformer", "sliding_window_num_frames")),
-        rope_max_seq_len=int(rope) if rope else None,
-    )
 
 
 def _check_open(closed: bool, what: str) -> None:
@@ -91,8 +60,8 @@ class TextStage:
     def from_pretrained(
         cls, folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> TextStage:
-        dtype = dtype or pipeline.default_dtype(device)
-        return cls(pipeline.load_prompt_encoder(folder, device=device, dtype=dtype))
+        dtype = dtype or loading.default_dtype(device)
+        return cls(loading.load_prompt_encoder(folder, device=device, dtype=dtype))
 
     @torch.inference_mode()
     def encode(self, prompt: str) -> torch.Tensor:
@@ -113,6 +82,18 @@ class TextStage:
                 dtype=self.prompt_encoder.dtype,
             )
         return self.encode(negative_prompt)
+
+    def embed(self, prompt: str | None, negative: bool = False) -> PromptEmbeds:
+        """The chain's text step at a session's start: the prompt (or, with ``negative``, the
+        unconditional branch's text) as a :class:`PromptEmbeds` message."""
+        start = time.perf_counter()
+        embeds = self.encode_negative(prompt) if negative else self.encode(prompt)
+        embeds = embeds.float().cpu().numpy()
+        return PromptEmbeds(embeds, (time.perf_counter() - start) * 1e3)
+
+    def prepare(self, request: ChunkRequest) -> ChunkRequest:
+        """The chain's text step of a chunk whose conditions change the prompt."""
+        return dataclasses.replace(request, prompt=self.embed(request.conditions.prompt))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,12 +175,25 @@ class DiTStage:
     ):
         """``camera_focal``: (focal length in pixels, at this frame width) from the checkpoint's
         serving defaults; None keeps :meth:`Intrinsics.default` (500 px at any size)."""
+        if CAMERA_UNSHUFFLE != geometry.vae_scale_spatial:
+            # the Plücker map is unshuffled by the VAE's stride to line up with the latents
+            raise ValueError(
+                f"vae scale_factor_spatial={geometry.vae_scale_spatial!r}: the DiT's camera input is "
+                f"unshuffled by {CAMERA_UNSHUFFLE}; the two must match (docs/MODEL.md, camera conditioning)"
+            )
         self.model = model
         self.geometry = geometry
         self.sampler = sampler
         self.device = torch.device(device)
         self.dtype = dtype
         self.camera_focal = camera_focal
+
+    def enable_sequence_parallel(self) -> None:
+        """Shard every forward's tokens over the default process group (Ulysses; the caller has
+        joined it): each rank then holds heads/N of every session's KV cache."""
+        from ..models.sequence_parallel import SequenceParallel
+
+        self.model.enable_sequence_parallel(SequenceParallel())
 
     def intrinsics(self, width: int, height: int) -> Intrinsics:
         """Pinhole intrinsics of a ``width`` x ``height`` session (the Plücker map's rays)."""
@@ -217,9 +211,9 @@ class DiTStage:
         dtype: torch.dtype | None = None,
         sampler: DMDSampler | None = None,
     ) -> DiTStage:
-        dtype = dtype or pipeline.default_dtype(device)
-        model = pipeline.load_transformer(folder, device=device, dtype=dtype)
-        defaults = pipeline.read_serving_defaults(folder)
+        dtype = dtype or loading.default_dtype(device)
+        model = loading.load_dit(folder, device=device, dtype=dtype)
+        defaults = read_serving_defaults(folder)
         return cls(
             model,
             read_geometry(folder),
@@ -295,6 +289,7 @@ class DiTStage:
                 spec.height,
                 spec.width,
                 self.intrinsics(spec.width, spec.height),
+                downscale=geometry.vae_scale_spatial,
                 device=self.device,
                 dtype=self.dtype,
             )
@@ -367,8 +362,8 @@ def _check_actions(camera_actions: Sequence[Sequence[str]], num_latent: int) -> 
 
 
 def sampler_from_checkpoint(folder: str | Path) -> DMDSampler:
-    defaults = pipeline.read_serving_defaults(folder)
-    scheduler = pipeline.load_scheduler_config(folder)
+    defaults = read_serving_defaults(folder)
+    scheduler = loading.load_scheduler_config(folder)
     return DMDSampler(
         timestep_indices=defaults.timestep_indices,
         shift=defaults.shift,
@@ -413,7 +408,7 @@ class VAEStage:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu") -> VAEStage:
-        return cls(pipeline.load_vae(folder, device=device, dtype=torch.float32), read_geometry(folder), device=device)
+        return cls(loading.load_vae(folder, device=device, dtype=torch.float32), read_geometry(folder), device=device)
 
     def vae_for(self, dtype: torch.dtype):
         """The decoder in ``dtype``; the bf16 copy is made on first use ("high" quality sessions)."""

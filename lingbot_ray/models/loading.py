@@ -1,4 +1,11 @@
-"""Load and save `CausalLingBotWorldTransformer3DModel` checkpoints in either tensor-name layout.
+"""Loading a checkpoint's model components — the one loader module.
+
+Each serving stage loads only its own components (the text stage never touches the transformer):
+:func:`load_dit`, :func:`load_vae`, :func:`load_prompt_encoder` and :func:`load_scheduler_config`
+take the checkpoint folder (``model_index.json`` is checked first, :mod:`lingbot_ray.checkpoint`).
+
+The transformer's weights: load and save `CausalLingBotWorldTransformer3DModel` component folders in
+either tensor-name layout (:func:`load_transformer`, :func:`save_transformer`).
 
 Published checkpoints carry the original Wan names (`blocks.N.self_attn.q.weight`, ...); the model
 uses diffusers' names (`blocks.N.attn1.to_q.weight`, ...). Camera tensors have the same name in both.
@@ -22,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..checkpoint import read_model_index
 from .transformer_lingbot import CausalLingBotWorldTransformer3DModel
 
 
@@ -29,6 +37,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DIFFUSERS",
+    "default_dtype",
+    "load_dit",
+    "load_prompt_encoder",
+    "load_scheduler_config",
+    "load_vae",
     "ORIGINAL",
     "check_state_dict_shapes",
     "detect_layout",
@@ -362,3 +375,46 @@ def save_transformer(
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     logger.info("saved %d tensors (%s layout, %d file(s)) to %s", sum(map(len, shards)), layout, len(shards), folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Components of a checkpoint folder
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 where it is fast (CUDA), fp32 on CPU where bf16 matmuls are slow and tests want exactness."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_dit(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype):
+    """The checkpoint's causal DiT (its ``transformer`` component), in eval mode without gradients."""
+    sub = read_model_index(checkpoint).component_folder("transformer")
+    logger.info("loading transformer from %s (dtype=%s, device=%s)", sub, dtype, device)
+    return load_transformer(sub, dtype=dtype, device=device).eval().requires_grad_(False)
+
+
+def load_vae(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The Wan VAE wrapped for streaming decode (per-session caches live outside the module)."""
+    from .vae_streaming import StreamingWanVAE  # model code per loader: a stage pulls in only what it runs
+
+    sub = read_model_index(checkpoint).component_folder("vae")
+    logger.info("loading vae from %s (dtype=%s, device=%s)", sub, dtype, device)
+    return StreamingWanVAE.from_pretrained(sub, subfolder=None, dtype=dtype, device=device)
+
+
+def load_prompt_encoder(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """UMT5 encoder + tokenizer as a prompt → embeddings function with its own small cache."""
+    from .text_encoder import PromptEncoder
+
+    index = read_model_index(checkpoint)
+    index.check_folders(("text_encoder", "tokenizer"))
+    logger.info("loading text encoder from %s (dtype=%s, device=%s)", index.folder, dtype, device)
+    return PromptEncoder.from_pretrained(index.folder, dtype=dtype, device=device)
+
+
+def load_scheduler_config(checkpoint: str | os.PathLike) -> dict:
+    """The scheduler's config through diffusers (the DMD sampler uses its ``num_train_timesteps``)."""
+    from diffusers import UniPCMultistepScheduler
+
+    sub = read_model_index(checkpoint).component_folder("scheduler")
+    return dict(UniPCMultistepScheduler.from_pretrained(sub).config)

@@ -54,7 +54,8 @@ __all__ = [
 
 # The camera input is a Plücker map of 6 channels (origin, direction) pixel-unshuffled by the VAE's
 # 8x spatial compression so it lines up with the latent grid: 6 * 8 * 8 channels. These are fixed by
-# the encoding, not model sizes, and the real config.json has no key for them.
+# the encoding, not model sizes, and the published config.json has no key for them; the engine checks
+# CAMERA_UNSHUFFLE against the checkpoint's VAE (ModelGeometry.vae_scale_spatial).
 PLUCKER_CHANNELS = 6
 CAMERA_UNSHUFFLE = 8
 CAMERA_CHANNELS = PLUCKER_CHANNELS * CAMERA_UNSHUFFLE * CAMERA_UNSHUFFLE

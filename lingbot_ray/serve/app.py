@@ -7,6 +7,8 @@ Classes stay undecorated; this is the one place that turns them into deployments
        │   ──▶ DiTGroup    (sticky)
        │   ──▶ VAEDecoder  (sticky)
        │   ──▶ PostProcess (sticky; only for sessions that ask for it)
+
+The ingress calls them in the order the stage chain declares (:mod:`lingbot_ray.engine.chain`).
 """
 
 from __future__ import annotations
@@ -16,33 +18,15 @@ from typing import Any
 
 from ray import serve
 
-from .backend import InProcessBackend, RayBackend
-from .checkpoint import ensure_checkpoint
+from lingbot_ray.checkpoint import ensure_checkpoint
+from lingbot_ray.engine.chain import StageChain
+
+from .backend import InProcessBackend
 from .config import ServeConfig, deployment_options, load_config
-from .deployments import DiTGroup, PostProcess, TextEncoder, VAEDecoder
-from .ingress import Ingress
+from .deployments import DiTGroup, PostProcess, RayTextEncoder, TextEncoder, VAEDecoder
+from .ingress import Ingress, RayIngress
 
 logger = logging.getLogger("ray.serve")
-
-
-class RayIngress(Ingress):
-    """The ingress as a Serve replica: stage handles in, Ray backend and metrics on."""
-
-    def __init__(self, config: ServeConfig, text, dit, vae, post):
-        from .metrics import IngressMetrics
-
-        super().__init__(config, RayBackend(text, dit, vae, post))
-        self.metrics = IngressMetrics(self.model_name)
-
-
-class RayTextEncoder(TextEncoder):
-    """The text encoder as a Serve replica: its prompt cache's size is exported."""
-
-    def __init__(self, config: ServeConfig):
-        from .metrics import TextCacheMetrics
-
-        super().__init__(config)
-        self.metrics = TextCacheMetrics(config.served_model_name, lambda: self.stage.prompt_encoder.cache_stats)
 
 
 def build_app(args: dict[str, Any] | ServeConfig | None = None):
@@ -52,7 +36,8 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None):
     ``serve build lingbot_ray.serve.app:app`` writes the config of that default application.
     """
     config = load_config(args)
-    ensure_checkpoint(config.model)  # build the embedded model once, before replicas race for it
+    # a missing folder is built once, here, before replicas race for it
+    ensure_checkpoint(config.model.path, build_tiny_if_missing=config.model.build_tiny_if_missing)
     options = deployment_options(config)
 
     def deploy(cls, name: str):
@@ -71,8 +56,8 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None):
 def build_in_process(args: dict[str, Any] | ServeConfig | None = None) -> Ingress:
     """The same ingress and stages in this process, without Ray (tests, notebook, benchmark)."""
     config = load_config(args)
-    backend = InProcessBackend(TextEncoder(config), DiTGroup(config), VAEDecoder(config), PostProcess(config))
-    return Ingress(config, backend)
+    chain = StageChain(TextEncoder(config), DiTGroup(config), VAEDecoder(config), PostProcess(config))
+    return Ingress(config, InProcessBackend(chain))
 
 
 def __getattr__(name: str):

@@ -1,7 +1,8 @@
 """How the session driver reaches the stages: through Ray Serve handles, or in-process.
 
-Both backends run the same stage code (the deployments' classes), so the Ray graph adds only
-placement, routing and transport, and a test can compare the two byte for byte.
+Both backends run the one stage chain (:class:`~lingbot_ray.engine.chain.StageChain`) over the same
+deployment classes; they differ only in how a stage is called, so the Ray graph adds only placement,
+routing and transport, and a test can compare the two byte for byte.
 
 Opening a session is two steps on every sticky stage: a slot is reserved on each (no model work, so
 a full group refuses at once), then the model work starts (prompt and first-frame encoding, the DiT
@@ -10,24 +11,33 @@ state). The caller closes the session on every stage whatever happened, also aft
 A chunk is submitted as one call that returns a :class:`ChunkFuture`: ``dit_done`` resolves when
 the DiT has finished the chunk (the driver then samples the next chunk's conditions and submits
 it, so the DiT works on chunk N+1 while chunk N is decoded and chunk N-1 is sent), ``result``
-resolves to the frames and the stage timings.
+resolves to the last stage's :class:`~lingbot_ray.engine.messages.FrameChunk`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from lingbot_ray.control.conditions import ChunkConditions
-from lingbot_ray.engine import SessionSpec
-from lingbot_ray.protocol import CapacityError, SessionLost
+from lingbot_ray.engine.chain import StageChain
+from lingbot_ray.engine.messages import DiTChunk, FrameChunk, PostOptions, SessionOpened
+from lingbot_ray.engine.session import SessionSpec
 
-from .router import CLOSE_METHOD, OPEN_METHOD
 
-START_METHOD = "start_session"
+def replica_tag() -> str:
+    """This replica's id (``DiTGroup#abc123``), or a process tag outside Serve."""
+    try:
+        from ray import serve
+
+        context = serve.get_replica_context()
+        return f"{context.deployment}#{context.replica_id.unique_id}"
+    except Exception:  # not inside a Serve replica: in-process backends and tests
+        return f"local-{os.getpid()}"
 
 
 @dataclass(eq=False)  # hashed by identity: the driver keeps the ones in flight in a set
@@ -36,7 +46,7 @@ class ChunkFuture:
     result: asyncio.Future
 
     @classmethod
-    def of(cls, dit_done: Awaitable[Any], result: Awaitable[dict[str, Any]]) -> ChunkFuture:
+    def of(cls, dit_done: Awaitable[DiTChunk], result: Awaitable[FrameChunk]) -> ChunkFuture:
         tasks = [asyncio.ensure_future(dit_done), asyncio.ensure_future(result)]
         for task in tasks:  # a chunk abandoned with its session fails quietly, as expected
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -49,7 +59,7 @@ class ChunkFuture:
 
 
 class StageBackend(Protocol):
-    async def open(self, sid: str, spec: SessionSpec, post: Any = None) -> dict[str, Any]: ...
+    async def open(self, sid: str, spec: SessionSpec, post: PostOptions | None = None) -> SessionOpened: ...
 
     def submit(self, sid: str, conditions: ChunkConditions) -> ChunkFuture: ...
 
@@ -62,45 +72,47 @@ def unwrap(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
-class InProcessBackend:
-    """The stages as plain objects in this process (tests, notebook, benchmark baseline)."""
+class _ChainBackend:
+    """The chain, run on this event loop; subclasses say how one stage call is made and awaited."""
 
-    def __init__(self, text, dit, vae, post=None):
-        self.text, self.dit, self.vae, self.post = text, dit, vae, post
-        self._with_post: set[str] = set()
+    def __init__(self, chain: StageChain):
+        self.chain = chain
 
-    async def open(self, sid: str, spec: SessionSpec, post: Any = None) -> dict[str, Any]:
-        stages = [self.dit, self.vae] + ([self.post] if post is not None else [])
-        if post is not None:
-            self._with_post.add(sid)
-        for stage in stages:
-            await stage.open_session(sid)
-        condition = await self.vae.start_session(sid, spec)
-        if post is not None:
-            await self.post.start_session(sid, post)
-        prompt = await self.text.encode(spec.prompt)
-        negative = await self.text.encode(spec.negative_prompt, True) if spec.use_cfg else None
-        return await self.dit.start_session(sid, spec, condition, prompt, negative)
+    def _call(self, endpoint: Any, method: Callable[..., Any], *args: Any, session: str | None = None) -> Any:
+        raise NotImplementedError
+
+    async def _result(self, pending: Any) -> Any:
+        return await pending
+
+    async def open(self, sid: str, spec: SessionSpec, post: PostOptions | None = None) -> SessionOpened:
+        await asyncio.gather(*map(self._result, self.chain.reserve(self._call, sid, post)))
+        started = await asyncio.gather(*map(self._result, self.chain.start(self._call, sid, spec, post)))
+        return started[-1]
 
     def submit(self, sid: str, conditions: ChunkConditions) -> ChunkFuture:
-        async def dit() -> dict[str, Any]:
-            text = await self.text.encode(conditions.prompt) if conditions.prompt is not None else None
-            return await self.dit.step(sid, conditions, text)
+        latents, frames = self.chain.submit(self._call, sid, conditions)
+        return ChunkFuture.of(self._result(latents), self._result(frames))
 
-        dit_task = asyncio.ensure_future(dit())
-
-        async def result() -> dict[str, Any]:
-            decoded = await self.vae.decode(sid, await asyncio.shield(dit_task))
-            return await self.post.process(sid, decoded) if sid in self._with_post else decoded
-
-        return ChunkFuture.of(dit_task, result())
+    async def _quietly(self, pending: Any) -> None:
+        try:
+            await self._result(pending)
+        except Exception:  # the replica may be the one that died; nothing left to free there
+            pass
 
     async def close(self, sid: str) -> None:
-        await self.dit.close_session(sid)
-        await self.vae.close_session(sid)
-        if sid in self._with_post:
-            self._with_post.discard(sid)
-            await self.post.close_session(sid)
+        await asyncio.gather(*map(self._quietly, self.chain.close(self._call, sid)))
+
+
+class InProcessBackend(_ChainBackend):
+    """The deployment classes as plain objects in this process (tests, notebook, benchmark baseline):
+    each stage call is a task that first waits for the earlier calls it takes as arguments."""
+
+    def _call(self, endpoint: Any, method: Callable[..., Any], *args: Any, session: str | None = None) -> asyncio.Task:
+        async def run() -> Any:
+            values = [await arg if isinstance(arg, asyncio.Future) else arg for arg in args]
+            return await getattr(endpoint, method.__name__)(*values)
+
+        return asyncio.ensure_future(run())
 
 
 def call(handle, method: str, *args, session_id: str | None = None):
@@ -123,57 +135,18 @@ def call(handle, method: str, *args, session_id: str | None = None):
         serve_context._serve_request_context.reset(token)
 
 
-class RayBackend:
-    """The stages as Serve deployments; every call of a session is pinned with ``session_id``."""
+class RayBackend(_ChainBackend):
+    """The stages as Serve deployments; every call of a session is pinned with ``session_id``, and a
+    stage's response passed to the next stage goes replica to replica, not through here."""
 
-    def __init__(self, text_handle, dit_handle, vae_handle, post_handle=None):
-        self.text, self.dit, self.vae, self.post = text_handle, dit_handle, vae_handle, post_handle
-        self._with_post: set[str] = set()
+    def _call(self, endpoint: Any, method: Callable[..., Any], *args: Any, session: str | None = None) -> Any:
+        return call(endpoint, method.__name__, *args, session_id=session)
 
-    async def open(self, sid: str, spec: SessionSpec, post: Any = None) -> dict[str, Any]:
-        stages = [self.dit, self.vae] + ([self.post] if post is not None else [])
-        if post is not None:
-            self._with_post.add(sid)
+    async def _result(self, pending: Any) -> Any:
         try:
-            # Step 1: a slot on every sticky stage (the router picks the replica with the most room)
-            await asyncio.gather(*(call(stage, OPEN_METHOD, sid, session_id=sid) for stage in stages))
-            # Step 2: the model work; the prompt(s) and the first frame encode in parallel, the DiT
-            # takes the responses as arguments (the latents go VAE → DiT directly)
-            prompt = call(self.text, "encode", spec.prompt)
-            negative = call(self.text, "encode", spec.negative_prompt, True) if spec.use_cfg else None
-            condition = call(self.vae, START_METHOD, sid, spec, session_id=sid)
-            if post is not None:
-                await call(self.post, START_METHOD, sid, post, session_id=sid)
-            return await call(self.dit, START_METHOD, sid, spec, condition, prompt, negative, session_id=sid)
-        except Exception as exc:
+            return await pending
+        except BaseException as exc:
             raise unwrap(exc) from None
 
-    def submit(self, sid: str, conditions: ChunkConditions) -> ChunkFuture:
-        text = call(self.text, "encode", conditions.prompt) if conditions.prompt is not None else None
-        dit = call(self.dit, "step", sid, conditions, text, session_id=sid)
-        # The latents go from the DiT replica to the VAE replica directly, not through here.
-        vae = call(self.vae, "decode", sid, dit, session_id=sid)
-        if sid in self._with_post:
-            vae = call(self.post, "process", sid, vae, session_id=sid)
 
-        async def unwrapped(response) -> Any:
-            try:
-                return await response
-            except BaseException as exc:
-                raise unwrap(exc) from None
-
-        return ChunkFuture.of(unwrapped(dit), unwrapped(vae))
-
-    async def _close_quietly(self, handle, sid: str) -> None:
-        try:
-            await call(handle, CLOSE_METHOD, sid, session_id=sid)
-        except Exception:  # the replica may be the one that died; nothing left to free there
-            pass
-
-    async def close(self, sid: str) -> None:
-        stages = [self.dit, self.vae] + ([self.post] if sid in self._with_post else [])
-        self._with_post.discard(sid)
-        await asyncio.gather(*(self._close_quietly(stage, sid) for stage in stages))
-
-
-__all__ = ["CapacityError", "ChunkFuture", "InProcessBackend", "RayBackend", "SessionLost", "StageBackend", "unwrap"]
+__all__ = ["ChunkFuture", "InProcessBackend", "RayBackend", "StageBackend", "replica_tag", "unwrap"]

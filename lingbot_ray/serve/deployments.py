@@ -1,10 +1,9 @@
 """The stage deployments, as plain classes (``app.build_app`` decorates and binds them).
 
-Each wraps one engine stage and adds only what serving needs: a session table for the sticky
-stages, capacity, routing stats, health, and a single worker thread so model work never blocks the
-replica's event loop (health checks and other sessions' small calls stay responsive).
-
-Tensors cross replica boundaries as numpy arrays (zero-copy between replicas on one node).
+Each wraps one engine host (:mod:`lingbot_ray.engine.hosts`) and adds only what serving needs: session
+slots with a capacity, routing stats, health, and a single worker thread so model work never blocks the
+replica's event loop (health checks and other sessions' small calls stay responsive). Their methods are
+the chain's (:mod:`lingbot_ray.engine.chain`): the same names, the same typed messages.
 """
 
 from __future__ import annotations
@@ -12,35 +11,43 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from lingbot_ray.control.conditions import ChunkConditions
+from lingbot_ray.checkpoint import ensure_checkpoint
 from lingbot_ray.engine import SessionSpec, TextStage, VAEStage
+from lingbot_ray.engine.hosts import SessionHost, VAEHost
+from lingbot_ray.engine.messages import ChunkRequest, DiTChunk, FrameChunk, PostOptions, PromptEmbeds, SessionOpened
+from lingbot_ray.engine.postprocess import PostHost, PostStage
 from lingbot_ray.protocol import CapacityError, SessionLost
 
-from .checkpoint import apply_threads, ensure_checkpoint, torch_dtype
-from .config import ServeConfig
-from .dit_group import RankGroup
+from .backend import replica_tag
+from .config import ModelConfig, ServeConfig
+from .dit_group import DiTRank, RankGroup
 
 logger = logging.getLogger("ray.serve")
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-def replica_tag() -> str:
-    """This replica's id (``DiTGroup#abc123``), or a process tag outside Serve."""
-    try:
-        from ray import serve
 
-        context = serve.get_replica_context()
-        return f"{context.deployment}#{context.replica_id.unique_id}"
-    except Exception:  # not inside a Serve replica: in-process backends and tests
-        return f"local-{os.getpid()}"
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def apply_threads(model: ModelConfig) -> None:
+    if model.torch_threads is not None:
+        torch.set_num_threads(model.torch_threads)
+
+
+def load_folder(model: ModelConfig):
+    """Apply the model section's thread count and return its checkpoint folder."""
+    apply_threads(model)
+    return ensure_checkpoint(model.path, build_tiny_if_missing=model.build_tiny_if_missing)
 
 
 class _StageReplica:
@@ -48,7 +55,7 @@ class _StageReplica:
 
     A session takes a slot in two calls: ``open_session`` reserves it (no model work, so a full
     replica refuses at once, before anyone encodes anything; the router sends it to the replica with
-    the most free slots), then ``start_session`` does the model work and installs the session's
+    the most free slots), then ``start_session`` does the model work and the host keeps the session's
     state. ``close_session`` frees both, at any point, and is remembered for a while so that a
     reservation or start that arrives after its close (calls are not ordered) is refused instead of
     holding a slot. Slots no call has touched for ``idle_timeout_s`` are released, so sessions of an
@@ -57,10 +64,10 @@ class _StageReplica:
 
     STAGE = "stage"
     CLOSED_MEMORY = 4096  # closed session ids remembered (bounded: a replica lives for days)
+    host: SessionHost
 
     def __init__(self, capacity: int, idle_timeout_s: float):
         self.capacity = capacity
-        self.sessions: dict[str, Any] = {}  # started sessions' state
         self.held: set[str] = set()  # sessions with a slot here: reserved or started
         self.replica_id = replica_tag()
         self.idle_timeout_s = idle_timeout_s
@@ -73,10 +80,7 @@ class _StageReplica:
     def _touch(self, sid: str) -> None:
         self._touched[sid] = time.monotonic()
         if self._reaper is None:
-            try:  # also called from the model thread, which has no event loop
-                self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
-            except RuntimeError:
-                pass
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
 
     async def _reap_idle(self) -> None:
         while True:
@@ -92,21 +96,11 @@ class _StageReplica:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    async def _timed(self, fn, *args) -> tuple[Any, float]:
-        """Run on the model thread; the time is the work alone, not the wait for the thread."""
-
-        def call():
-            start = time.perf_counter()
-            return fn(*args), (time.perf_counter() - start) * 1e3
-
-        return await self._run(call)
-
-    def _session(self, sid: str):
-        state = self.sessions.get(sid)
-        if state is None:
+    def _session(self, sid: str) -> None:
+        """Fail fast, before queueing behind other sessions' work, for a session not held here."""
+        if sid not in self.host:
             raise SessionLost(f"session {sid} is not held by {self.replica_id} (its replica restarted?)")
         self._touch(sid)
-        return state
 
     def _check_held(self, sid: str) -> None:
         """Before a session's model work: its slot must be reserved and not closed since."""
@@ -115,12 +109,15 @@ class _StageReplica:
         self.starts += 1
         self._touch(sid)
 
-    async def _install(self, sid: str, state: Any) -> None:
-        """Keep a started session's state, unless it was closed while it started."""
+    async def _started(self, sid: str) -> None:
+        """After a session's model work: drop the state again if the session was closed meanwhile."""
         if sid not in self.held:
-            await self._run(state.release)
+            await self._close_state(sid)
             raise SessionLost(f"session {sid} was closed on {self.replica_id} while it started")
-        self.sessions[sid] = state
+        self._touch(sid)
+
+    async def _close_state(self, sid: str) -> None:
+        await self._run(self.host.close_session, sid)
 
     async def open_session(self, sid: str) -> str:
         """Reserve a slot for ``sid`` (no model work); returns this replica's id."""
@@ -154,21 +151,16 @@ class _StageReplica:
         self._closed[sid] = None
         while len(self._closed) > self.CLOSED_MEMORY:
             self._closed.popitem(last=False)
-        state = self.sessions.pop(sid, None)
-        if state is not None:
-            await self._release(sid, state)
+        if sid in self.host:
+            await self._close_state(sid)
         return held
-
-    async def _release(self, sid: str, state: Any) -> None:
-        await self._run(state.release)
 
 
 class TextEncoder:
     """Prompt → embeddings (stateless; the encoder caches recent prompts)."""
 
     def __init__(self, config: ServeConfig):
-        apply_threads(config.model)
-        folder = ensure_checkpoint(config.model)
+        folder = load_folder(config.model)
         device = "cpu" if config.text_encoder.cpu_offload else config.model.device
         self.stage = TextStage.from_pretrained(folder, device=device, dtype=torch_dtype(config.model.text_encoder_dtype))
         self.replica_id = replica_tag()
@@ -178,54 +170,42 @@ class TextEncoder:
         entries, size = self.stage.prompt_encoder.cache_stats
         return {"replica_id": self.replica_id, "pid": os.getpid(), "cache_entries": entries, "cache_bytes": size}
 
-    def _encode(self, prompt: str | None, negative: bool) -> np.ndarray:
-        embeds = self.stage.encode_negative(prompt) if negative else self.stage.encode(prompt)
-        return embeds.float().cpu().numpy()
+    async def embed(self, prompt: str | None, negative: bool = False) -> PromptEmbeds:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self.stage.embed, prompt, negative)
 
-    async def encode(self, prompt: str | None, negative: bool = False) -> dict[str, Any]:
-        def call():
-            start = time.perf_counter()
-            return self._encode(prompt, negative), (time.perf_counter() - start) * 1e3
-
-        embeds, ms = await asyncio.get_running_loop().run_in_executor(self._worker, call)
-        return {"embeds": embeds, "text_encoder_ms": ms}
+    async def prepare(self, request: ChunkRequest) -> ChunkRequest:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self.stage.prepare, request)
 
 
 class DiTGroup(_StageReplica):
     """The causal DiT and every live session's KV cache, camera and generator state (sticky).
 
-    One replica is one group of ``dit.sequence_parallel_degree`` ranks (:mod:`.dit_group`)."""
+    One replica is one group of ``dit.sequence_parallel_degree`` ranks (:mod:`.dit_group`); rank 0
+    runs here and is this replica's host."""
 
     STAGE = "DiT group"
 
     def __init__(self, config: ServeConfig):
         super().__init__(config.dit.sessions_per_group, config.dit.session_idle_timeout_s)
-        self.ranks = RankGroup(config, self._timed)
-        self.sessions = self.ranks.local.sessions
+        self.ranks = RankGroup(config, self._run)
+        self.host = self.ranks.local
         logger.info("DiTGroup %s ready: %d rank(s), %d session slot(s)", self.replica_id, self.ranks.size, self.capacity)
 
     async def start_session(
-        self, sid: str, spec: SessionSpec, condition: Any, text: dict[str, Any], negative: dict[str, Any] | None
-    ) -> dict[str, Any]:
+        self, sid: str, spec: SessionSpec, condition: Any, prompt: PromptEmbeds, negative: PromptEmbeds | None
+    ) -> SessionOpened:
         self._check_held(sid)
-        negative_embeds = None if negative is None else negative["embeds"]
-        latent_frames, _ = await self.ranks.call("open", sid, spec, condition, text["embeds"], negative_embeds)
-        if sid not in self.held:  # closed while it started: the ranks hold the state, not self.sessions
-            await self.ranks.call("close", sid)
-            raise SessionLost(f"session {sid} was closed on {self.replica_id} while it started")
-        self._touch(sid)
-        return {"replica_id": self.replica_id, "latent_frames_per_chunk": latent_frames}
+        opened = await self.ranks.call(DiTRank.start_session, sid, spec, condition, prompt, negative)
+        await self._started(sid)
+        return dataclasses.replace(opened, dit_replica=self.replica_id)
 
-    async def step(self, sid: str, conditions: ChunkConditions, text: dict[str, Any] | None = None) -> dict[str, Any]:
-        self._session(sid)  # fail fast, before queueing behind other sessions' work
-        latents, dit_ms = await self.ranks.call("step", sid, conditions, None if text is None else text["embeds"])
-        out = {"latents": latents, "dit_ms": dit_ms, "dit_replica": self.replica_id}
-        if text is not None:
-            out["text_encoder_ms"] = text["text_encoder_ms"]
-        return out
+    async def step(self, sid: str, request: ChunkRequest) -> DiTChunk:
+        self._session(sid)
+        chunk = await self.ranks.call(DiTRank.step, sid, request)
+        return dataclasses.replace(chunk, dit_replica=self.replica_id)
 
-    async def _release(self, sid: str, state: Any) -> None:
-        await self.ranks.call("close", sid)
+    async def _close_state(self, sid: str) -> None:
+        await self.ranks.call(DiTRank.close_session, sid)
 
     def check_health(self) -> None:
         self.ranks.check_health()
@@ -241,49 +221,19 @@ class VAEDecoder(_StageReplica):
 
     def __init__(self, config: ServeConfig):
         super().__init__(config.vae.sessions_per_replica, config.vae.session_idle_timeout_s)
-        apply_threads(config.model)
-        folder = ensure_checkpoint(config.model)
-        self.stage = VAEStage.from_pretrained(folder, device=config.model.device)
+        folder = load_folder(config.model)
+        self.host = VAEHost(VAEStage.from_pretrained(folder, device=config.model.device))
 
     async def start_session(self, sid: str, spec: SessionSpec) -> Any:
         """Set up the session's decode cache and return its condition latents (for the DiT)."""
         self._check_held(sid)
-        resolved = spec.resolve(self.stage.geometry)
-        condition = await self._run(self.stage.encode_condition, spec.image)
-        await self._install(sid, self.stage.new_session(resolved))
+        condition = await self._run(self.host.start_session, sid, spec)
+        await self._started(sid)
         return condition
 
-    def _decode(self, sid: str, latents: np.ndarray) -> np.ndarray:
-        return self.stage.decode(self._session(sid), torch.from_numpy(latents))
-
-    async def decode(self, sid: str, dit_out: dict[str, Any]) -> dict[str, Any]:
+    async def decode(self, sid: str, chunk: DiTChunk) -> FrameChunk:
         self._session(sid)
-        frames, vae_ms = await self._timed(self._decode, sid, dit_out["latents"])
-        out = {key: value for key, value in dit_out.items() if key != "latents"}
-        out.update(frames=frames, vae_ms=vae_ms, vae_replica=self.replica_id)
-        return out
-
-
-@dataclass(frozen=True)
-class PostOptions:
-    """One session's post-processing: RIFE with 2^exp frames per interval (exp 0 = off), then
-    upscaling by ``upscale`` (1 = off). Paths are already checked by the ingress."""
-
-    exp: int = 0
-    flow_scale: float = 1.0
-    upscale: float = 1.0
-    rife_path: str | None = None
-    esrgan_path: str | None = None
-
-
-class _PostState:
-    def __init__(self, processor, options: PostOptions):
-        from lingbot_ray.models.postprocess import PostProcessSession
-
-        self.processor, self.options, self.session = processor, options, PostProcessSession()
-
-    def release(self) -> None:
-        self.session.release()
+        return await self._run(self.host.decode, sid, chunk)
 
 
 class PostProcess(_StageReplica):
@@ -295,39 +245,23 @@ class PostProcess(_StageReplica):
     def __init__(self, config: ServeConfig):
         super().__init__(config.postprocess.sessions_per_replica, config.postprocess.session_idle_timeout_s)
         apply_threads(config.model)
-        self.device = config.model.device
-        self.tile = config.postprocess.tile
-        self._models: dict[tuple[str, str], Any] = {}
-
-    def _model(self, kind: str, path: str):
-        from lingbot_ray.models.realesrgan import load_realesrgan
-        from lingbot_ray.models.rife import load_rife
-
-        key = (kind, os.path.realpath(path))
-        if key not in self._models:
-            loader = load_rife if kind == "rife" else load_realesrgan
-            self._models[key] = loader(path, device=self.device)
-            logger.info("%s: loaded %s weights from %s", self.replica_id, kind, path)
-        return self._models[key]
-
-    def _processor(self, options: PostOptions):
-        from lingbot_ray.models.postprocess import PostProcessor
-
-        rife = self._model("rife", options.rife_path) if options.exp else None
-        esrgan = self._model("esrgan", options.esrgan_path) if options.upscale != 1 else None
-        return PostProcessor(rife, esrgan, tile=self.tile)
+        self.host = PostHost(PostStage(device=config.model.device, tile=config.postprocess.tile))
 
     async def start_session(self, sid: str, options: PostOptions) -> None:
         self._check_held(sid)
-        processor = await self._run(self._processor, options)
-        await self._install(sid, _PostState(processor, options))
+        await self._run(self.host.start_session, sid, options)
+        await self._started(sid)
 
-    async def process(self, sid: str, vae_out: dict[str, Any]) -> dict[str, Any]:
-        state = self._session(sid)
-        options = state.options
-        frames, ms = await self._timed(
-            lambda: state.processor.process(
-                state.session, vae_out["frames"], exp=options.exp, scale=options.flow_scale, upscale=options.upscale
-            )
-        )
-        return {**vae_out, "frames": frames, "postprocess_ms": ms, "post_replica": self.replica_id}
+    async def process(self, sid: str, chunk: FrameChunk) -> FrameChunk:
+        self._session(sid)
+        return await self._run(self.host.process, sid, chunk)
+
+
+class RayTextEncoder(TextEncoder):
+    """The text encoder as a Serve replica: its prompt cache's size is exported."""
+
+    def __init__(self, config: ServeConfig):
+        from .metrics import TextCacheMetrics
+
+        super().__init__(config)
+        self.metrics = TextCacheMetrics(config.served_model_name, lambda: self.stage.prompt_encoder.cache_stats)

@@ -15,30 +15,32 @@ import asyncio
 import logging
 import os
 import socket
-from typing import Any
+from typing import Any, Callable, TypeVar
 
-import numpy as np
 import torch
 
-from lingbot_ray.control.conditions import ChunkConditions
-from lingbot_ray.engine import DiTStage, SessionSpec
-from lingbot_ray.protocol import SessionLost
+from lingbot_ray.engine.hosts import DiTHost
+from lingbot_ray.engine.messages import ChunkRequest, DiTChunk, PromptEmbeds, SessionOpened
+from lingbot_ray.engine.session import SessionSpec
+from lingbot_ray.engine.stages import DiTStage
 
-from .checkpoint import apply_threads, ensure_checkpoint, torch_dtype
 from .config import ServeConfig
 
 logger = logging.getLogger("ray.serve")
 
+Result = TypeVar("Result")
 
-class DiTRank:
-    """One rank's model and its share of every session's state (KV cache holds heads/N)."""
+
+class DiTRank(DiTHost):
+    """One rank: the DiT host with this rank's share of every session's state (KV cache holds
+    heads/N under sequence parallelism)."""
 
     def __init__(self, config: ServeConfig, rank: int = 0, world_size: int = 1):
-        apply_threads(config.model)
+        from .deployments import load_folder, torch_dtype
+
+        folder = load_folder(config.model)
+        super().__init__(DiTStage.from_pretrained(folder, device=config.model.device, dtype=torch_dtype(config.model.dit_dtype)))
         self.rank, self.world_size = rank, world_size
-        folder = ensure_checkpoint(config.model)
-        self.stage = DiTStage.from_pretrained(folder, device=config.model.device, dtype=torch_dtype(config.model.dit_dtype))
-        self.sessions: dict[str, Any] = {}
         # dit.cpu_offload: weights wait in host memory and visit the device for each chunk's work;
         # per-session state (KV caches, camera) stays on the device.
         self.offload = config.dit.cpu_offload and self.stage.device.type != "cpu"
@@ -54,40 +56,24 @@ class DiTRank:
         finally:
             self.stage.model.to("cpu")
 
-    def join(self, address: str, port: int) -> int:
-        """Join the group's process group and switch the model to sequence parallelism."""
-        import torch.distributed as dist
+    def start_session(
+        self, sid: str, spec: SessionSpec, condition: Any, prompt: PromptEmbeds, negative: PromptEmbeds | None
+    ) -> SessionOpened:
+        return self._on_device(super().start_session, sid, spec, condition, prompt, negative)
 
-        from lingbot_ray.models.sequence_parallel import SequenceParallel
+    def step(self, sid: str, request: ChunkRequest) -> DiTChunk:
+        return self._on_device(super().step, sid, request)
+
+    def join(self, address: str, port: int) -> int:
+        """Join the group's process group; the DiT then runs sequence-parallel over it."""
+        import torch.distributed as dist
 
         backend = "nccl" if self.stage.device.type == "cuda" else "gloo"
         if self.stage.device.type == "cuda":
             torch.cuda.set_device(self.stage.device)
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world_size)
-        self.stage.model.enable_sequence_parallel(SequenceParallel())
+        self.stage.enable_sequence_parallel()
         return self.rank
-
-    def _tensor(self, array: np.ndarray | None) -> torch.Tensor | None:
-        return None if array is None else torch.from_numpy(np.asarray(array)).to(self.stage.device)
-
-    def open(self, sid: str, spec: SessionSpec, condition: Any, embeds: np.ndarray, negative: np.ndarray | None) -> int:
-        resolved = spec.resolve(self.stage.geometry)
-        self.sessions[sid] = self._on_device(
-            self.stage.new_session, resolved, condition, self._tensor(embeds), self._tensor(negative)
-        )
-        return resolved.latent_frames_per_chunk
-
-    def step(self, sid: str, conditions: ChunkConditions, embeds: np.ndarray | None) -> np.ndarray:
-        state = self.sessions.get(sid)
-        if state is None:
-            raise SessionLost(f"session {sid} is not held by rank {self.rank} (its group restarted?)")
-        return self._on_device(self.stage.step, state, conditions, self._tensor(embeds)).float().cpu().numpy()
-
-    def close(self, sid: str) -> bool:
-        state = self.sessions.pop(sid, None)
-        if state is not None:
-            state.release()
-        return state is not None
 
     def ping(self) -> int:
         return self.rank
@@ -106,7 +92,7 @@ class RankGroup:
     """Rank 0 in this process plus N-1 child actors; ``call`` runs a method on all of them."""
 
     def __init__(self, config: ServeConfig, run_local):
-        """``run_local(fn, *args)`` runs rank 0's work off the event loop and returns (result, ms)."""
+        """``run_local(fn, *args)`` runs rank 0's work off the event loop."""
         self.size = config.dit.sequence_parallel_degree
         self.local = DiTRank(config, 0, self.size)
         self._run_local = run_local
@@ -144,11 +130,11 @@ class RankGroup:
         ray.get(joined)
         logger.info("DiT rank group of %d joined at %s:%d", self.size, address, port)
 
-    async def call(self, method: str, *args) -> tuple[Any, float]:
-        """Run ``method`` on every rank with the same arguments; returns rank 0's result and the
-        milliseconds rank 0 spent on it (collectives make every rank take as long)."""
-        remote = [getattr(w, method).remote(*args) for w in self.workers]
-        local = self._run_local(getattr(self.local, method), *args)
+    async def call(self, method: Callable[..., Result], *args) -> Result:
+        """Run ``method`` (a :class:`DiTRank` method) on every rank with the same arguments; returns
+        rank 0's result (collectives make every rank take as long)."""
+        remote = [getattr(w, method.__name__).remote(*args) for w in self.workers]
+        local = self._run_local(method, self.local, *args)
         results = await asyncio.gather(local, *remote)
         return results[0]
 

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import pathlib
+import sys
 from typing import Any
 
 import msgspec
@@ -27,14 +28,11 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from lingbot_ray.engine import read_geometry
-from lingbot_ray.models.pipeline import read_serving_defaults
-from lingbot_ray.protocol import AuthError, ModelCard, ModelList, model_not_found, outcome_for, encode_server_message
+from lingbot_ray.checkpoint import CheckpointFacts, ensure_checkpoint
+from lingbot_ray.protocol import ACTIONS, AuthError, ModelCard, ModelList, model_not_found, outcome_for, encode_server_message
 
-from .backend import StageBackend
-from .checkpoint import ensure_checkpoint
+from .backend import StageBackend, replica_tag
 from .config import ServeConfig
-from .deployments import replica_tag
 from .media import MediaPolicy
 from .session import SessionDriver, SessionSettings, Slots
 
@@ -56,10 +54,9 @@ class Ingress:
         self.config = config
         self.backend = backend
         self.metrics = metrics
-        folder = ensure_checkpoint(config.model)
-        self._defaults = read_serving_defaults(folder)
-        self._geometry = read_geometry(folder)
-        self.model_name = config.model.served_model_name or self._defaults.served_model_name or config.served_model_name
+        # the checkpoint's facts come from its JSON files: this process never imports torch
+        self.checkpoint = CheckpointFacts.read(ensure_checkpoint(config.model.path, build_tiny_if_missing=config.model.build_tiny_if_missing))
+        self.model_name = config.model.served_model_name or self.checkpoint.defaults.served_model_name or config.served_model_name
         self.card = ModelCard(
             id=self.model_name,
             num_gpus=math.ceil(config.dit.num_gpus_per_rank * config.dit.sequence_parallel_degree),
@@ -83,9 +80,9 @@ class Ingress:
         self.config = config
         self.settings = SessionSettings(
             served_model=self.model_name,
-            geometry=self._geometry,
-            default_size=f"{self._defaults.width}x{self._defaults.height}",
-            default_fps=self._defaults.fps,
+            geometry=self.checkpoint.geometry,
+            default_size=f"{self.checkpoint.defaults.width}x{self.checkpoint.defaults.height}",
+            default_fps=self.checkpoint.defaults.fps,
             limits=config.limits,
             media=MediaPolicy(
                 allowed_dirs=tuple(config.media.allowed_dirs),
@@ -119,6 +116,8 @@ class Ingress:
             "waiting_for_init": self.waiting.used,
             "max_pending_inits": self.waiting.limit,
             "max_chunks_in_flight": self.settings.max_chunks_in_flight,
+            # the ingress stays light: none of the model stack in its process
+            "model_modules": sorted(name for name in ("torch", "diffusers", "transformers") if name in sys.modules),
         }
 
     # -- auth ------------------------------------------------------------------------------------
@@ -177,6 +176,7 @@ class Ingress:
     def _build_app(self):
         routes = [
             Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/actions", lambda request: _json(ACTIONS.describe()), methods=["GET"]),  # the camera action table
             Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
             WebSocketRoute("/v1/realtime_video/generate", self.generate),
         ]
@@ -191,3 +191,17 @@ class Ingress:
             allow_methods=["GET"],
             allow_headers=["authorization", "x-api-key"],
         )
+
+
+class RayIngress(Ingress):
+    """The ingress as a Serve replica: stage handles in, the Ray backend and metrics on. It lives here,
+    not in ``app``, so that its replica imports no deployment module (no torch)."""
+
+    def __init__(self, config: ServeConfig, text, dit, vae, post):
+        from lingbot_ray.engine.chain import StageChain
+
+        from .backend import RayBackend
+        from .metrics import IngressMetrics
+
+        super().__init__(config, RayBackend(StageChain(text, dit, vae, post)))
+        self.metrics = IngressMetrics(self.model_name)

@@ -30,7 +30,9 @@ import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from lingbot_ray.control.conditions import ConditionQueue
-from lingbot_ray.engine import ModelGeometry, SessionSpec
+from lingbot_ray.checkpoint import ModelGeometry
+from lingbot_ray.engine.messages import FrameChunk, PostOptions
+from lingbot_ray.engine.session import SessionSpec
 from lingbot_ray.protocol import (
     CapacityError,
     ChunkStats,
@@ -49,7 +51,6 @@ from lingbot_ray.protocol import (
 from lingbot_ray.transport import make_encoder
 
 from .backend import StageBackend
-from .deployments import PostOptions
 from .media import MediaPolicy, load_first_frame
 from .stats import QuantileSketch
 
@@ -193,12 +194,12 @@ class SessionDriver:
             opening = asyncio.create_task(self.backend.open(self.session_id, spec, post))
             info = await self._unless_gone(opening, reader, "opening the session")
             opened = True
-            self._dit_replica = str(info.get("replica_id", ""))
+            self._dit_replica = info.dit_replica
             self._log_start(init, spec)
             if self.metrics:
                 self.metrics.session_started()
             # Step 4: stream until max_chunks, a disconnect or a failure
-            generator = asyncio.create_task(self._generate(init, queue, int(info["latent_frames_per_chunk"])))
+            generator = asyncio.create_task(self._generate(init, queue, info.latent_frames_per_chunk))
             tasks.append(generator)
             done, _ = await asyncio.wait({reader, generator}, return_when=asyncio.FIRST_COMPLETED)
             if generator in done:
@@ -415,9 +416,9 @@ class SessionDriver:
             if item is None:
                 return
             chunk_index, event_id, future, prepare_start, submit_time = item
-            result = await asyncio.wait_for(future.result, self.settings.stage_timeout_s)
+            result: FrameChunk = await asyncio.wait_for(future.result, self.settings.stage_timeout_s)
             forward_end = time.perf_counter()
-            frames: np.ndarray = result["frames"]
+            frames: np.ndarray = result.frames
 
             encode_start = time.perf_counter()
             batches = await asyncio.to_thread(
@@ -442,7 +443,7 @@ class SessionDriver:
             in_flight.discard(future)
             slots.release()
 
-            stage_ms = {k: float(result.get(k, 0.0)) for k in ("text_encoder_ms", "dit_ms", "vae_ms", "postprocess_ms")}
+            timings = result.timings
             forward_s = forward_end - submit_time
             stats = ChunkStats(
                 session_id=self.session_id,
@@ -463,15 +464,15 @@ class SessionDriver:
                 raw_write_ms=_ms(write_end - write_start),
                 ws_write_ms=_ms(write_end - write_start),
                 chunk_total_ms=_ms(time.perf_counter() - prepare_start),
-                text_encoder_ms=round(stage_ms["text_encoder_ms"]),
-                dit_ms=round(stage_ms["dit_ms"]),
-                vae_ms=round(stage_ms["vae_ms"]),
-                postprocess_ms=round(stage_ms["postprocess_ms"]),
-                queue_wait_ms=_ms(max(0.0, forward_s - sum(stage_ms.values()) / 1e3)),
+                text_encoder_ms=round(timings.text_encoder_ms),
+                dit_ms=round(timings.dit_ms),
+                vae_ms=round(timings.vae_ms),
+                postprocess_ms=round(timings.postprocess_ms),
+                queue_wait_ms=_ms(max(0.0, forward_s - timings.total_ms / 1e3)),
                 width=int(frames.shape[2]),
                 height=int(frames.shape[1]),
                 fps=fps,
-                replica_id=str(result.get("dit_replica", "")),
+                replica_id=result.dit_replica,
             )
             await self._send(stats)
             self._chunk_ms.add(stats.chunk_total_ms)

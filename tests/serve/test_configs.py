@@ -133,9 +133,9 @@ def expect_cpu_default(config: ServeConfig, options: dict[str, dict[str, Any]]) 
     assert config.model.device == "cpu"
     # the default must run without a download: the trained world model ships in the package
     assert config.model.path == "embedded:lingbot-world-tiny"
-    from lingbot_ray.serve.checkpoint import ensure_checkpoint
+    from lingbot_ray.checkpoint import ensure_checkpoint
 
-    assert (ensure_checkpoint(config.model) / "model_index.json").is_file()
+    assert (ensure_checkpoint(config.model.path, build_tiny_if_missing=config.model.build_tiny_if_missing) / "model_index.json").is_file()
     for name, o in options.items():
         assert o["ray_actor_options"].get("num_gpus", 0) == 0, name
         assert all(bundle.get("GPU", 0) == 0 for bundle in o.get("placement_group_bundles", [])), name

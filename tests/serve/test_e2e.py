@@ -28,7 +28,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from lingbot_ray.control.conditions import ConditionQueue  # noqa: E402
-from lingbot_ray.engine import RealtimeEngine, SessionSpec  # noqa: E402
+from lingbot_ray.engine import PostOptions, RealtimeEngine, SessionSpec  # noqa: E402
 from lingbot_ray.models.realesrgan import SRVGGNetCompact, save_realesrgan  # noqa: E402
 from lingbot_ray.models.rife import IFNet, save_rife  # noqa: E402
 from lingbot_ray.models.tiny import build_tiny_checkpoint  # noqa: E402
@@ -358,13 +358,14 @@ def test_ray_graph_and_in_process_engine_give_identical_raw_frames(cluster):
     assert np.array_equal(served, local)
 
 
-def _engine_frames(checkpoint, script, seed, chunks):
+def _engine_frames(checkpoint, script, seed, chunks, post=None):
+    """The same session through the in-process engine: the one stage chain, called in this thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         engine = RealtimeEngine.from_pretrained(checkpoint)
         image = load_first_frame(png(), 160, 96, MediaPolicy())
-        state = engine.new_session(SessionSpec(prompt="a quiet street", image=image, width=160, height=96, seed=seed))
+        state = engine.new_session(SessionSpec(prompt="a quiet street", image=image, width=160, height=96, seed=seed), post)
         queue = ConditionQueue(script)
         frames = np.concatenate([engine.step(state, queue.sample(3, i)).frames for i in range(chunks)])
         engine.close(state)
@@ -491,6 +492,10 @@ def test_interpolation_then_upscaling_through_the_graph(cluster):
     assert all(b["fps"] == 32.0 for b in batches) and all(s["fps"] == 32.0 for s in stats)
     assert stats[1]["num_batches"] >= 3  # 17.7 MB of raw frames split under the 8 MiB message limit
     assert all(s["postprocess_ms"] > 0 for s in stats)
+    # post-processing is a stage of the one chain: the in-process engine gives the same frames
+    post = PostOptions(exp=1, upscale=4.0, rife_path=cluster["args"]["postprocess"]["rife_model_path"],
+                       esrgan_path=cluster["args"]["postprocess"]["esrgan_model_path"])
+    assert np.array_equal(np.concatenate(frames), _engine_frames(cluster["checkpoint"], [], 3, 2, post))
 
     outside = os.path.join(os.path.dirname(cluster["models"]), "ckpt", "model_index.json")
 
@@ -501,3 +506,10 @@ def test_interpolation_then_upscaling_through_the_graph(cluster):
 
     error = run(refused())
     assert error["content"] == "invalid generate request" and "frame_interpolation_model_path" in error["detail"]
+
+
+def test_ingress_replica_never_loads_the_model_stack(cluster):
+    """Runs after sessions of every kind have streamed through it: the ingress read the checkpoint's
+    facts from JSON and carried typed messages, and its process still holds no model library."""
+    info = serve.get_deployment_handle("Ingress", app_name=APP).describe.remote().result(timeout_s=30)
+    assert info["model_modules"] == []

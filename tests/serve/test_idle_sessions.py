@@ -2,6 +2,7 @@
 
 import asyncio
 
+from lingbot_ray.engine.hosts import SessionHost
 from lingbot_ray.serve.deployments import _StageReplica
 
 
@@ -12,22 +13,35 @@ class _State:
         self.released = True
 
 
+def _replica(capacity: int, idle_timeout_s: float) -> _StageReplica:
+    replica = _StageReplica(capacity=capacity, idle_timeout_s=idle_timeout_s)
+    replica.host = SessionHost()
+    return replica
+
+
+async def _start(replica: _StageReplica, sid: str, state: _State) -> None:
+    """What a stage's start_session does around its model work (here: no model)."""
+    replica._check_held(sid)
+    replica.host.sessions[sid] = state
+    await replica._started(sid)
+
+
 def test_idle_sessions_are_released_and_active_ones_kept():
-    replica = _StageReplica(capacity=2, idle_timeout_s=0.3)
+    replica = _replica(capacity=2, idle_timeout_s=0.3)
 
     async def scenario():
         live, orphan = _State(), _State()
         for sid, state in (("live", live), ("orphan", orphan)):
             await replica.open_session(sid)
-            await replica._install(sid, state)
+            await _start(replica, sid, state)
         for _ in range(12):  # 1.2 s: the live session keeps being used, the orphan does not
             await asyncio.sleep(0.1)
             replica._session("live")
         return live, orphan
 
     live, orphan = asyncio.run(scenario())
-    assert orphan.released and "orphan" not in replica.sessions
-    assert not live.released and "live" in replica.sessions
+    assert orphan.released and "orphan" not in replica.host
+    assert not live.released and "live" in replica.host
     assert replica.record_routing_stats() == {"sessions": 1, "capacity": 2}
 
 
@@ -38,7 +52,7 @@ def test_slots_are_reserved_before_model_work_and_closes_win_races():
 
     from lingbot_ray.protocol import CapacityError, SessionLost
 
-    replica = _StageReplica(capacity=1, idle_timeout_s=60)
+    replica = _replica(capacity=1, idle_timeout_s=60)
 
     async def scenario():
         await replica.open_session("a")
@@ -46,13 +60,15 @@ def test_slots_are_reserved_before_model_work_and_closes_win_races():
             await replica.open_session("b")
         assert replica.record_routing_stats() == {"sessions": 1, "capacity": 1}
         late = _State()
-        await replica.close_session("a")  # overtakes a's start
+        replica._check_held("a")  # a's start begins its model work ...
+        await replica.close_session("a")  # ... and the close overtakes it
+        replica.host.sessions["a"] = late
         with pytest.raises(SessionLost, match="while it started"):
-            await replica._install("a", late)
+            await replica._started("a")
         with pytest.raises(SessionLost, match="already closed"):
             await replica.open_session("a")
         await replica.open_session("b")
         return late
 
     late = asyncio.run(scenario())
-    assert late.released and replica.held == {"b"} and not replica.sessions
+    assert late.released and replica.held == {"b"} and not replica.host.sessions

@@ -32,7 +32,7 @@ import yaml
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from lingbot_ray.serve.checkpoint import checkpoint_folder  # noqa: E402
+from lingbot_ray.checkpoint import checkpoint_folder  # noqa: E402
 from tests.serve.test_e2e import _free_port, collect, init_message  # noqa: E402
 
 APP = "lingbot"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lingbot_ray.client.compare import psnr
-from lingbot_ray.serve.checkpoint import checkpoint_folder
+from lingbot_ray.checkpoint import checkpoint_folder
 from lingbot_ray.world import quality
 from lingbot_ray.world.dataset import EVAL_SEED_START, make_clip
 
