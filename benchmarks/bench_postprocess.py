@@ -7,7 +7,7 @@ Weights are random (published shapes): speed does not depend on their values. RI
 batch of frame pairs at t = 0.5 (one new frame each); Real-ESRGAN on a batch of frames at its native
 scale. Multiply-adds come from torch's FLOP counter (convolutions and matmuls; the bilinear resampling
 and grid_sample of RIFE are not counted) and are per frame at the benchmark size, then scaled linearly
-to 832×480 for comparison with MODEL.md.
+to 832×480 for comparison with docs/MODEL.md.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .protocol import SessionDefaults, parse_size
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
@@ -80,6 +82,10 @@ class ModelIndex:
             self.component_folder(name)
 
 
+_WIRE = SessionDefaults()  # the protocol's defaults (docs/PROTOCOL.md): a checkpoint without lingbot_ray.json serves these
+_WIRE_WIDTH, _WIRE_HEIGHT = parse_size(_WIRE.size)
+
+
 @dataclass(frozen=True)
 class ServingDefaults:
     """Serving defaults of a checkpoint, read from the optional ``lingbot_ray.json``.
@@ -88,15 +94,15 @@ class ServingDefaults:
     [0, 179, 358, 679] at shift 10 (see :mod:`lingbot_ray.engine.sampler` for the source).
     """
 
-    width: int = 832
-    height: int = 480
-    fps: float = 16.0
+    width: int = _WIRE_WIDTH
+    height: int = _WIRE_HEIGHT
+    fps: float = _WIRE.fps
     num_frames: int = 12
     timestep_indices: tuple[int, ...] = V1_TIMESTEP_INDICES
     shift: float = V1_SHIFT
     served_model_name: str | None = None
     # Focal length in pixels at ``width``, scaled with the frame width at other sizes (same field of
-    # view). None: 500 px at any size, the value MODEL.md gives for the real model at 832x480.
+    # view). None: 500 px at any size, the value docs/MODEL.md gives for the real model at 832x480.
     camera_focal: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -221,7 +227,7 @@ class ModelGeometry:
         return self.vae_scale_temporal * num_latent_frames
 
     def blocks_per_chunk(self, num_frames: int) -> int:
-        """PROTOCOL.md: ``num_frames`` rounded up to whole blocks of ``temporal * frames_per_block``."""
+        """docs/PROTOCOL.md: ``num_frames`` rounded up to whole blocks of ``temporal * frames_per_block``."""
         return max(1, math.ceil(num_frames / (self.vae_scale_temporal * self.num_frames_per_block)))
 
     def tokens_per_frame(self, width: int, height: int) -> int:
@@ -281,9 +287,13 @@ def embedded_checkpoints() -> list[str]:
     return sorted(p.name for p in EMBEDDED_ROOT.iterdir() if (p / "model_index.json").is_file())
 
 
-def checkpoint_folder(path: str) -> Path:
-    """``model.path`` as a folder: ``embedded:NAME`` is a checkpoint shipped in ``lingbot_ray/checkpoints``
-    (found wherever the package is installed), anything else a filesystem path."""
+def _local_folder(path: str, revision: str | None) -> Path:
+    """``embedded:NAME`` or a filesystem path as a folder (no hub)."""
+    if revision is not None:
+        raise ValueError(
+            f"model.path={path!r} model.revision={revision!r}: a revision applies to a hub repo id only, "
+            f"and {path!r} is a local folder here"
+        )
     if not path.startswith(EMBEDDED_PREFIX):
         return Path(path).expanduser().resolve()
     name = path[len(EMBEDDED_PREFIX):]
@@ -292,13 +302,37 @@ def checkpoint_folder(path: str) -> Path:
     return EMBEDDED_ROOT / name
 
 
-def ensure_checkpoint(path: str, *, build_tiny_if_missing: bool = False) -> Path:
-    """The checkpoint folder of ``model.path``; with ``build_tiny_if_missing`` an absent folder is
-    built first (a random-weights tiny checkpoint: tests and first starts without files).
+def checkpoint_folder(path: str, *, revision: str | None = None, weights: bool = True) -> Path:
+    """``model.path`` as a folder: ``embedded:NAME`` is a checkpoint shipped in ``lingbot_ray/checkpoints``
+    (found wherever the package is installed); a hub repo id (``ORG/NAME`` that is not an existing
+    local path, or ``hf://ORG/NAME``; the rule is :func:`lingbot_ray.hub.hub_repo_id`) is fetched at
+    ``revision`` into the Hugging Face cache and its snapshot folder returned (``weights=False``: only
+    its JSON files, for processes that load no model); anything else is a filesystem path."""
+    from lingbot_ray import hub  # stdlib only; huggingface_hub is imported when a repo is fetched
 
-    Replicas start concurrently, so the build happens under a file lock and only once.
+    if hub.hub_repo_id(path) is None:
+        return _local_folder(path, revision)
+    return hub.snapshot(path, revision=revision, weights=weights)
+
+
+def ensure_checkpoint(
+    path: str, *, build_tiny_if_missing: bool = False, revision: str | None = None, weights: bool = True
+) -> Path:
+    """The checkpoint folder of ``model.path`` (see :func:`checkpoint_folder`); with
+    ``build_tiny_if_missing`` ``path`` is always a local folder, and an absent one is built first (a
+    random-weights tiny checkpoint: tests and first starts without files).
+
+    Replicas start concurrently, so the build happens under a file lock and only once (and a hub
+    download once per node, under a lock next to the cache).
     """
-    folder = checkpoint_folder(path)
+    if build_tiny_if_missing:
+        from lingbot_ray import hub
+
+        if path.startswith(hub.HUB_PREFIX):
+            raise ValueError(f"model.path={path!r}: build_tiny_if_missing builds a local folder; it cannot apply to a hub repo")
+        folder = _local_folder(path, revision)
+    else:
+        folder = checkpoint_folder(path, revision=revision, weights=weights)
     if (folder / MODEL_INDEX_FILE).is_file():
         return folder
     if not build_tiny_if_missing:
@@ -330,7 +364,15 @@ class CheckpointFacts:
         read_model_index(folder).check_folders()
         return cls(Path(folder), read_serving_defaults(folder), read_geometry(folder))
 
-    @property
-    def default_num_inference_steps(self) -> int:
-        """The distilled schedule's own step count: the steps a session gets unless it asks."""
-        return len(self.defaults.timestep_indices)
+    def session_defaults(self) -> SessionDefaults:
+        """What a session gets for the init fields it leaves out: this checkpoint's size, fps, chunk
+        length, cache geometry, and its distilled schedule's own step count."""
+        return SessionDefaults(
+            size=f"{self.defaults.width}x{self.defaults.height}",
+            fps=self.defaults.fps,
+            num_inference_steps=len(self.defaults.timestep_indices),
+            num_frames=self.defaults.num_frames,
+            sink_size=self.geometry.default_sink_size,
+            window_frames=self.geometry.default_window_frames,
+            size_multiple=self.geometry.size_multiple,
+        )

@@ -10,7 +10,7 @@ import sys
 # subcommand -> (module, function taking argv, one-line help); imported lazily so that a light
 # command never pays for torch or ray.
 _COMMANDS = {
-    "build-tiny": ("lingbot_ray.models.tiny", "build_tiny_main", "write the embedded tiny checkpoint folder"),
+    "build-tiny": ("lingbot_ray.models.tiny", "build_tiny_main", "write a random-weights tiny checkpoint folder (tests, smoke runs)"),
     "check": ("lingbot_ray.client.consistency", "check_main", "consistency and latency check against a server"),
     "bench": ("lingbot_ray.client.bench", "bench_main", "concurrent sessions against a server: latency, fps, bytes"),
     "record": ("lingbot_ray.client.record", "record_main", "run a session and write it to MP4 or PNG frames"),

@@ -1,6 +1,6 @@
 """A byte-level walker for the MessagePack subset the reference WebUI's decoder reads.
 
-PROTOCOL.md: nil, bool, float64, non-negative ints below 2**32 (positive fixint, uint8/16/32), str up
+docs/PROTOCOL.md: nil, bool, float64, non-negative ints below 2**32 (positive fixint, uint8/16/32), str up
 to 65535 bytes (fixstr/str8/str16), bin8/16/32, arrays of at most 15 elements (fixarray), maps up to
 65535 keys (fixmap/map16). Anything else raises ``AssertionError`` naming the byte and offset.
 """

@@ -9,7 +9,7 @@ Reported, after ``--warmup`` chunks per session:
 * p50/p95 of every ``*_ms`` field of ``chunk_stats`` (the protocol's and our per-stage ones);
 * event latency (event sent → first frame_batch echoing its id) and received bytes per second.
 
-A progress bar runs on stderr; ``--out`` gets the JSON result (summary + every session's stats),
+A progress count runs on stderr; ``--out`` gets the JSON result (summary + every session's stats),
 ``--plot`` a PNG of chunk latency over time. ``--vs-inprocess`` then serves the app from
 ``--config`` in this process without Ray, runs the same bench against it, and prints the ratios.
 
@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from .consistency import SAMPLE_FIRST_FRAME
 from .session import ScheduledEvent, SessionResult, make_init, run_session, ws_url
@@ -86,24 +85,22 @@ async def _run_all(spec: BenchSpec) -> list[SessionResult | BaseException]:
     )
     stop = asyncio.Event()
     timed = bool(spec.duration_s)
-    bar = tqdm(
-        total=round(spec.duration_s) if timed else spec.sessions * (spec.chunks or 0),
-        unit="s" if timed else "chunk",
-        desc=f"bench {spec.sessions} session(s)",
-        disable=not spec.progress,
-        file=sys.stderr,
+    bar = _Progress(
+        round(spec.duration_s) if timed else spec.sessions * (spec.chunks or 0),
+        "s" if timed else "chunks",
+        f"bench {spec.sessions} session(s)",
+        enabled=spec.progress,
     )
 
     async def ticker() -> None:
         start = time.monotonic()
         while not stop.is_set():
             await asyncio.sleep(0.5)
-            bar.n = min(bar.total, round(time.monotonic() - start))
-            bar.refresh()
+            bar.show(min(bar.total, round(time.monotonic() - start)))
             if time.monotonic() - start >= spec.duration_s:
                 stop.set()
 
-    on_stats = None if timed else (lambda _stats: bar.update(1))
+    on_stats = None if timed else (lambda _stats: bar.show(bar.done + 1))
     sessions = [
         run_session(ws_url(spec.url), init, events=_events(spec), on_stats=on_stats, stop=stop if timed else None, api_key=spec.api_key, timeout_s=spec.timeout_s)
         for _ in range(spec.sessions)
@@ -116,6 +113,24 @@ async def _run_all(spec: BenchSpec) -> list[SessionResult | BaseException]:
         if tick is not None:
             await tick
         bar.close()
+
+
+class _Progress:
+    """``desc: done/total unit`` on one stderr line, rewritten on every change."""
+
+    def __init__(self, total: int, unit: str, desc: str, *, enabled: bool) -> None:
+        self.total, self.unit, self.desc, self.enabled = total, unit, desc, enabled
+        self.done = 0
+
+    def show(self, done: int) -> None:
+        self.done = done
+        if self.enabled:
+            sys.stderr.write(f"\r{self.desc}: {done}/{self.total} {self.unit}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            sys.stderr.write("\n")
 
 
 def run_bench(spec: BenchSpec) -> dict[str, Any]:

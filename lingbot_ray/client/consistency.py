@@ -1,7 +1,7 @@
 """Raw-frame consistency and latency guards: is this deployment right, and is it still fast?
 
 The check replays one scripted session and compares it with stored ground truth, as the reference
-system checks its own (PROTOCOL.md, last section):
+system checks its own (docs/PROTOCOL.md, last section):
 
 * the session: the embedded default over the WebSocket, raw transport, seed 42, 4 chunks, init
   script 6 × ``["w"]`` then 6 × ``[]`` (12 latent frames = 4 chunks of 3), first frame and prompt

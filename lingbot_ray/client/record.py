@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..protocol.actions import ACTIONS
 from .consistency import SAMPLE_FIRST_FRAME
 from .session import (
     ScheduledEvent,
@@ -44,8 +45,6 @@ from .session import (
     run_session,
     ws_url,
 )
-
-LIVE_KEYS = frozenset("wasdijkl")
 
 
 # ------------------------------------------------------------------------------------- writers
@@ -130,7 +129,7 @@ class KeyHolds:
             changed = bool(self._last_seen)
             self._last_seen.clear()
             return [] if changed else None
-        if key not in LIVE_KEYS:
+        if key not in ACTIONS:
             return None
         new = key not in self._last_seen
         self._last_seen[key] = now

@@ -24,7 +24,7 @@ import msgspec
 import numpy as np
 import websockets
 
-from ..control.conditions import ACTION_TOKENS
+from ..protocol.actions import ACTIONS
 from ..transport import FrameDecoder
 
 API_KEY_HEADER = "Authorization"
@@ -76,9 +76,9 @@ def parse_actions(text: str) -> list[list[str]]:
         if repeat < 0:
             raise ValueError(f"actions item {item!r}: the repeat count must be ≥ 0")
         tokens = [] if keys.strip() in ("", "_") else [k.strip() for k in keys.split("+")]
-        unknown = [k for k in tokens if k not in ACTION_TOKENS]
+        unknown = [k for k in tokens if k not in ACTIONS]
         if unknown:
-            raise ValueError(f"actions item {item!r}: unknown keys {unknown} (known: {''.join(sorted(ACTION_TOKENS))})")
+            raise ValueError(f"actions item {item!r}: unknown keys {unknown} (known: {''.join(ACTIONS.tokens)})")
         script.extend([list(tokens) for _ in range(repeat)])
     return script
 

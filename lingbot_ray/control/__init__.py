@@ -1,7 +1,8 @@
-"""Per-session controls: the condition queue, the camera trajectory and its Plücker map.
+"""Per-session controls: the condition queue and the camera trajectory (torch-free; the Plücker
+map the DiT takes is computed in :mod:`lingbot_ray.engine.plucker`).
 
 ``conditions`` (events → per-chunk conditions) imports neither torch nor numpy, so the ingress can
-import this package cheaply; ``camera`` (numpy) and ``plucker`` (torch) load on first use.
+import this package cheaply; ``camera`` (numpy) loads on first use.
 """
 
 from __future__ import annotations
@@ -9,23 +10,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .conditions import ACTION_TOKENS, ChunkConditions, ConditionQueue, StateTransition, clean_actions
+from ..protocol import StateTransition
+from .conditions import ChunkConditions, ConditionQueue, clean_actions
 
 if TYPE_CHECKING:
     from .camera import CameraTrajectory, Intrinsics
-    from .plucker import plucker_map
 
-_LAZY = {"CameraTrajectory": "camera", "Intrinsics": "camera", "plucker_map": "plucker"}
+_LAZY = {"CameraTrajectory": "camera", "Intrinsics": "camera"}
 
 __all__ = [
-    "ACTION_TOKENS",
     "CameraTrajectory",
     "ChunkConditions",
     "ConditionQueue",
     "Intrinsics",
     "StateTransition",
     "clean_actions",
-    "plucker_map",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Camera actions → camera-to-world poses (MODEL.md, "Camera actions → Plücker map").
+"""Camera actions → camera-to-world poses (docs/MODEL.md, "Camera actions → Plücker map").
 
 Conventions: OpenCV camera axes (x right, y down, z forward), poses are camera-to-world 4×4
 matrices ``[[R, t], [0, 1]]`` in float64.
@@ -9,7 +9,10 @@ Decisions where the spec leaves room:
   it are ignored (the image cannot be moved; the original pipeline also forces pose 0 to identity).
   The actions of latent frame k ≥ 1 move the camera from frame k−1 to frame k.
 * **Within one latent frame** the tokens are a set of held keys (duplicates count once, opposite
-  keys cancel); the rotation is applied first, then the translation along the *new* heading.
+  keys cancel); the rotation is applied first, then the translation along the *new* heading. What
+  each token does comes from :data:`lingbot_ray.protocol.actions.ACTIONS`: rotate x is pitch (about
+  the camera's own x axis), rotate y is yaw (about the world vertical), translate z and x move
+  forward and right, kept horizontal.
 * **Frame-to-frame deltas**: the public LingBot-World code (``compute_relative_poses(...,
   framewise=True)`` in its image-to-video pipeline, and the public ports of it) conditions on
   ``pose_0 = I`` and ``pose_k = inv(rel_{k−1})·rel_k`` with ``rel_k = inv(c2w_0)·c2w_k``, and divides
@@ -27,6 +30,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..protocol.actions import ACTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -154,16 +159,16 @@ class CameraTrajectory:
             self.advance(actions)
 
     def _step(self, keys: set[str]) -> None:
-        pitch = self.pitch_step_deg * (("i" in keys) - ("k" in keys))
+        pitch = self.pitch_step_deg * ACTIONS.step(keys, "rotate", "x")
         if pitch and abs(self._pitch_deg + pitch) > self.pitch_limit_deg + 1e-9:
             pitch = 0.0  # a step that would pass the limit is skipped, not clipped
-        yaw = self.yaw_step_deg * (("l" in keys) - ("j" in keys))
+        yaw = self.yaw_step_deg * ACTIONS.step(keys, "rotate", "y")
         if pitch or yaw:
             self._pitch_deg += pitch
             # Yaw about the world vertical, pitch about the camera's own x axis: no roll builds up.
             self._rotation = _rot_y(yaw) @ self._rotation @ _rot_x(pitch)
-        forward = ("w" in keys) - ("s" in keys)
-        right = ("d" in keys) - ("a" in keys)
+        forward = ACTIONS.step(keys, "translate", "z")
+        right = ACTIONS.step(keys, "translate", "x")
         if forward or right:
             self._position = self._position + self.move_step * (
                 forward * _horizontal(self._rotation[:, 2]) + right * _horizontal(self._rotation[:, 0])

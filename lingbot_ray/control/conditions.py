@@ -1,6 +1,6 @@
 """The per-session condition queue: runtime events in, one :class:`ChunkConditions` per chunk out.
 
-Semantics (PROTOCOL.md, "Runtime events"), plus the decisions the protocol leaves open:
+Semantics (docs/PROTOCOL.md, "Runtime events"), plus the decisions the protocol leaves open:
 
 * **Prompt**: latest wins; applied at the next chunk boundary, never to chunk 0 (a prompt pushed
   before chunk 0 is sampled waits for chunk 1).
@@ -15,8 +15,10 @@ Semantics (PROTOCOL.md, "Runtime events"), plus the decisions the protocol leave
   With nothing pending the held state repeats.
 * Script and state clear each other: a script event drops the held state and pending transitions,
   a state event drops the pending script.
-* Action tokens are ``w s a d i k j l``; unknown tokens are dropped, duplicates within one state
-  transition are merged (states are compared as sets).
+* Action tokens are those of :data:`lingbot_ray.protocol.actions.ACTIONS`; unknown tokens are
+  dropped, duplicates within one state transition are merged (states are compared as sets).
+* State transitions are the protocol's :class:`~lingbot_ray.protocol.StateTransition` (the decoded
+  event's, as they are); anything else is a ``ValueError``.
 * **Caps** (``max_pending``, default 512): a script longer than that is rejected with
   ``ValueError`` (nothing is changed); pending transitions beyond it drop the *oldest*, which only
   loses possible pulses, never the newest (final) state.
@@ -30,8 +32,8 @@ Semantics (PROTOCOL.md, "Runtime events"), plus the decisions the protocol leave
 * ``composite_input`` pushes each listed part with the same id. Its camera part may show at
   chunk 0 while its prompt part waits for chunk 1; the echo is the same id either way.
 
-This module imports neither torch nor numpy so the ingress can use it cheaply. It is thread-safe:
-the event reader and the generation loop may run on different threads.
+This module imports neither torch nor numpy (only the protocol) so the ingress can use it cheaply.
+It is thread-safe: the event reader and the generation loop may run on different threads.
 """
 
 from __future__ import annotations
@@ -39,14 +41,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..protocol.actions import ACTIONS
+from ..protocol.client_messages import MAX_PENDING_ENTRIES, StateTransition
+
 logger = logging.getLogger(__name__)
 
-ACTION_TOKENS = frozenset("wsadikjl")
-DEFAULT_MAX_PENDING = 512
+DEFAULT_MAX_PENDING = MAX_PENDING_ENTRIES  # the protocol's default limits.max_script_entries
 
 Actions = tuple[str, ...]
 
@@ -55,7 +59,7 @@ def clean_actions(actions: Iterable[str]) -> Actions:
     """Known tokens only, first occurrence kept, in the given order."""
     if isinstance(actions, str):
         raise ValueError(f"actions must be a list of tokens, got the string {actions!r}")
-    return tuple(dict.fromkeys(token for token in actions if token in ACTION_TOKENS))
+    return tuple(dict.fromkeys(ACTIONS.known(actions)))
 
 
 def _check_prompt(text: Any) -> None:
@@ -63,24 +67,14 @@ def _check_prompt(text: Any) -> None:
         raise ValueError(f"prompt must be a non-empty string, got {text!r}")
 
 
-@dataclass(frozen=True)
-class StateTransition:
-    """One live-control state: the set of held action tokens, from ``client_ts_ms`` on."""
-
-    actions: Actions
-    client_ts_ms: int | None = None
-
-    @classmethod
-    def coerce(cls, item: Any) -> StateTransition:
-        """Accept this class, a ``{"actions", "client_ts_ms"}`` mapping or any object with those
-        attributes (the protocol layer's struct), so callers need not convert."""
-        if isinstance(item, Mapping):
-            actions, ts = item.get("actions"), item.get("client_ts_ms")
-        else:
-            actions, ts = getattr(item, "actions", None), getattr(item, "client_ts_ms", None)
-        if actions is None:
-            raise ValueError(f"state transition {item!r} has no actions")
-        return cls(actions=clean_actions(actions), client_ts_ms=ts)
+def _cleaned(transitions: Iterable[StateTransition]) -> list[StateTransition]:
+    """The transitions with their actions cleaned (see :func:`clean_actions`)."""
+    out = []
+    for item in transitions:
+        if not isinstance(item, StateTransition):
+            raise ValueError(f"state transition {item!r}: expected a StateTransition(actions, client_ts_ms)")
+        out.append(StateTransition(clean_actions(item.actions), item.client_ts_ms))
+    return out
 
 
 @dataclass(frozen=True)
@@ -135,8 +129,8 @@ class ConditionQueue:
             self._held = ()
             self._camera_due, self._camera_id = "script", event_id
 
-    def push_camera_state(self, transitions: Iterable[Any], event_id: int | None = None) -> None:
-        new = [StateTransition.coerce(item) for item in transitions]
+    def push_camera_state(self, transitions: Iterable[StateTransition], event_id: int | None = None) -> None:
+        new = _cleaned(transitions)
         with self._lock:
             if self._camera_due == "script":
                 # The script was never sampled, so it is dropped and its id never shows.
@@ -159,7 +153,7 @@ class ConditionQueue:
         input_types: Iterable[str],
         prompt: str | None = None,
         camera_script: Sequence[Iterable[str]] | None = None,
-        camera_state: Iterable[Any] | None = None,
+        camera_state: Iterable[StateTransition] | None = None,
         event_id: int | None = None,
     ) -> None:
         """Apply each listed part of a ``composite_input`` as its own event with the same id."""
@@ -177,7 +171,7 @@ class ConditionQueue:
         if camera and camera_script is not None:
             self._checked_script(camera_script)
         elif camera:
-            camera_state = [StateTransition.coerce(item) for item in camera_state]
+            camera_state = _cleaned(camera_state)
         if "prompt" in types:
             self.push_prompt(prompt, event_id)
         if camera and camera_script is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -103,11 +104,12 @@ class VAEHost(SessionHost[VAESessionState]):
         super().__init__()
         self.stage = stage
 
-    def start_session(self, sid: str, spec: SessionSpec) -> Any:
-        """Set up the session's decode cache; returns its first frame's condition latents (for the DiT)."""
+    def start_session(self, sid: str, spec: SessionSpec, still_open: Callable[[], None] | None = None) -> Any:
+        """Set up the session's decode cache; returns its first frame's condition latents (for the DiT).
+        ``still_open`` runs between encoder steps and raises once the session is given up."""
         self.open_session(sid)
         resolved = spec.resolve(self.stage.geometry)
-        condition = self.stage.encode_condition(spec.image)
+        condition = self.stage.encode_condition(spec.image, on_step=still_open)
         self.sessions[sid] = self.stage.new_session(resolved)
         return condition
 

@@ -1,4 +1,4 @@
-"""Few-step DMD sampling for one causal block (MODEL.md, "DMD sampling per block" and "Timesteps").
+"""Few-step DMD sampling for one causal block (docs/MODEL.md, "DMD sampling per block" and "Timesteps").
 
 The distilled student was trained on a handful of fixed points of a shifted 1000-step flow-matching
 schedule. For a schedule index ``idx``::
@@ -11,7 +11,7 @@ Each step turns the model's flow prediction ``v`` into a clean estimate ``x0 = x
 and, unless it is the last step, re-noises it to the next level with fresh noise drawn from the
 session's generator: ``x = (1 - sigma'_next) * x0 + sigma'_next * eps``. The last ``x0`` is the block.
 
-Default shift. MODEL.md marks the v1 shift as (verify), 10 vs 5. We default to **10** because the
+Default shift. docs/MODEL.md marks the v1 shift as (verify), 10 vs 5. We default to **10** because the
 reference realtime system registers ``robbyant/lingbot-world-fast-diffusers`` with
 ``LingBotWorldCausalDMDConfig(flow_shift=10.0, dmd_denoising_steps=[1000, 821, 642, 321],
 warp_denoising_step=True)`` — i.e. indices [0, 179, 358, 679] at shift 10 — and its v2 config with

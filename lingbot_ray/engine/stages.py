@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,13 @@ import torch
 
 from ..control.camera import CameraTrajectory, Intrinsics
 from ..control.conditions import ChunkConditions
-from ..control.plucker import plucker_map
 from ..checkpoint import ModelGeometry, read_geometry, read_serving_defaults
 from ..models import loading
 from ..models.attention import PositionLimitError
 from ..models.transformer_lingbot import CAMERA_UNSHUFFLE
 from .errors import PositionLimitReached, SessionClosedError
 from .messages import ChunkRequest, PromptEmbeds
+from .plucker import plucker_map
 from .sampler import DMDSampler, randn_like_session
 from .session import ResolvedSpec
 
@@ -179,7 +179,7 @@ class DiTStage:
             # the Plücker map is unshuffled by the VAE's stride to line up with the latents
             raise ValueError(
                 f"vae scale_factor_spatial={geometry.vae_scale_spatial!r}: the DiT's camera input is "
-                f"unshuffled by {CAMERA_UNSHUFFLE}; the two must match (docs/MODEL.md, camera conditioning)"
+                f"unshuffled by {CAMERA_UNSHUFFLE}; the two must match (docs/MODEL.md, 'Camera actions → Plücker map')"
             )
         self.model = model
         self.geometry = geometry
@@ -420,14 +420,15 @@ class VAEStage:
         return VAESessionState(self, resolved)
 
     @torch.inference_mode()
-    def encode_condition(self, image: np.ndarray, *, max_frames: int | None = None):
+    def encode_condition(self, image: np.ndarray, *, max_frames: int | None = None, on_step: Callable[[], None] | None = None):
         """uint8 [H, W, 3] → the model's ConditionLatents (first frame, then black); ``max_frames``
-        stops the encoder after that many latent frames (see ``StreamingWanVAE.encode_condition``)."""
+        stops the encoder after that many latent frames, ``on_step`` runs before each encoder step
+        and may raise to abandon it (see ``StreamingWanVAE.encode_condition``)."""
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image={getattr(image, 'shape', type(image))!r}: must be uint8 [H, W, 3]")
         pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
         pixels = pixels.permute(2, 0, 1).unsqueeze(0).float().div(127.5).sub(1.0)
-        return self.vae.encode_condition(pixels, max_frames=max_frames)
+        return self.vae.encode_condition(pixels, max_frames=max_frames, on_step=on_step)
 
     @torch.inference_mode()
     def decode(self, state: VAESessionState, latents: torch.Tensor) -> np.ndarray:
@@ -442,7 +443,7 @@ class VAEStage:
 def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
     """Decoder output ``[1, 3, T, H, W]`` in [-1, 1] → uint8 ``[T, H, W, 3]``.
 
-    PROTOCOL.md: ``uint8(clamp((x+1)/2, 0, 1)·255)`` — a truncating cast, not rounding, so raw
+    docs/PROTOCOL.md: ``uint8(clamp((x+1)/2, 0, 1)·255)`` — a truncating cast, not rounding, so raw
     frames match the reference system's bit for bit.
     """
     scaled = ((frames[0].float() + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0

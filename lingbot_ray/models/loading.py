@@ -5,7 +5,8 @@ Each serving stage loads only its own components (the text stage never touches t
 take the checkpoint folder (``model_index.json`` is checked first, :mod:`lingbot_ray.checkpoint`).
 
 The transformer's weights: load and save `CausalLingBotWorldTransformer3DModel` component folders in
-either tensor-name layout (:func:`load_transformer`, :func:`save_transformer`).
+either tensor-name layout (:func:`load_transformer`, :func:`save_transformer`). The model's
+`from_pretrained` is :func:`load_pretrained`, which maps diffusers' arguments onto the same load path.
 
 Published checkpoints carry the original Wan names (`blocks.N.self_attn.q.weight`, ...); the model
 uses diffusers' names (`blocks.N.attn1.to_q.weight`, ...). Camera tensors have the same name in both.
@@ -30,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import read_model_index
+from .strict_load import check_names_and_shapes
 from .transformer_lingbot import CausalLingBotWorldTransformer3DModel
 
 
@@ -47,6 +49,7 @@ __all__ = [
     "detect_layout",
     "diffusers_to_original_name",
     "keeps_fp32",
+    "load_pretrained",
     "load_transformer",
     "original_to_diffusers_name",
     "read_checkpoint_shapes",
@@ -176,24 +179,7 @@ def check_state_dict_shapes(
         disk_name = from_model_name(model_name, layout)
         return disk_name if disk_name == model_name else f"{disk_name} (model: {model_name})"
 
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = sorted(
-        name for name in set(expected) & set(found) if tuple(expected[name]) != tuple(found[name])
-    )
-    if not (missing or unexpected or mismatched):
-        return
-    lines = [f"checkpoint ({layout} layout) does not match the model:"]
-    if missing:
-        lines.append(f"missing {len(missing)}: " + ", ".join(show(n) for n in missing))
-    if unexpected:
-        lines.append(f"unexpected {len(unexpected)}: " + ", ".join(show(n) for n in unexpected))
-    if mismatched:
-        lines.append(
-            f"shape mismatch {len(mismatched)}: "
-            + ", ".join(f"{show(n)} checkpoint {list(found[n])} vs model {list(expected[n])}" for n in mismatched)
-        )
-    raise ValueError("\n".join(lines))
+    check_names_and_shapes(expected, found, what=f"checkpoint ({layout} layout)", show=show)
 
 
 def check_checkpoint_against_model(model: torch.nn.Module, shapes: Mapping[str, Sequence[int]]) -> str:
@@ -270,6 +256,8 @@ def load_transformer(
     Build the transformer from `folder/config.json` on the meta device and materialise it from the
     safetensors in `folder` (either layout, sharded or single file).
 
+    `CausalLingBotWorldTransformer3DModel.from_pretrained` loads through the same code (:func:`load_pretrained`).
+
     Args:
         folder: The transformer folder (or a pipeline folder with a `transformer` subfolder).
         dtype: Target dtype of floating tensors; `_keep_in_fp32_modules` stay float32.
@@ -278,11 +266,21 @@ def load_transformer(
     Raises:
         ValueError: naming every missing / unexpected tensor and every shape mismatch, before any data is read.
     """
+    return _load_folder(CausalLingBotWorldTransformer3DModel, _resolve_folder(folder), dtype=dtype, device=device)
+
+
+def _load_folder(
+    model_class: type[CausalLingBotWorldTransformer3DModel],
+    folder: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> CausalLingBotWorldTransformer3DModel:
+    """The one load path: meta skeleton, strict header check, shard-by-shard assignment, no meta tensor left."""
     # 1. Model skeleton without memory
-    folder = _resolve_folder(folder)
-    config = CausalLingBotWorldTransformer3DModel.load_config(folder)
+    config = model_class.load_config(folder)
     with torch.device("meta"):
-        model = CausalLingBotWorldTransformer3DModel.from_config(config)
+        model = model_class.from_config(config)
 
     # 2. Strict name/shape check from the headers
     files = checkpoint_files(folder)
@@ -311,9 +309,88 @@ def load_transformer(
         logger.debug("assigned %d tensors from %s", len(tensors), shard.name)
         del tensors
 
-    still_meta = [name for name, t in model.state_dict().items() if t.is_meta]
-    assert not still_meta, f"tensors left on the meta device: {still_meta}"
+    # 4. Parameters and buffers, persistent or not: none may stay on the meta device
+    still_meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise ValueError(f"{str(folder)!r} left {len(still_meta)} tensors on the meta device: {', '.join(still_meta)}")
     return model.eval()
+
+
+# diffusers' `from_pretrained` keywords this loader has no use for: accepted at these values (what a
+# caller passing everything along sends), refused otherwise rather than silently ignored.
+_PRETRAINED_DEFAULTS: dict[str, object] = {
+    "cache_dir": None,
+    "force_download": False,
+    "proxies": None,
+    "token": None,
+    "revision": None,
+    "variant": None,
+    "device_map": None,
+    "max_memory": None,
+    "offload_folder": None,
+    "quantization_config": None,
+    "output_loading_info": False,
+    "ignore_mismatched_sizes": False,
+    "parallel_config": None,
+    "use_flashpack": False,
+}
+# Keywords that cannot change what a local, meta-built, strict load returns: accepted with any value.
+_PRETRAINED_IGNORED = frozenset({"local_files_only", "low_cpu_mem_usage", "disable_mmap", "offload_state_dict"})
+
+
+def load_pretrained(
+    model_class: type[CausalLingBotWorldTransformer3DModel],
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    **kwargs: object,
+) -> CausalLingBotWorldTransformer3DModel:
+    r"""
+    `CausalLingBotWorldTransformer3DModel.from_pretrained`: diffusers' arguments onto :func:`load_transformer`'s path.
+
+    Args:
+        pretrained_model_name_or_path: A local folder: the transformer folder, or a checkpoint folder together
+            with `subfolder="transformer"` (a checkpoint folder alone also resolves to its `transformer`).
+        subfolder: Folder inside `pretrained_model_name_or_path` that holds `config.json`.
+        torch_dtype: Floating dtype of the weights (default float32, as diffusers); `_keep_in_fp32_modules`
+            stay float32 either way. `dtype` is its newer diffusers spelling.
+        device: Where the tensors end up (instead of `device_map`).
+        kwargs: diffusers' other keywords, accepted only where they change nothing (e.g. `revision=None`).
+
+    Raises:
+        ValueError: for a path that is not a local folder (no Hub downloads here), an unsupported keyword or
+            value, and a checkpoint that does not match the config (naming the tensors).
+    """
+    if kwargs.pop("use_safetensors", None) is False:
+        raise ValueError("use_safetensors=False is not supported: this loader reads safetensors only")
+    unknown = sorted(set(kwargs) - set(_PRETRAINED_DEFAULTS) - _PRETRAINED_IGNORED)
+    if unknown:
+        raise ValueError(f"from_pretrained got unsupported keyword arguments: {', '.join(unknown)}")
+    for key, value in kwargs.items():
+        if key in _PRETRAINED_DEFAULTS and value is not _PRETRAINED_DEFAULTS[key]:
+            hint = "; pass device= instead" if key == "device_map" else ""
+            raise ValueError(f"from_pretrained does not support {key}={value!r}{hint}")
+
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one of them")
+    target = dtype if dtype is not None else torch_dtype if torch_dtype is not None else torch.float32
+    if not isinstance(target, torch.dtype) or not target.is_floating_point:
+        raise ValueError(f"torch_dtype={target!r}: expected a floating torch.dtype such as torch.bfloat16")
+
+    if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        raise ValueError(f"{pretrained_model_name_or_path!r}: expected a local folder path")
+    if subfolder is not None and not isinstance(subfolder, str):
+        raise ValueError(f"subfolder={subfolder!r}: expected a string")
+    folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+    if not folder.is_dir():
+        raise ValueError(
+            f"{str(folder)!r} is not a local folder: {model_class.__name__}.from_pretrained loads only local "
+            "folders (Hugging Face Hub ids are not downloaded here)"
+        )
+    return _load_folder(model_class, _resolve_folder(folder), dtype=target, device=device)
 
 
 def save_transformer(

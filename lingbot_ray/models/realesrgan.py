@@ -39,7 +39,6 @@ __all__ = [
     "SuperResolutionModel",
     "load_realesrgan",
     "realesrgan_state_dict_from_file",
-    "save_realesrgan",
 ]
 
 WEIGHT_KEYS = ("params_ema", "params")
@@ -261,11 +260,3 @@ def load_realesrgan(
     assign_strict(model, sd, what=type(model).__name__, copy=isinstance(source, Mapping))
     logger.info("Loaded %s x%d (%d tensors)", type(model).__name__, model.native_scale, len(sd))
     return model.to(device=device, dtype=dtype).eval()
-
-
-def save_realesrgan(model: SuperResolutionModel, path: str | os.PathLike, *, key: str | None = "params_ema") -> None:
-    """Write a ``.pth`` in a published layout: under ``params_ema`` / ``params``, or bare (key None)."""
-    if key is not None and key not in WEIGHT_KEYS:
-        raise ValueError(f"key={key!r}: expected one of {WEIGHT_KEYS} or None")
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(sd if key is None else {key: sd}, os.fspath(path))

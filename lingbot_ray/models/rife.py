@@ -44,7 +44,6 @@ __all__ = [
     "detect_rife_version",
     "load_rife",
     "rife_state_dict_from_file",
-    "save_rife",
 ]
 
 # Names of modules that only exist in training checkpoints (distillation teacher, time predictor).
@@ -330,9 +329,3 @@ def load_rife(
     assign_strict(model, state_dict, what=f"RIFE {version}", copy=isinstance(source, Mapping))
     logger.info("Loaded RIFE %s (%d tensors)", version, len(state_dict))
     return model.to(device=device, dtype=dtype).eval()
-
-
-def save_rife(model: IFNet, path: str | os.PathLike, *, data_parallel_prefix: bool = True) -> None:
-    """Write the published layout: a pickled state dict, keys prefixed ``module.`` unless told not to."""
-    prefix = DATA_PARALLEL_PREFIX if data_parallel_prefix else ""
-    torch.save({prefix + k: v.detach().cpu() for k, v in model.state_dict().items()}, os.fspath(path))

@@ -1,7 +1,7 @@
 """A tiny, randomly initialised LingBot World checkpoint in the published folder layout.
 
 Tests, the benchmark and CPU demos load it through exactly the code path of the real checkpoint
-(``model_index.json`` → :mod:`lingbot_ray.models.pipeline` → each component's loader): the real
+(``model_index.json`` → :mod:`lingbot_ray.models.loading` → each component's loader): the real
 classes, the original Wan tensor names on disk, sharded safetensors with an index, a UniPC scheduler
 config, plus ``lingbot_ray.json`` with the serving defaults of the tiny model (a small frame size).
 Only the sizes are tiny; every structural hyper-parameter that the engine derives shapes from
@@ -14,7 +14,6 @@ Command line: ``lingbot-ray build-tiny PATH [--seed N] [--force]`` (see :func:`b
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -24,53 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
-from diffusers import UniPCMultistepScheduler
 
-from . import loading, pipeline
-from .tiny_components import build_tiny_text_encoder, build_tiny_tokenizer, build_tiny_vae
+from .. import checkpoint
+from . import loading
+from .tiny_components import TINY_TRANSFORMER_CONFIG, build_tiny_vae, write_shared_components
 from .transformer_lingbot import CausalLingBotWorldTransformer3DModel
 
 logger = logging.getLogger(__name__)
-
-# Text width shared by the tiny UMT5 encoder (d_model) and the transformer (text_dim).
-TINY_TEXT_DIM = 32
-
-# Small enough that one 3-latent-frame block at the default size runs in a fraction of a second on
-# one CPU core; the real values are 40 heads x 128, 40 layers, ffn 13824, freq 256, text 4096.
-TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
-    "patch_size": [1, 2, 2],
-    "num_attention_heads": 2,
-    "attention_head_dim": 16,
-    "in_channels": 36,
-    "out_channels": 16,
-    "text_dim": TINY_TEXT_DIM,
-    "freq_dim": 32,
-    "ffn_dim": 64,
-    "num_layers": 2,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "image_dim": None,
-    "added_kv_proj_dim": None,
-    "rope_max_seq_len": 1024,
-    "pos_embed_seq_len": None,
-    "local_attn_size": -1,
-    "sink_size": 3,
-    "num_frames_per_block": 3,
-    "sliding_window_num_frames": 9,
-}
-
-# The published scheduler is a flow-matching UniPC config; the DMD sampler reads only
-# num_train_timesteps from it, the rest documents what the checkpoint ships.
-TINY_SCHEDULER_CONFIG: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "prediction_type": "flow_prediction",
-    "use_flow_sigmas": True,
-    "flow_shift": 10.0,
-    "solver_order": 2,
-}
 
 DEFAULT_TINY_WIDTH = 160
 DEFAULT_TINY_HEIGHT = 96
@@ -78,7 +38,8 @@ DEFAULT_TINY_HEIGHT = 96
 # one residual block per stage keep a 12-frame decode at the default size a few hundred ms.
 TINY_VAE_BASE_DIM = 4
 TINY_VAE_NUM_RES_BLOCKS = 1
-TINY_SERVED_MODEL_NAME = "lingbot-world-tiny"
+# Not the trained embedded model's name (lingbot_ray/checkpoints/lingbot-world-tiny): these weights are random.
+TINY_SERVED_MODEL_NAME = "lingbot-world-tiny-random"
 # Small enough that the tiny transformer (~0.4 MB fp32) is written as several shards with an
 # index, like the 16-shard real checkpoint.
 TINY_MAX_SHARD_BYTES = 128 * 1024
@@ -153,10 +114,10 @@ def _check_target(target: Path, *, force: bool) -> None:
         return
     if not force:
         raise FileExistsError(f"{str(target)!r} is not empty; pass force=True (--force) to replace it")
-    if not (target / pipeline.MODEL_INDEX_FILE).is_file():
+    if not (target / checkpoint.MODEL_INDEX_FILE).is_file():
         # never delete a folder we did not write
         raise FileExistsError(
-            f"{str(target)!r} is not empty and holds no {pipeline.MODEL_INDEX_FILE}; refusing to replace it"
+            f"{str(target)!r} is not empty and holds no {checkpoint.MODEL_INDEX_FILE}; refusing to replace it"
         )
 
 
@@ -181,58 +142,6 @@ def _write_components(root: Path, *, seed: int, width: int, height: int, overrid
         served_model_name=TINY_SERVED_MODEL_NAME,
         comment="lingbot_ray serving defaults of this tiny random checkpoint",
     )
-
-
-def write_shared_components(
-    root: Path,
-    *,
-    text_dim: int,
-    seed: int,
-    width: int,
-    height: int,
-    served_model_name: str,
-    comment: str,
-    camera_focal: float | None = None,
-) -> None:
-    """Everything of a tiny-class checkpoint folder but the transformer and the VAE: the tiny text
-    encoder and tokenizer, the scheduler config, ``model_index.json`` naming the real classes, and
-    ``lingbot_ray.json`` (serving defaults; ``camera_focal`` only when given)."""
-    build_tiny_text_encoder(root / "text_encoder", d_model=text_dim, seed=seed)
-    build_tiny_tokenizer(root / "tokenizer")
-
-    # Scheduler config (through diffusers, so it is a loadable UniPC config)
-    UniPCMultistepScheduler(**TINY_SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
-
-    # model_index.json naming the real classes; unused components null as in the published one
-    index: dict[str, Any] = {
-        "_class_name": pipeline.PIPELINE_CLASS_NAME,
-        "_diffusers_version": diffusers.__version__,
-    }
-    for name, (library, class_name) in pipeline.EXPECTED_COMPONENTS.items():
-        index[name] = [library, class_name]
-    for name in pipeline.NULL_COMPONENTS:
-        index[name] = [None, None]
-    _write_json(root / pipeline.MODEL_INDEX_FILE, index)
-
-    # This project's serving defaults
-    defaults = pipeline.ServingDefaults(width=width, height=height, served_model_name=served_model_name)
-    settings = {
-        "_comment": comment,
-        "width": defaults.width,
-        "height": defaults.height,
-        "fps": defaults.fps,
-        "num_frames": defaults.num_frames,
-        "timestep_indices": list(defaults.timestep_indices),
-        "shift": defaults.shift,
-        "served_model_name": defaults.served_model_name,
-    }
-    if camera_focal is not None:
-        settings["camera_focal"] = camera_focal
-    _write_json(root / pipeline.SERVING_DEFAULTS_FILE, settings)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def build_tiny_main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,9 @@
-"""Tiny, randomly initialised VAE / UMT5 / tokenizer built locally for tests and the tiny checkpoint.
+"""The tiny model class: its architecture, and its VAE / UMT5 / tokenizer built locally.
+
+Shared by the random-weights test checkpoint (:mod:`lingbot_ray.models.tiny`) and the trained
+embedded world model (:mod:`lingbot_ray.world.train_dit` assembles it): the transformer config both
+start from, the scheduler config, and :func:`write_shared_components` (everything of a checkpoint
+folder but the transformer and the VAE).
 
 Each builder returns the real library class (so the production loading code paths run unchanged) and
 saves it with `save_pretrained(path)`, i.e. `path` is the component folder (`<checkpoint>/vae`,
@@ -15,15 +20,57 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
+import diffusers
 import torch
-from diffusers import AutoencoderKLWan
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import Unigram
 from tokenizers.trainers import UnigramTrainer
 from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
+from .. import checkpoint
+
 logger = logging.getLogger(__name__)
+
+# Text width shared by the tiny UMT5 encoder (d_model) and the transformer (text_dim).
+TINY_TEXT_DIM = 32
+
+# Small enough that one 3-latent-frame block at the default size runs in a fraction of a second on
+# one CPU core; the real values are 40 heads x 128, 40 layers, ffn 13824, freq 256, text 4096.
+TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "in_channels": 36,
+    "out_channels": 16,
+    "text_dim": TINY_TEXT_DIM,
+    "freq_dim": 32,
+    "ffn_dim": 64,
+    "num_layers": 2,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "rope_max_seq_len": 1024,
+    "pos_embed_seq_len": None,
+    "local_attn_size": -1,
+    "sink_size": 3,
+    "num_frames_per_block": 3,
+    "sliding_window_num_frames": 9,
+}
+
+# The published scheduler is a flow-matching UniPC config; the DMD sampler reads only
+# num_train_timesteps from it, the rest documents what the checkpoint ships.
+TINY_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 10.0,
+    "solver_order": 2,
+}
 
 TINY_VOCAB_SIZE = 256
 SHIPPED_VOCAB = Path(__file__).with_name("tiny_tokenizer_vocab.json")
@@ -195,3 +242,55 @@ def build_tiny_tokenizer(path: str | os.PathLike) -> T5TokenizerFast:
     tokenizer.save_pretrained(os.fspath(path))
     logger.info("tiny T5 tokenizer (%d pieces) saved to %s", len(vocab), path)
     return tokenizer
+
+
+def write_shared_components(
+    root: Path,
+    *,
+    text_dim: int,
+    seed: int,
+    width: int,
+    height: int,
+    served_model_name: str,
+    comment: str,
+    camera_focal: float | None = None,
+) -> None:
+    """Everything of a tiny-class checkpoint folder but the transformer and the VAE: the tiny text
+    encoder and tokenizer, the scheduler config, ``model_index.json`` naming the real classes, and
+    ``lingbot_ray.json`` (serving defaults; ``camera_focal`` only when given)."""
+    build_tiny_text_encoder(root / "text_encoder", d_model=text_dim, seed=seed)
+    build_tiny_tokenizer(root / "tokenizer")
+
+    # Scheduler config (through diffusers, so it is a loadable UniPC config)
+    UniPCMultistepScheduler(**TINY_SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
+
+    # model_index.json naming the real classes; unused components null as in the published one
+    index: dict[str, Any] = {
+        "_class_name": checkpoint.PIPELINE_CLASS_NAME,
+        "_diffusers_version": diffusers.__version__,
+    }
+    for name, (library, class_name) in checkpoint.EXPECTED_COMPONENTS.items():
+        index[name] = [library, class_name]
+    for name in checkpoint.NULL_COMPONENTS:
+        index[name] = [None, None]
+    _write_json(root / checkpoint.MODEL_INDEX_FILE, index)
+
+    # This project's serving defaults
+    defaults = checkpoint.ServingDefaults(width=width, height=height, served_model_name=served_model_name)
+    settings = {
+        "_comment": comment,
+        "width": defaults.width,
+        "height": defaults.height,
+        "fps": defaults.fps,
+        "num_frames": defaults.num_frames,
+        "timestep_indices": list(defaults.timestep_indices),
+        "shift": defaults.shift,
+        "served_model_name": defaults.served_model_name,
+    }
+    if camera_focal is not None:
+        settings["camera_focal"] = camera_focal
+    _write_json(root / checkpoint.SERVING_DEFAULTS_FILE, settings)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -313,6 +315,28 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
 
         self.gradient_checkpointing = False
         self._sequence_parallel: SequenceParallel | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> CausalLingBotWorldTransformer3DModel:
+        r"""
+        Load from a local folder in either tensor-name layout, strictly: every tensor is materialised or a
+        ValueError names the missing, unexpected and mis-shaped ones.
+
+        Replaces diffusers' loader (which needs `accelerate` for `_keep_in_fp32_modules` and knows only
+        diffusers names) with `lingbot_ray.models.loading`'s, the one `load_transformer` uses.
+
+        Args:
+            pretrained_model_name_or_path: A local folder: the transformer folder, or a checkpoint folder
+                with `subfolder="transformer"`.
+            kwargs: `subfolder`, `torch_dtype` (or `dtype`; default float32, `_keep_in_fp32_modules` stay
+                float32), `device` (default "cpu"); diffusers' other keywords only at values that change nothing.
+                See `lingbot_ray.models.loading.load_pretrained`.
+        """
+        from .loading import load_pretrained  # loading imports this module
+
+        return load_pretrained(cls, pretrained_model_name_or_path, **kwargs)
 
     # ------------------------------------------------------------------------------ small helpers
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Callable, Union
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -313,13 +313,15 @@ class StreamingWanVAE:
     # ---------------------------------------------------------------------------------- encode
 
     @torch.no_grad()
-    def encode_condition(self, image: torch.Tensor, *, max_frames: int | None = None) -> ConditionLatents:
+    def encode_condition(
+        self, image: torch.Tensor, *, max_frames: int | None = None, on_step: Callable[[], None] | None = None
+    ) -> ConditionLatents:
         """Condition latents of an endless session started from `image`.
 
         The condition video is [image, then zero frames forever] in the VAE's [-1, 1] pixel space:
         zeros, not -1, because that is what Wan I2V trains and samples with (the original Wan
         `image2video` and diffusers' `WanImageToVideoPipeline` both pad with `zeros` after mapping the
-        image to [-1, 1]); MODEL.md's "black frames" means this padding.
+        image to [-1, 1]); docs/MODEL.md's "black frames" means this padding.
 
         The encoder is causal, so the video is encoded as a stream (first pixel frame alone, then 4
         per latent frame) until its feature cache equals the previous step's; from then on every
@@ -329,6 +331,8 @@ class StreamingWanVAE:
             image: [B, 3, H, W] in [-1, 1]; H and W multiples of the VAE's spatial compression.
             max_frames: stop after this many latent frames even before the fixed point (training
                 needs only a clip's first frames; those are identical either way).
+            on_step: called before every encoder step after the first; raising from it abandons the
+                encoding (a session closed while it opened: at 832x480 on a CPU this takes minutes).
 
         Returns:
             `ConditionLatents` (normalised latents in float32 on the VAE's device).
@@ -344,6 +348,8 @@ class StreamingWanVAE:
         for _ in range(1, self.max_condition_frames):
             if max_frames is not None and len(means) >= max_frames:
                 break
+            if on_step is not None:
+                on_step()
             previous = list(feat_map)
             means.append(_run_encoder_step(self.vae, blank, feat_map))
             if _same_state(previous, feat_map):

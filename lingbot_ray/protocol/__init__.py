@@ -1,16 +1,17 @@
-"""The realtime wire contract (PROTOCOL.md): typed messages both ways, validation, close codes.
+"""The realtime wire contract (docs/PROTOCOL.md): typed messages both ways, validation, close codes.
 
 Imports neither torch nor ray, so clients, tests and the ingress use it cheaply.
 """
 
+from .actions import ACTIONS, ActionTable, Motion
 from .client_messages import (
-    ACTION_TOKENS,
     MAX_PENDING_ENTRIES,
     CameraState,
     ClientEvent,
     ConditionInputs,
     InitLimits,
     InitRequest,
+    SessionDefaults,
     StateTransition,
     decode_event,
     decode_init,

@@ -1,6 +1,6 @@
 """Messages the client sends: ``init`` (first) and runtime ``event`` messages.
 
-Decoding is lenient exactly where real clients need it (PROTOCOL.md, "init"): an int is accepted for a
+Decoding is lenient exactly where real clients need it (docs/PROTOCOL.md, "init"): an int is accepted for a
 number, an integral float for an integer (the reference WebUI packs integers ≥ 65536 as float64).
 Anything else of the wrong type, fractional where an integer is due, or out of range is invalid, and
 the raised :class:`ProtocolError` names the field and the value. Unknown keys are ignored.
@@ -15,10 +15,10 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from .actions import ACTIONS
 from .errors import InvalidEvent, InvalidInit, ProtocolError
 
 U32 = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
-ACTION_TOKENS = frozenset("wasdijkl")
 MAX_PENDING_ENTRIES = 512
 # The deepest message the protocol has is 4 levels (init → condition_inputs → camera_actions → list).
 MAX_NESTING = 16
@@ -45,23 +45,49 @@ class InitLimits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_guidance_scale: float = 30.0
 
 
+class SessionDefaults(msgspec.Struct, frozen=True, kw_only=True):
+    """What a session gets for the init fields its client leaves out: the served checkpoint's
+    defaults. ``None`` leaves the choice to the engine (the model's block and cache geometry).
+    ``size_multiple``: a frame's width and height must be multiples of it."""
+
+    size: str = "832x480"
+    fps: float = 16.0
+    num_inference_steps: int = 4
+    num_frames: int | None = None
+    sink_size: int | None = None
+    window_frames: int | None = None
+    size_multiple: int = 16
+
+    def __post_init__(self) -> None:
+        parse_size(self.size)  # raises naming the size
+        if not self.fps > 0:
+            raise ValueError(f"fps={self.fps!r}: must be positive")
+        for name, least in (
+            ("num_inference_steps", 1), ("size_multiple", 1), ("num_frames", 1), ("window_frames", 1), ("sink_size", 0)
+        ):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"{name}={value!r}: must be >= {least}")
+
+
 class ConditionInputs(msgspec.Struct, kw_only=True):
     camera_actions: list[list[str]] | None = None
 
 
 class InitRequest(msgspec.Struct, kw_only=True, tag_field="type", tag="init"):
-    """A validated ``init``. Fields left ``None`` take the served model's defaults in the engine."""
+    """A validated ``init``. :func:`decode_init` fills what the client left out from the
+    :class:`SessionDefaults`; fields still ``None`` take the model's defaults in the engine."""
 
     prompt: str
     model: str | None = None
     # bytes (an image file) or str (data URI, URL or server path); msgspec cannot union two str-likes
     first_frame: Any = None
     size: str | None = None
-    fps: Annotated[float, msgspec.Meta(gt=0)] = 16.0
+    fps: Annotated[float, msgspec.Meta(gt=0)] | None = None
     num_frames: Annotated[int, msgspec.Meta(ge=1)] | None = None
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 42
-    num_inference_steps: Annotated[int, msgspec.Meta(ge=1)] = 4
-    guidance_scale: Annotated[float, msgspec.Meta(ge=0.0, le=30.0)] = 1.0
+    num_inference_steps: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    guidance_scale: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0  # capped by limits.max_guidance_scale
     negative_prompt: str | None = None
     max_chunks: Annotated[int, msgspec.Meta(ge=1)] | None = None
     realtime_causal_sink_size: Annotated[int, msgspec.Meta(ge=0)] | None = None
@@ -99,8 +125,11 @@ class InitRequest(msgspec.Struct, kw_only=True, tag_field="type", tag="init"):
         return None if self.condition_inputs is None else self.condition_inputs.camera_actions
 
 
-class StateTransition(msgspec.Struct, kw_only=True):
-    actions: list[str]
+class StateTransition(msgspec.Struct, frozen=True):
+    """One live-control state: the held action tokens, from ``client_ts_ms`` on. The condition queue
+    (:mod:`lingbot_ray.control.conditions`) takes this type as it is."""
+
+    actions: tuple[str, ...]
     client_ts_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
@@ -187,7 +216,7 @@ def check_actions(script: list[list[str]], field: str, error: type[ProtocolError
     """Keep known action tokens only (unknown ones are ignored, per protocol) and bound the length."""
     if len(script) > limit:
         raise error(field, f"<{len(script)} entries>", f"at most {limit} entries are accepted")
-    return [[token for token in entry if token in ACTION_TOKENS] for entry in script]
+    return [ACTIONS.known(entry) for entry in script]
 
 
 def _nesting(value: Any) -> int:
@@ -226,17 +255,28 @@ def _as_map(raw: Any, error: type[ProtocolError]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # init
 
+# init field -> the SessionDefaults field it takes when the client leaves it out
+_DEFAULTED = {
+    "fps": "fps",
+    "num_inference_steps": "num_inference_steps",
+    "num_frames": "num_frames",
+    "realtime_causal_sink_size": "sink_size",
+    "realtime_causal_kv_cache_num_frames": "window_frames",
+}
+
 
 def decode_init(
     raw: bytes | dict,
     *,
     served_model: str,
-    default_size: str,
+    defaults: SessionDefaults | None = None,
     limits: InitLimits | None = None,
     requires_first_frame: bool = True,
 ) -> InitRequest:
-    """Validate the first client message. Raises :class:`InvalidInit` naming the field and value."""
+    """Validate the first client message; what it leaves out takes ``defaults`` (the served
+    checkpoint's). Raises :class:`InvalidInit` naming the field and value."""
     limits = limits or InitLimits()
+    defaults = defaults or SessionDefaults()
     message = _as_map(raw, InvalidInit)
     if message.get("type") != "init":
         raise InvalidInit("type", message.get("type"), 'the first message must have type "init"')
@@ -273,23 +313,25 @@ def decode_init(
             "first_frame", init.first_frame, f"larger than {limits.max_first_frame_bytes} bytes"
         )
 
-    size = default_size if init.size in (None, "") else init.size
+    size = defaults.size if init.size in (None, "") else init.size
     try:
         width, height = parse_size(size)
     except ValueError as exc:
         raise InvalidInit("size", init.size, str(exc)) from None
+    multiple = defaults.size_multiple
     for name, side, top in (("width", width, limits.max_width), ("height", height, limits.max_height)):
-        if side % 16 or not limits.min_side <= side <= top:
+        if side % multiple or not limits.min_side <= side <= top:
             raise InvalidInit(
-                "size", size, f"{name} {side} must be a multiple of 16 in [{limits.min_side}, {top}]"
+                "size", size, f"{name} {side} must be a multiple of {multiple} in [{limits.min_side}, {top}]"
             )
     updates["size"] = f"{width}x{height}"
 
-    if not limits.min_fps <= init.fps <= limits.max_fps:
+    # the limits bound what the client asks for; the defaults are the server's own
+    if init.fps is not None and not limits.min_fps <= init.fps <= limits.max_fps:
         raise InvalidInit("fps", init.fps, f"must be in [{limits.min_fps:g}, {limits.max_fps:g}]")
     if init.num_frames is not None and init.num_frames > limits.max_num_frames:
         raise InvalidInit("num_frames", init.num_frames, f"above {limits.max_num_frames}")
-    if init.num_inference_steps > limits.max_inference_steps:
+    if (init.num_inference_steps or 0) > limits.max_inference_steps:
         raise InvalidInit("num_inference_steps", init.num_inference_steps, f"above {limits.max_inference_steps}")
     if (init.realtime_causal_kv_cache_num_frames or 0) > limits.max_window_frames:
         raise InvalidInit(
@@ -307,6 +349,9 @@ def decode_init(
             limits.max_script_entries,
         )
         updates["condition_inputs"] = ConditionInputs(camera_actions=script)
+    for name, default in _DEFAULTED.items():
+        if getattr(init, name) is None:
+            updates[name] = getattr(defaults, default)
     return msgspec.structs.replace(init, **updates)
 
 
@@ -336,9 +381,9 @@ def _camera_payload(payload: Any, field: str, limits: InitLimits) -> dict[str, A
         transitions_raw = payload.get("transitions")
         if not isinstance(transitions_raw, list):
             raise InvalidEvent(f"{field}.transitions", transitions_raw, "must be a list")
-        if len(transitions_raw) > MAX_PENDING_ENTRIES:
+        if len(transitions_raw) > limits.max_script_entries:
             raise InvalidEvent(
-                f"{field}.transitions", f"<{len(transitions_raw)} entries>", f"at most {MAX_PENDING_ENTRIES}"
+                f"{field}.transitions", f"<{len(transitions_raw)} entries>", f"at most {limits.max_script_entries}"
             )
         try:
             transitions = msgspec.convert(
@@ -346,9 +391,8 @@ def _camera_payload(payload: Any, field: str, limits: InitLimits) -> dict[str, A
             )
         except msgspec.ValidationError as exc:
             raise InvalidEvent(f"{field}.transitions", transitions_raw, str(exc)) from None
-        for t in transitions:
-            t.actions = [token for token in t.actions if token in ACTION_TOKENS]
-        return {"camera_state": transitions}
+        known = [msgspec.structs.replace(t, actions=tuple(ACTIONS.known(t.actions))) for t in transitions]
+        return {"camera_state": known}
     raise InvalidEvent(field, payload, 'must be list[list[str]] or {"mode": "state", "transitions": [...]}')
 
 

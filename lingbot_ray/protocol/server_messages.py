@@ -1,7 +1,7 @@
 """Messages the server sends: ``frame_batch``, ``chunk_stats`` and ``error`` (nothing else).
 
 Every field that is an integer is declared non-negative and below 2**32 so that the encoded
-MessagePack stays inside what the reference WebUI's minimal decoder reads (see PROTOCOL.md,
+MessagePack stays inside what the reference WebUI's minimal decoder reads (see docs/PROTOCOL.md,
 "MessagePack constraints"). Lists are bounded at 15 elements.
 """
 

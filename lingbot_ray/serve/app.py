@@ -19,11 +19,12 @@ from typing import Any
 from ray import serve
 
 from lingbot_ray.checkpoint import ensure_checkpoint
+from lingbot_ray.hub import hub_repo_id
 from lingbot_ray.engine.chain import StageChain
 
 from .backend import InProcessBackend
 from .config import ServeConfig, deployment_options, load_config
-from .deployments import DiTGroup, PostProcess, RayTextEncoder, TextEncoder, VAEDecoder
+from .deployments import DiTGroup, PostProcess, RayDiTGroup, RayPostProcess, RayTextEncoder, RayVAEDecoder, TextEncoder, VAEDecoder
 from .ingress import Ingress, RayIngress
 
 logger = logging.getLogger("ray.serve")
@@ -36,8 +37,10 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None):
     ``serve build lingbot_ray.serve.app:app`` writes the config of that default application.
     """
     config = load_config(args)
-    # a missing folder is built once, here, before replicas race for it
-    ensure_checkpoint(config.model.path, build_tiny_if_missing=config.model.build_tiny_if_missing)
+    # a missing folder is built once, here, before replicas race for it; a hub model is fetched by
+    # the nodes that load it (this build task may run on a head node without it)
+    if hub_repo_id(config.model.path) is None:
+        ensure_checkpoint(config.model.path, build_tiny_if_missing=config.model.build_tiny_if_missing)
     options = deployment_options(config)
 
     def deploy(cls, name: str):
@@ -45,10 +48,11 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None):
 
     # each stage is bound only the model and its own section (see ServeConfig.for_stage)
     text = deploy(RayTextEncoder, "TextEncoder").bind(config.for_stage("text_encoder"))
-    dit = deploy(DiTGroup, "DiTGroup").bind(config.for_stage("dit"))
-    vae = deploy(VAEDecoder, "VAEDecoder").bind(config.for_stage("vae"))
+    # the Ray* classes add the replicas' metrics (lingbot_ray.serve.metrics) to the plain ones
+    dit = deploy(RayDiTGroup, "DiTGroup").bind(config.for_stage("dit"))
+    vae = deploy(RayVAEDecoder, "VAEDecoder").bind(config.for_stage("vae"))
     # post-processing is deployed only where it can run: with weights configured or allowed
-    post = deploy(PostProcess, "PostProcess").bind(config.for_stage("postprocess")) if config.postprocess.has_weights else None
+    post = deploy(RayPostProcess, "PostProcess").bind(config.for_stage("postprocess")) if config.postprocess.has_weights else None
     ingress = serve.deployment(serve.ingress()(RayIngress), name="Ingress", **options["Ingress"])
     return ingress.bind(config, text, dit, vae, post)
 

@@ -44,18 +44,23 @@ def replica_tag() -> str:
 class ChunkFuture:
     dit_done: asyncio.Future
     result: asyncio.Future
+    calls: list[Any] = dataclasses.field(default_factory=list)  # the chunk's stage calls
 
     @classmethod
-    def of(cls, dit_done: Awaitable[DiTChunk], result: Awaitable[FrameChunk]) -> ChunkFuture:
+    def of(cls, dit_done: Awaitable[DiTChunk], result: Awaitable[FrameChunk], calls: list[Any]) -> ChunkFuture:
         tasks = [asyncio.ensure_future(dit_done), asyncio.ensure_future(result)]
         for task in tasks:  # a chunk abandoned with its session fails quietly, as expected
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return cls(*tasks)
+        return cls(*tasks, calls)
 
     def cancel(self) -> None:
-        """Stop waiting for the chunk. The stages stop working on it when the session closes."""
+        """Give up the chunk: its stage calls are cancelled where they wait (a replica drops a call
+        it has not started); one already running stops at the next boundary once the session is
+        closed on that stage."""
         self.dit_done.cancel()
         self.result.cancel()
+        for pending in self.calls:
+            pending.cancel()
 
 
 class StageBackend(Protocol):
@@ -79,19 +84,38 @@ class _ChainBackend:
         self.chain = chain
 
     def _call(self, endpoint: Any, method: Callable[..., Any], *args: Any, session: str | None = None) -> Any:
+        """Start one stage call; returns something awaitable with a ``cancel()``."""
         raise NotImplementedError
 
     async def _result(self, pending: Any) -> Any:
         return await pending
 
+    def _recording(self, calls: list[Any]):
+        """A ``call`` that also keeps every call it makes, so that giving up can cancel them all
+        (also those only passed on as arguments, which nobody here awaits)."""
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(self._call(*args, **kwargs))
+            return calls[-1]
+
+        return call
+
     async def open(self, sid: str, spec: SessionSpec, post: PostOptions | None = None) -> SessionOpened:
-        await asyncio.gather(*map(self._result, self.chain.reserve(self._call, sid, post)))
-        started = await asyncio.gather(*map(self._result, self.chain.start(self._call, sid, spec, post)))
+        calls: list[Any] = []
+        call = self._recording(calls)
+        try:
+            await asyncio.gather(*map(self._result, self.chain.reserve(call, sid, post)))
+            started = await asyncio.gather(*map(self._result, self.chain.start(call, sid, spec, post)))
+        except BaseException:  # failed, or given up (timeout, disconnect): stop what still waits
+            for pending in calls:
+                pending.cancel()
+            raise
         return started[-1]
 
     def submit(self, sid: str, conditions: ChunkConditions) -> ChunkFuture:
-        latents, frames = self.chain.submit(self._call, sid, conditions)
-        return ChunkFuture.of(self._result(latents), self._result(frames))
+        calls: list[Any] = []
+        latents, frames = self.chain.submit(self._recording(calls), sid, conditions)
+        return ChunkFuture.of(self._result(latents), self._result(frames), calls)
 
     async def _quietly(self, pending: Any) -> None:
         try:

@@ -25,11 +25,22 @@ EMBEDDED_PREFIX = "embedded:"
 
 
 class ModelConfig(_Section):
-    # Folder of a diffusers-style LingBot checkpoint (model_index.json at its root), or
-    # ``embedded:NAME`` for a checkpoint shipped in the package (lingbot_ray/checkpoints/NAME): by
-    # default the embedded world model, so build_app({}) serves something without any file.
+    # Where the diffusers-style LingBot checkpoint (model_index.json at its root) comes from:
+    # - ``embedded:NAME``: a checkpoint shipped in the package (lingbot_ray/checkpoints/NAME); by
+    #   default the embedded world model, so build_app({}) serves something without any file;
+    # - a Hugging Face hub repo id, ``ORG/NAME`` (e.g. robbyant/lingbot-world-fast-diffusers) or
+    #   ``hf://ORG/NAME``: fetched by each node into its hub cache (HF_HUB_CACHE; HF_TOKEN and
+    #   HF_HUB_OFFLINE honoured; docs/DEPLOYING.md "Models from the hub"). A bare value is a repo id
+    #   when it has exactly one ``/``, both parts are valid hub names, it does not start with ``/``,
+    #   ``.`` or ``~``, and no local file or folder of that relative name exists (a local one wins;
+    #   write ``./ORG/NAME`` or an absolute path to mean a folder for sure);
+    # - anything else: a local folder (absolute paths are safest: replicas run in other directories).
     path: str = "embedded:lingbot-world-tiny"
-    # Build the embedded tiny checkpoint at ``path`` on first start when the folder is absent.
+    # Hub repos only: the branch, tag or commit to fetch (None: the repo's main branch). A branch is
+    # resolved by each process when it starts; pin a commit so every replica serves the same weights.
+    revision: str | None = None
+    # Build a random-weights tiny checkpoint at ``path`` on first start when the folder is absent
+    # (``path`` is then always a local folder, never a hub repo id).
     build_tiny_if_missing: bool = False
     # Name served at /v1/models and accepted in init.model; default: the folder's name.
     served_model_name: str | None = None
@@ -39,6 +50,22 @@ class ModelConfig(_Section):
     # torch intra-op threads per stage replica (None: torch's default). Outputs are bit-exact only
     # between runs with the same device, dtype and thread count.
     torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        from lingbot_ray.hub import HUB_PREFIX, looks_like_repo_id, may_be_repo_id
+
+        if self.path.startswith(HUB_PREFIX) and not looks_like_repo_id(self.path[len(HUB_PREFIX):]):
+            raise ValueError(f"model.path={self.path!r}: {self.path[len(HUB_PREFIX):]!r} is not a hub repo id (ORG/NAME)")
+        if self.path.startswith(HUB_PREFIX) and self.build_tiny_if_missing:
+            raise ValueError(f"model.path={self.path!r}: build_tiny_if_missing builds a local folder, not a hub repo")
+        if self.revision is not None:
+            if not self.revision.strip():
+                raise ValueError(f"model.revision={self.revision!r}: empty; leave it out for the main branch")
+            if self.build_tiny_if_missing or not may_be_repo_id(self.path):
+                raise ValueError(
+                    f"model.revision={self.revision!r}: applies to a hub repo id only, and model.path={self.path!r} "
+                    f"is a local folder{' (build_tiny_if_missing)' if self.build_tiny_if_missing else ''}"
+                )
 
 
 class DiTConfig(_Section):
@@ -190,6 +217,11 @@ class ServeConfig(_Section):
         for section in ("limits", "media"):
             merged[section].update(user_config.get(section, {}))
         return load_config(merged)
+
+    def served_name(self, checkpoint_name: str | None) -> str:
+        """The name served at /v1/models (and every metric's ``model`` tag): ``model.served_model_name``,
+        else the checkpoint's own (``served_model_name`` in its lingbot_ray.json), else the folder's."""
+        return self.model.served_model_name or checkpoint_name or self.served_model_name
 
     @property
     def served_model_name(self) -> str:

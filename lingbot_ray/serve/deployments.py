@@ -12,6 +12,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -47,7 +48,7 @@ def apply_threads(model: ModelConfig) -> None:
 def load_folder(model: ModelConfig):
     """Apply the model section's thread count and return its checkpoint folder."""
     apply_threads(model)
-    return ensure_checkpoint(model.path, build_tiny_if_missing=model.build_tiny_if_missing)
+    return ensure_checkpoint(model.path, build_tiny_if_missing=model.build_tiny_if_missing, revision=model.revision)
 
 
 class _StageReplica:
@@ -108,6 +109,11 @@ class _StageReplica:
             raise SessionLost(f"session {sid} has no slot on {self.replica_id} (closed, or never reserved)")
         self.starts += 1
         self._touch(sid)
+
+    def _still_held(self, sid: str) -> None:
+        """For model work that can stop halfway: raises once the session was closed here."""
+        if sid not in self.held:
+            raise SessionLost(f"session {sid} was closed on {self.replica_id} while it started")
 
     async def _started(self, sid: str) -> None:
         """After a session's model work: drop the state again if the session was closed meanwhile."""
@@ -227,7 +233,7 @@ class VAEDecoder(_StageReplica):
     async def start_session(self, sid: str, spec: SessionSpec) -> Any:
         """Set up the session's decode cache and return its condition latents (for the DiT)."""
         self._check_held(sid)
-        condition = await self._run(self.host.start_session, sid, spec)
+        condition = await self._run(self.host.start_session, sid, spec, functools.partial(self._still_held, sid))
         await self._started(sid)
         return condition
 
@@ -261,7 +267,74 @@ class RayTextEncoder(TextEncoder):
     """The text encoder as a Serve replica: its prompt cache's size is exported."""
 
     def __init__(self, config: ServeConfig):
-        from .metrics import TextCacheMetrics
+        from .metrics import TextCacheMetrics, served_model
 
         super().__init__(config)
-        self.metrics = TextCacheMetrics(config.served_model_name, lambda: self.stage.prompt_encoder.cache_stats)
+        self.metrics = TextCacheMetrics(served_model(config), lambda: self.stage.prompt_encoder.cache_stats)
+
+
+class _SlotGauges:
+    """Mixed into a sticky stage as a Serve replica: its session slots (used, free) are exported,
+    set on every reservation and close and refreshed on a timer (:class:`.metrics.ReplicaMetrics`)."""
+
+    metrics: Any = None
+
+    def _export_slots(self, model: str, kv_bytes=None, classes=None) -> None:
+        from .metrics import ReplicaMetrics
+
+        self.metrics = ReplicaMetrics(model, lambda: (len(self.held), self.capacity), kv_bytes, classes=classes)
+
+    async def open_session(self, sid: str) -> str:
+        try:
+            return await super().open_session(sid)
+        finally:
+            if self.metrics is not None:
+                self.metrics.update()
+
+    async def close_session(self, sid: str) -> bool:
+        try:
+            return await super().close_session(sid)
+        finally:
+            if self.metrics is not None:
+                self.metrics.update()
+
+
+class RayDiTGroup(_SlotGauges, DiTGroup):
+    """The DiT group as a Serve replica: slots and the bytes of its sessions' KV caches exported."""
+
+    def __init__(self, config: ServeConfig):
+        from .metrics import served_model
+
+        super().__init__(config)
+        self._export_slots(served_model(config), self.kv_cache_bytes)
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the KV caches of the sessions this group holds, over all its ranks (rank 0 holds
+        heads/N of every cache, each rank the same share)."""
+        states = list(self.host.sessions.values())  # the model thread adds and drops sessions
+        caches = [getattr(state, "kv_cache", None) for state in states]
+        return self.ranks.size * sum(cache.nbytes() for cache in caches if cache is not None)
+
+    async def start_session(
+        self, sid: str, spec: SessionSpec, condition: Any, prompt: PromptEmbeds, negative: PromptEmbeds | None
+    ) -> SessionOpened:
+        try:
+            return await super().start_session(sid, spec, condition, prompt, negative)
+        finally:
+            self.metrics.update()  # its KV cache is allocated now
+
+
+class RayVAEDecoder(_SlotGauges, VAEDecoder):
+    def __init__(self, config: ServeConfig):
+        from .metrics import served_model
+
+        super().__init__(config)
+        self._export_slots(served_model(config))
+
+
+class RayPostProcess(_SlotGauges, PostProcess):
+    def __init__(self, config: ServeConfig):
+        from .metrics import served_model
+
+        super().__init__(config)
+        self._export_slots(served_model(config))

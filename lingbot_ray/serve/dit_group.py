@@ -134,8 +134,10 @@ class RankGroup:
         """Run ``method`` (a :class:`DiTRank` method) on every rank with the same arguments; returns
         rank 0's result (collectives make every rank take as long)."""
         remote = [getattr(w, method.__name__).remote(*args) for w in self.workers]
-        local = self._run_local(method, self.local, *args)
-        results = await asyncio.gather(local, *remote)
+        ranks = asyncio.gather(self._run_local(method, self.local, *args), *remote)
+        # A caller that gives up cancels a single rank's call where it waits; a group's ranks run
+        # every call or none, since each forward waits for the others in its collectives.
+        results = await (asyncio.shield(ranks) if self.workers else ranks)
         return results[0]
 
     def pids(self) -> list[int]:

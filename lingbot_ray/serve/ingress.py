@@ -1,6 +1,6 @@
 """The ingress: one Starlette app with the protocol's endpoints, the API key and CORS.
 
-- ``GET /v1/models``, ``GET /v1/models/{id}``: the model card (PROTOCOL.md), CORS-readable.
+- ``GET /v1/models``, ``GET /v1/models/{id}``: the model card (docs/PROTOCOL.md), CORS-readable.
 - ``WS /v1/realtime_video/generate``: one :class:`SessionDriver` per socket.
 - ``/``: the static WebUI folder, when one is configured or shipped.
 
@@ -55,8 +55,10 @@ class Ingress:
         self.backend = backend
         self.metrics = metrics
         # the checkpoint's facts come from its JSON files: this process never imports torch
-        self.checkpoint = CheckpointFacts.read(ensure_checkpoint(config.model.path, build_tiny_if_missing=config.model.build_tiny_if_missing))
-        self.model_name = config.model.served_model_name or self.checkpoint.defaults.served_model_name or config.served_model_name
+        model = config.model
+        folder = ensure_checkpoint(model.path, build_tiny_if_missing=model.build_tiny_if_missing, revision=model.revision, weights=False)
+        self.checkpoint = CheckpointFacts.read(folder)
+        self.model_name = config.served_name(self.checkpoint.defaults.served_model_name)
         self.card = ModelCard(
             id=self.model_name,
             num_gpus=math.ceil(config.dit.num_gpus_per_rank * config.dit.sequence_parallel_degree),
@@ -81,8 +83,7 @@ class Ingress:
         self.settings = SessionSettings(
             served_model=self.model_name,
             geometry=self.checkpoint.geometry,
-            default_size=f"{self.checkpoint.defaults.width}x{self.checkpoint.defaults.height}",
-            default_fps=self.checkpoint.defaults.fps,
+            defaults=self.checkpoint.session_defaults(),
             limits=config.limits,
             media=MediaPolicy(
                 allowed_dirs=tuple(config.media.allowed_dirs),
@@ -204,4 +205,5 @@ class RayIngress(Ingress):
         from .metrics import IngressMetrics
 
         super().__init__(config, RayBackend(StageChain(text, dit, vae, post)))
-        self.metrics = IngressMetrics(self.model_name)
+        # this replica's session slots are exported beside the stages' (lingbot_session_slots_*)
+        self.metrics = IngressMetrics(self.model_name, slots=lambda: (self.sessions.used, self.sessions.limit))

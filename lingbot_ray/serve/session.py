@@ -43,6 +43,7 @@ from lingbot_ray.protocol import (
     InvalidInit,
     MessageTooBig,
     ProtocolError,
+    SessionDefaults,
     decode_event,
     decode_init,
     encode_server_message,
@@ -63,8 +64,8 @@ class SessionSettings:
 
     served_model: str
     geometry: ModelGeometry
-    default_size: str
-    default_fps: float = 16.0
+    # what an init leaves out: the served checkpoint's defaults (CheckpointFacts.session_defaults)
+    defaults: SessionDefaults
     limits: InitLimits = field(default_factory=InitLimits)
     media: MediaPolicy = field(default_factory=MediaPolicy)
     # the largest WebSocket message either way: outbound chunks are split below it, inbound
@@ -129,7 +130,8 @@ class SessionDriver:
         self.ws = websocket
         self.backend = backend
         self.settings = settings
-        self.metrics = metrics
+        # this session's view of the ingress's metrics: it keeps the session's init and event times
+        self.metrics = metrics.for_session() if metrics is not None else None
         self.sessions = sessions
         self.waiting = waiting
         self.session_id = uuid.uuid4().hex
@@ -174,7 +176,7 @@ class SessionDriver:
         started = time.perf_counter()
         end_reason, admitted, opened = "client left before init", False, False
         tasks: list[asyncio.Task] = []  # cancelled at the end
-        opening: asyncio.Task | None = None  # left to finish: the stages' close stops it
+        opening: asyncio.Task | None = None
         try:
             # Step 1: a valid init, in time; the socket holds no session slot yet
             self.waiting.take()
@@ -188,7 +190,7 @@ class SessionDriver:
             self.sessions.take()
             admitted = True
             # Step 3: the reader watches the socket while the stages open the session
-            queue = ConditionQueue(init.camera_script)
+            queue = ConditionQueue(init.camera_script, max_pending=self.settings.limits.max_script_entries)
             reader = asyncio.create_task(self._read_events(queue))
             tasks.append(reader)
             opening = asyncio.create_task(self.backend.open(self.session_id, spec, post))
@@ -227,17 +229,19 @@ class SessionDriver:
                 if self.metrics:
                     self.metrics.session_ended()
                 self._log_end(started, end_reason)
+            # an unfinished opening is given up too: its stage calls are cancelled where they wait
+            tasks += [opening] if opening else []
             for task in tasks:
                 task.cancel()
             if admitted:
-                await asyncio.shield(self._release(tasks + ([opening] if opening else [])))
+                await asyncio.shield(self._release(tasks))
 
     async def _release(self, tasks: list[asyncio.Task]) -> None:
         """Close the session on every stage, then collect what is still running for it.
 
-        The closing is how unfinished work stops: a stage refuses a start or a chunk of a session it
-        has closed, so an abandoned opening fails at its next stage call and a chunk in flight at
-        the next chunk boundary (a replica's model thread cannot be interrupted mid-call anyway).
+        The closing is how work already running stops: a stage refuses a start or a chunk of a
+        session it has closed, the VAE stops a first-frame encoding at its next step, and a chunk
+        stops at the next chunk boundary (a model call cannot be interrupted in the middle).
         """
         await self.backend.close(self.session_id)
         if tasks:
@@ -248,7 +252,7 @@ class SessionDriver:
 
     async def _unless_gone(self, task: asyncio.Task, reader: asyncio.Task, what: str):
         """``task``'s result, unless the client leaves (the reader ends) or the stages take longer
-        than ``ingress.stage_timeout_s`` first; the task is then left to :meth:`_release`."""
+        than ``ingress.stage_timeout_s`` first; the task is then given up in :meth:`run`."""
         done, _ = await asyncio.wait({task, reader}, timeout=self.settings.stage_timeout_s, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
@@ -272,10 +276,13 @@ class SessionDriver:
         s = self.settings
         while True:
             data = await self._receive()
+            received = time.perf_counter()
             try:
-                init = decode_init(data, served_model=s.served_model, default_size=s.default_size, limits=s.limits)
+                init = decode_init(data, served_model=s.served_model, defaults=s.defaults, limits=s.limits)
                 post = self._post_options(init)
                 spec = await asyncio.to_thread(self._spec_for, init)
+                if self.metrics:
+                    self.metrics.init_received(received)
                 return init, spec, post
             except ProtocolError as exc:
                 logger.info("session %s: invalid init: %s", self.session_id, exc)
@@ -327,9 +334,7 @@ class SessionDriver:
                 image=image,
                 width=init.width,
                 height=init.height,
-                num_frames=init.num_frames or self.settings.geometry.pixel_frames(
-                    self.settings.geometry.num_frames_per_block, first=False
-                ),
+                num_frames=init.num_frames,
                 seed=init.seed,
                 num_inference_steps=init.num_inference_steps,
                 guidance_scale=init.guidance_scale,
@@ -349,6 +354,7 @@ class SessionDriver:
     async def _read_events(self, queue: ConditionQueue) -> None:
         while True:
             data = await self._receive()
+            received = time.perf_counter()
             try:
                 event = decode_event(data, limits=self.settings.limits)
                 camera = event.camera_script if event.camera_script is not None else event.camera_state
@@ -361,6 +367,8 @@ class SessionDriver:
                     camera_state=event.camera_state,
                     event_id=event.event_id,
                 )
+                if self.metrics:
+                    self.metrics.event_received(event.event_id, received)
             except ProtocolError as exc:
                 logger.info("session %s: invalid event: %s", self.session_id, exc)
                 await self._send(outcome_for(exc).error)
@@ -479,7 +487,7 @@ class SessionDriver:
             self._frames_sent += int(frames.shape[0])
             self._bytes_sent += payload_bytes
             if self.metrics:
-                self.metrics.chunk_done(stats)
+                self.metrics.chunk_sent(stats, timings, sampled_at=prepare_start, sent_at=write_end)
 
     # -- logging ---------------------------------------------------------------------------------
 

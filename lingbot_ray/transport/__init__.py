@@ -1,4 +1,4 @@
-"""Frame transport: chunks of RGB frames ⇄ ``frame_batch`` messages (PROTOCOL.md, "Server messages").
+"""Frame transport: chunks of RGB frames ⇄ ``frame_batch`` messages (docs/PROTOCOL.md, "Server messages").
 
 ``make_encoder(fmt)`` gives a per-session :class:`ChunkEncoder` for ``raw``, ``webp``, ``jpeg`` or
 the default lossless ``delta-gzip`` (fmt None); ``encode_chunk`` splits a chunk into batches within

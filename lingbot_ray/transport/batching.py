@@ -1,6 +1,6 @@
 """Splitting a chunk's frames into ``frame_batch`` messages that respect the wire limits.
 
-Two limits apply (PROTOCOL.md, "Server messages"): an encoded message must stay under the WebSocket
+Two limits apply (docs/PROTOCOL.md, "Server messages"): an encoded message must stay under the WebSocket
 message cap (uvicorn refuses anything over 16 MiB, proxies often less), and a MessagePack array may
 hold at most 15 elements. Still-image batches carry one ``payload_lengths`` entry per frame, so every
 format caps a batch at 15 frames.

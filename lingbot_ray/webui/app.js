@@ -1,15 +1,19 @@
 /* lingbot_ray realtime WebUI: init form, camera controls, playback, stats, log, recording.
- * Protocol: /work/shared/spec/PROTOCOL.md (every message is a binary MessagePack map).
+ * Protocol: docs/PROTOCOL.md of this repository (every message is a binary MessagePack map).
  */
 (function () {
   "use strict";
   const $ = (id) => document.getElementById(id);
   const WS_PATH = "/v1/realtime_video/generate";
-  const ACTION_ORDER = "wasdijkl";
-  const KEY_ACTIONS = {
-    w: "w", a: "a", s: "s", d: "d", i: "i", j: "j", k: "k", l: "l",
-    arrowup: "i", arrowdown: "k", arrowleft: "j", arrowright: "l",
+  // The camera pads: which pad a motion kind goes on, and where a motion sits on it, by axis and
+  // sign ([+1 slot, -1 slot]). The tokens, labels and keys come from the server (GET /v1/actions).
+  const PADS = { translate: { id: "move-pad", title: "move" }, rotate: { id: "look-pad", title: "look" } };
+  const PAD_SLOTS = {
+    "translate z": ["up", "down"], "translate x": ["right", "left"],
+    "rotate x": ["up", "down"], "rotate y": ["right", "left"],
   };
+  const SLOT_ORDER = ["up", "left", "down", "right"];
+  const GLYPHS = { up: "▲", left: "◀", down: "▼", right: "▶" };
   const SAMPLES = [
     { file: "samples/world-plaza.png", label: "plaza" },
     { file: "samples/world-pillars.png", label: "pillars" },
@@ -40,6 +44,8 @@
     firstFrameBytes: null,
     firstFrameName: "",
     held: new Set(),
+    actions: [], // the server's action table: [{token, kind, axis, sign, label, keys, bit}]
+    keyActions: new Map(), // KeyboardEvent.key (lower case) -> token
     eventId: 0,
     sessionT0: 0,
     pendingEvents: [], // [{id, t, kind}]
@@ -144,6 +150,56 @@
     }
   }
 
+  // ------------------------------------------------------------------------------ camera actions
+
+  async function loadActions() {
+    const url = `${httpBase()}/v1/actions${keyQuery()}`;
+    try {
+      const response = await fetch(url, { cache: "no-store" });
+      if (response.status === 401) showKeyField("401 on /v1/actions");
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      setActions((await response.json()).actions);
+      if (ui.status.textContent === "no camera controls") setStatus("idle", "idle");
+      log(`camera actions: ${state.actions.map((m) => `${m.token} ${m.label}`).join(", ")}`);
+    } catch (err) {
+      setActions([]);
+      setStatus("no camera controls", "error");
+      log(`no camera controls: could not read ${httpBase()}/v1/actions: ${err.message}`, "error");
+    }
+  }
+
+  function setActions(actions) {
+    state.actions = actions;
+    state.keyActions = new Map();
+    for (const motion of actions) {
+      for (const key of [motion.token, ...motion.keys]) state.keyActions.set(key, motion.token);
+    }
+    state.held.clear();
+    for (const [kind, pad] of Object.entries(PADS)) buildPad($(pad.id), pad.title, actions.filter((m) => m.kind === kind));
+    paintPads();
+  }
+
+  function buildPad(element, title, motions) {
+    const placed = motions
+      .map((motion) => ({ motion, slot: PAD_SLOTS[`${motion.kind} ${motion.axis}`][motion.sign > 0 ? 0 : 1] }))
+      .sort((a, b) => SLOT_ORDER.indexOf(a.slot) - SLOT_ORDER.indexOf(b.slot));
+    const heading = document.createElement("span");
+    heading.className = "pad-title";
+    const arrows = motions.some((m) => m.keys.some((k) => k.startsWith("arrow"))) ? "arrows / " : "";
+    heading.textContent = `${title} (${arrows}${placed.map((p) => p.motion.token.toUpperCase()).join(" ")})`;
+    element.replaceChildren(heading);
+    for (const { motion, slot } of placed) {
+      const key = document.createElement("button");
+      key.type = "button";
+      key.className = `key ${slot}`;
+      key.dataset.action = motion.token;
+      key.title = motion.label;
+      key.textContent = motion.kind === "rotate" ? GLYPHS[slot] : motion.token.toUpperCase();
+      bindPadKey(key, motion.token);
+      element.append(key);
+    }
+  }
+
   // ------------------------------------------------------------------------------ first frame
 
   async function selectSample(sample, img) {
@@ -177,21 +233,18 @@
 
   // ------------------------------------------------------------------------------ init message
 
-  function intField(input) {
+  // an input's number (undefined when empty); anything else than an integer (or a finite number) throws
+  function numberField(input, integer) {
     const text = input.value.trim();
     if (text === "") return undefined;
     const value = Number(text);
-    if (!Number.isInteger(value)) throw new Error(`${input.id} must be an integer`);
+    if (!(integer ? Number.isInteger(value) : Number.isFinite(value))) {
+      throw new Error(`${input.id} must be ${integer ? "an integer" : "a number"}`);
+    }
     return value;
   }
-
-  function numField(input) {
-    const text = input.value.trim();
-    if (text === "") return undefined;
-    const value = Number(text);
-    if (!Number.isFinite(value)) throw new Error(`${input.id} must be a number`);
-    return value;
-  }
+  const intField = (input) => numberField(input, true);
+  const numField = (input) => numberField(input, false);
 
   function buildInit() {
     const transport = ui.transport.value;
@@ -562,7 +615,8 @@
   // ------------------------------------------------------------------------------ controls
 
   function actionsNow() {
-    return [...state.held].sort((a, b) => ACTION_ORDER.indexOf(a) - ACTION_ORDER.indexOf(b));
+    const order = state.actions.map((m) => m.token);
+    return [...state.held].sort((a, b) => order.indexOf(a) - order.indexOf(b));
   }
 
   function sendHeld() {
@@ -612,21 +666,20 @@
   }
 
   window.addEventListener("keydown", (event) => {
-    const action = KEY_ACTIONS[event.key.toLowerCase()];
+    const action = state.keyActions.get(event.key.toLowerCase());
     if (!action || typing(event.target) || event.ctrlKey || event.metaKey || event.altKey) return;
     event.preventDefault();
     if (!event.repeat) press(action);
   });
   window.addEventListener("keyup", (event) => {
-    const action = KEY_ACTIONS[event.key.toLowerCase()];
+    const action = state.keyActions.get(event.key.toLowerCase());
     if (!action) return;
     releaseAction(action);
   });
   window.addEventListener("blur", releaseAll);
   document.addEventListener("visibilitychange", () => { if (document.hidden) releaseAll(); });
 
-  for (const key of document.querySelectorAll(".key")) {
-    const action = key.dataset.action;
+  function bindPadKey(key, action) {
     key.addEventListener("pointerdown", (event) => {
       event.preventDefault();
       key.setPointerCapture(event.pointerId);
@@ -688,8 +741,9 @@
   $("init-form").addEventListener("submit", startSession);
   ui.stop.addEventListener("click", stopSession);
   ui.record.addEventListener("click", toggleRecord);
-  ui.serverUrl.addEventListener("change", loadModels);
-  ui.apiKey.addEventListener("change", loadModels);
+  const loadServer = () => { loadModels(); loadActions(); };
+  ui.serverUrl.addEventListener("change", loadServer);
+  ui.apiKey.addEventListener("change", loadServer);
 
   const params = new URLSearchParams(window.location.search);
   ui.serverUrl.value = params.get("server") || defaultServer();
@@ -699,7 +753,7 @@
   }
   ui.compression.disabled = false;
   buildSamples();
-  loadModels();
+  loadServer();
   setButtons();
   renderStats();
   requestAnimationFrame(tick);

@@ -9,7 +9,8 @@ On disk (``out_dir``):
 * ``meta.json``: sizes, counts, seeds, the split, the camera steps, the format and renderer versions.
 * ``shard_00000.npz`` …: uncompressed npz, ``clips_per_shard`` clips each, with ``frames`` uint8
   ``[C, T, H, W, 3]``, ``latent_poses`` float64 ``[C, N, 4, 4]``, ``actions`` uint8 ``[C, N]`` (bit b
-  set = key ``ACTION_KEYS[b]`` held) and ``world_seeds`` int64 ``[C]``. Zip entries carry a fixed
+  set = key ``ACTION_KEYS[b]`` held: the action table's order, see
+  :mod:`lingbot_ray.protocol.actions`) and ``world_seeds`` int64 ``[C]``. Zip entries carry a fixed
   date, so equal arguments give byte-identical files; entries are stored, so :class:`ClipDataset`
   memory-maps ``frames`` straight out of the zip.
 
@@ -26,7 +27,6 @@ import json
 import multiprocessing
 import os
 import struct
-import sys
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from ..control.camera import CameraTrajectory, Intrinsics
+from ..protocol.actions import ACTIONS
+from .progress import progress_bar
 from .render import TEMPORAL_STRIDE, pixel_poses, render, world_intrinsics
 from .scene import World
 
@@ -42,14 +44,21 @@ FORMAT_VERSION = 1
 RENDERER_VERSION = "world-v1"  # bump when a change to the renderer or the world builder changes pixels
 EVAL_SEED_START = 1_000_000
 SEED_RANGES = {"train": (0, EVAL_SEED_START), "eval": (EVAL_SEED_START, 2 * EVAL_SEED_START)}
-ACTION_KEYS = "wsadikjl"
+ACTION_KEYS = "".join(ACTIONS.tokens)  # bit b of a mask is ACTION_KEYS[b]
+_MASK_DTYPE = np.min_scalar_type((1 << len(ACTION_KEYS)) - 1)  # uint8 for the 8 tokens
 
-# Held-key sets a player uses, with how often a run starts with each: single keys dominate, and i/k
-# (whose runs are cut short, see random_actions) start more often so they are held about as often.
+# Held-key sets a player uses, with how often a run starts with each: single keys dominate, and
+# pitch keys (whose runs are cut short, see random_actions) start more often so they are held about
+# as often. Pairs: walking forward or back while turning or strafing (w+j, ..., s+d).
+_UP, _DOWN = ACTIONS.select("rotate", "x", 1)[0], ACTIONS.select("rotate", "x", -1)[0]
 _SINGLES = [[key] for key in ACTION_KEYS]
-_PAIRS = [["w", "j"], ["w", "l"], ["w", "a"], ["w", "d"], ["s", "j"], ["s", "l"], ["s", "a"], ["s", "d"]]
+_PAIRS = [
+    [walk, other]
+    for walk in ACTIONS.select("translate", "z")
+    for other in (*ACTIONS.select("rotate", "y"), *ACTIONS.select("translate", "x"))
+]
 ACTION_SETS: list[list[str]] = [[], *_SINGLES, *_PAIRS]
-_SINGLE_WEIGHTS = np.array([1.6 if key in "ik" else 1.0 for key in ACTION_KEYS])
+_SINGLE_WEIGHTS = np.array([1.6 if key in (_UP, _DOWN) else 1.0 for key in ACTION_KEYS])
 _WEIGHTS = np.concatenate([[0.1], 0.65 * _SINGLE_WEIGHTS / _SINGLE_WEIGHTS.sum(), [0.25 / len(_PAIRS)] * len(_PAIRS)])
 MAX_RUN = 8
 MAX_PITCH_RUN = 4
@@ -73,15 +82,15 @@ def random_actions(rng: np.random.Generator, num_latent_frames: int, *, idle: bo
         raise ValueError(f"num_latent_frames must be >= 1, got {num_latent_frames}")
     weights = _WEIGHTS if idle else np.concatenate([[0.0], _WEIGHTS[1:] / _WEIGHTS[1:].sum()])
     actions: list[list[str]] = [[]]
-    pitch = 0  # in steps, + is up ("i")
+    pitch = 0  # in steps, + is up
     while len(actions) < num_latent_frames:
         keys = list(ACTION_SETS[rng.choice(len(ACTION_SETS), p=weights)])
         run = int(rng.integers(1, MAX_RUN + 1))
-        if keys in (["i"], ["k"]):
+        if keys in ([_UP], [_DOWN]):
             run = min(run, MAX_PITCH_RUN)
-            step = 1 if keys == ["i"] else -1
+            step = 1 if keys == [_UP] else -1
             if abs(pitch + step * run) > MAX_PITCH_STEPS:
-                step, keys = -step, ["k"] if step > 0 else ["i"]
+                step, keys = -step, [_DOWN] if step > 0 else [_UP]
             run = min(run, MAX_PITCH_STEPS - step * pitch)
             pitch += step * run
         actions.extend([list(keys)] * min(run, num_latent_frames - len(actions)))
@@ -115,13 +124,14 @@ def make_clip(
 
 
 def encode_actions(actions: list[list[str]]) -> np.ndarray:
-    """Per latent frame, a uint8 bit mask: bit b set when key ``ACTION_KEYS[b]`` is held."""
-    return np.array([sum(1 << ACTION_KEYS.index(key) for key in set(keys)) for keys in actions], np.uint8)
+    """Per latent frame, a bit mask (uint8 for the 8 tokens): bit ``ACTIONS.bit(key)`` set when
+    ``key`` is held. An unknown key is a ValueError naming it."""
+    return np.array([sum(1 << ACTIONS.bit(key) for key in set(keys)) for keys in actions], _MASK_DTYPE)
 
 
 def decode_actions(masks: np.ndarray) -> list[list[str]]:
-    """Inverse of :func:`encode_actions` (keys in ``ACTION_KEYS`` order)."""
-    return [[key for b, key in enumerate(ACTION_KEYS) if int(mask) >> b & 1] for mask in masks]
+    """Inverse of :func:`encode_actions` (keys in table order)."""
+    return [[key for key in ACTION_KEYS if int(mask) >> ACTIONS.bit(key) & 1] for mask in masks]
 
 
 # -------------------------------------------------------------------------------------------- writing
@@ -190,8 +200,6 @@ def generate_dataset(
     worlds, each seen in many clips). Equal arguments give byte-identical files whatever ``workers``.
     Returns the metadata.
     """
-    from tqdm import tqdm
-
     if split not in SEED_RANGES:
         raise ValueError(f"split must be one of {list(SEED_RANGES)}, got {split!r}")
     if num_clips < 1 or num_latent_frames < 1 or clips_per_shard < 1:
@@ -205,7 +213,7 @@ def generate_dataset(
     frames_iter: Iterator[np.ndarray] = pool.imap(_render_spec, jobs, chunksize=2) if pool else map(_render_spec, jobs)
     shards = []
     try:
-        with tqdm(total=num_clips, unit="clip", file=sys.stderr, disable=not progress, desc="rendering") as bar:
+        with progress_bar(total=num_clips, unit="clip", enabled=progress, desc="rendering") as bar:
             for start in range(0, num_clips, clips_per_shard):
                 batch = specs[start : start + clips_per_shard]
                 frames = []
@@ -297,6 +305,9 @@ class ClipDataset:
         self.meta = json.loads((self.root / "meta.json").read_text())
         if self.meta.get("format") != "lingbot_ray.world.dataset":
             raise ValueError(f"{self.root} is not a world dataset")
+        keys = self.meta.get("action_keys", "")
+        if not ACTION_KEYS.startswith(keys):
+            raise ValueError(f"{self.root}: action_keys={keys!r} is not a prefix of the action table's {ACTION_KEYS!r}")
         self._shard_files = [self.root / shard["file"] for shard in self.meta["shards"]]
         counts = [shard["num_clips"] for shard in self.meta["shards"]]
         self._starts = np.cumsum([0, *counts])

@@ -9,7 +9,8 @@ served (same sampler, same camera path):
   camera would make "repeat the first frame" perfect), against the renderer's frames for the same
   script, next to the baseline "repeat the first frame". The model must beat the baseline by
   ≥ 3 dB on average over chunks and worlds.
-* **Control fidelity**: a session holds nothing for chunk 0, then one of w s a d j l i k for chunk 1.
+* **Control fidelity**: a session holds nothing for chunk 0, then one action of the table
+  (:data:`lingbot_ray.protocol.actions.ACTIONS`) for chunk 1.
   The generated chunk 1 must be closer (MSE) to the renderer's chunk 1 for its own action than to
   that of every other action in ≥ 90 % of (world, action) cases.
 
@@ -30,16 +31,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from ..client.compare import psnr
+from ..protocol.actions import ACTIONS as ACTION_TABLE
 from .dataset import EVAL_SEED_START, make_clip, random_actions
+from .progress import progress_bar
 
-ACTIONS = ("w", "s", "a", "d", "j", "l", "i", "k")
+ACTIONS = ACTION_TABLE.tokens
 CHUNKS = 4
 LATENT_PER_CHUNK = 3
 PSNR_GAIN_TARGET_DB = 3.0
 FIDELITY_TARGET = 0.90
+
+
+def frame_psnr(a: np.ndarray, b: np.ndarray, cap_db: float = 99.0) -> np.ndarray:
+    """PSNR in dB of uint8 frames ``[..., H, W, 3]`` pair by pair (broadcast), at most ``cap_db``
+    (identical frames would be infinite)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(-3, -2, -1))
+    with np.errstate(divide="ignore"):
+        return np.minimum(10 * np.log10(255.0**2 / mse), cap_db)
 
 
 def chunk_slices(num_chunks: int) -> list[slice]:
@@ -147,15 +156,15 @@ def measure_generator(
     slices = chunk_slices(CHUNKS)
 
     psnr_model, psnr_repeat = np.zeros((worlds, CHUNKS)), np.zeros((worlds, CHUNKS))
-    bar = tqdm(total=worlds * (1 + len(ACTIONS)), desc="quality", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=worlds * (1 + len(ACTIONS)), desc="quality", enabled=progress)
     for n, world in enumerate(world_seeds):
         actions = random_actions(rng, CHUNKS * LATENT_PER_CHUNK, idle=False)
         truth = make_clip(world, actions, width, height).frames
         generated = generate_fn(world, truth[0], actions, CHUNKS, n)
         for c, part in enumerate(slices):
-            frames = generated_frames(part)
-            psnr_model[n, c] = np.mean([min(psnr(generated[f], truth[f]), 99.0) for f in frames])
-            psnr_repeat[n, c] = np.mean([min(psnr(truth[0], truth[f]), 99.0) for f in frames])
+            frames = list(generated_frames(part))
+            psnr_model[n, c] = frame_psnr(generated[frames], truth[frames]).mean()
+            psnr_repeat[n, c] = frame_psnr(truth[0], truth[frames]).mean()
         bar.update(1)
 
     hits, confusion = [], {a: {b: 0 for b in ACTIONS} for a in ACTIONS}

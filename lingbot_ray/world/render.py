@@ -1,6 +1,6 @@
 """Ray-cast a :class:`~lingbot_ray.world.scene.World` from camera-to-world poses (numpy, one core).
 
-Conventions are those of :mod:`lingbot_ray.control.camera` and :func:`lingbot_ray.control.plucker_map`:
+Conventions are those of :mod:`lingbot_ray.control.camera` and :func:`lingbot_ray.engine.plucker.plucker_map`:
 OpenCV camera axes (x right, y down, z forward), poses are camera-to-world ``[[R, t], [0, 1]]``, and
 the ray of pixel (u, v) leaves the camera centre ``t`` along ``normalize(R · ((u+0.5−cx)/fx,
 (v+0.5−cy)/fy, 1))`` — exactly the Plücker direction channels, so the picture and the conditioning

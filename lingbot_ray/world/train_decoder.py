@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from .dataset import ClipDataset
+from .progress import progress_bar
 from .train_vae import chroma, decode_frames, to_pixels
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def generate_latents(checkpoint: Path, dataset_dir: Path, count: int, *, seed: i
     count = min(count, len(data))
     prompt_embeds = engine.text.encode("a procedural world")
     latents = []
-    for index in tqdm(range(count), desc="DiT latents", unit="clip", disable=not progress, file=sys.stderr):
+    for index in progress_bar(range(count), desc="DiT latents", unit="clip", enabled=progress):
         frames, actions, _ = data[index]
         chunks = len(actions) // per_chunk
         height, width = frames.shape[1:3]
@@ -129,7 +129,7 @@ def train(
 
     data = ClipDataset(dataset_dir)
     pixel_frames = 1 + 4 * (frames - 1)
-    bar = tqdm(total=steps, initial=step, desc="decoder", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=steps, initial=step, desc="decoder", enabled=progress)
     started = time.monotonic()
     while step < min(steps, until or steps):
         for group in optimizer.param_groups:

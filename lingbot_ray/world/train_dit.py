@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..control.camera import CameraTrajectory, Intrinsics
-from ..control.plucker import plucker_map
+from ..engine.plucker import plucker_map
 from ..engine.sampler import DMDSampler
 from ..models.attention import LingBotCrossAttnProcessor
-from ..models.tiny import TINY_TRANSFORMER_CONFIG
+from ..models.tiny_components import TINY_TRANSFORMER_CONFIG
+from .progress import progress_bar
 from .render import world_intrinsics
 from .teacher_forcing import teacher_forced_flow
 
@@ -129,7 +129,7 @@ def encode_dataset(
     count = len(data) if limit is None else min(limit, len(data))
     pixel_frames = 1 + 4 * (latent_frames - 1)
     latents, conditions, poses = [], [], []
-    bar = tqdm(total=count, desc="encode clips", unit="clip", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=count, desc="encode clips", unit="clip", enabled=progress)
     for start in range(0, count, batch_size):
         clips = [data[index] for index in range(start, min(start + batch_size, count))]
         # np.array copies: shards are read-only memory maps
@@ -350,7 +350,7 @@ def train(
                     "focal_per_width": focal_per_width}, state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
 
-    bar = tqdm(total=total or SPEED_PROBE_STEPS, initial=step, desc="train DiT", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=total or SPEED_PROBE_STEPS, initial=step, desc="train DiT", enabled=progress)
     running = None
     while (total is None or step < min(total, until or total)) and (deadline is None or time.monotonic() < deadline):
         if total is None and step - started[1] == SPEED_PROBE_STEPS:
@@ -398,7 +398,7 @@ def assemble(run_dir: Path, vae_dir: Path, out: Path, *, width: int, height: int
     import shutil
 
     from ..models import loading
-    from ..models.tiny import write_shared_components
+    from ..models.tiny_components import write_shared_components
     state = torch.load(run_dir / "state.pt", weights_only=False)
     model = new_world_transformer(0, **{k: v for k, v in state["config"].items() if not k.startswith("_")})
     model.load_state_dict(state["model"])

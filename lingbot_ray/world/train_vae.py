@@ -53,7 +53,6 @@ import dataclasses
 import json
 import math
 import random
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -70,6 +69,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..control.camera import Intrinsics
 from ..models.wan_norm import use_fast_norms
 from .dataset import EVAL_SEED_START, make_clip, random_actions
+from .progress import progress_bar
 from .render import TEMPORAL_STRIDE, world_intrinsics
 
 FRAME_SIZE = (160, 96)  # (width, height) the trained model serves
@@ -486,8 +486,6 @@ def _log(cfg: TrainConfig, record: dict) -> None:
 def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Train (or continue, with ``resume``, from the newest checkpoint in ``cfg.out_dir``), then
     measure the latent statistics, save ``vae/`` and evaluate. Runs on the current torch threads."""
-    from tqdm import tqdm
-
     cfg.check()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -531,14 +529,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     window_start, window_steps, timing_start = time.perf_counter(), 0, None
     own_schedule, marks = False, deque(maxlen=5)  # a schedule planned here from the speed: (step, time) at log steps
     # the bar only on a terminal (None: tqdm checks); CI logs get the log lines
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        unit="step",
-        file=sys.stderr,
-        disable=None if cfg.progress else True,
-        desc="vae",
-    )
+    bar = progress_bar(total=total_steps, initial=step, unit="step", enabled=None if cfg.progress else False, desc="vae")
     batches = iter(loader)
     first_step = last_saved = step
     while (total_steps is None or step < total_steps) and time.perf_counter() < deadline:

@@ -131,6 +131,8 @@ trained teacher-forced for the engine's DMD sampler on {train_dit.TRAIN_LATENT_F
 ```
 {quality.format_report(report)}
 ```
+
+The full model card (architecture, data, recipe and its variants, limits): [docs/EMBEDDED_MODEL.md](../../../docs/EMBEDDED_MODEL.md).
 """
     out = checkpoint / "README.md"
     out.write_text(text)

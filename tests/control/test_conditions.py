@@ -1,15 +1,18 @@
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lingbot_ray import protocol
 from lingbot_ray.control import ChunkConditions, ConditionQueue, StateTransition
+from lingbot_ray.protocol import decode_event
 
 
 def state(*action_lists):
-    return [{"actions": list(actions), "client_ts_ms": 10 * i} for i, actions in enumerate(action_lists)]
+    return [StateTransition(tuple(actions), 10 * i) for i, actions in enumerate(action_lists)]
 
 
 # -- prompt -------------------------------------------------------------------------------------
@@ -65,7 +68,7 @@ def test_unknown_tokens_are_dropped():
     q = ConditionQueue()
     q.push_camera_script([["w", "jump", "x"], ["Q"], ["i", "i"]])
     assert q.sample(3, 0).camera_actions == (("w",), (), ("i",))
-    q.push_camera_state([{"actions": ["space", "d"]}])
+    q.push_camera_state([StateTransition(("space", "d"))])
     assert q.sample(1, 1).camera_actions == (("d",),)
     assert q.held_state == ("d",)
 
@@ -148,16 +151,18 @@ def test_transition_cap_drops_the_oldest():
     assert q.sample(2, 0).camera_actions == (("w",), ("d",))
 
 
-def test_transitions_accept_protocol_like_objects():
-    class Struct:  # the protocol layer's msgspec struct has these attributes
-        def __init__(self, actions, client_ts_ms=None):
-            self.actions, self.client_ts_ms = actions, client_ts_ms
-
+def test_transitions_are_the_protocols_type_cleaned():
+    decoded = decode_event(
+        {"type": "event", "kind": "camera_actions", "payload": {"mode": "state", "transitions": [
+            {"actions": ["w", "w", "zz"], "client_ts_ms": 7}, {"actions": ["a"]}]}}
+    )
     q = ConditionQueue()
-    q.push_camera_state([Struct(["w", "w", "zz"], 7), StateTransition(("a",))])
+    q.push_camera_state(decoded.camera_state)
     assert q.pending_transitions == (StateTransition(("w",), 7), StateTransition(("a",), None))
-    with pytest.raises(ValueError, match="actions"):
-        q.push_camera_state([{"client_ts_ms": 1}])
+    assert StateTransition is protocol.StateTransition
+    for other in ({"actions": ["w"], "client_ts_ms": 1}, SimpleNamespace(actions=("w",), client_ts_ms=1)):
+        with pytest.raises(ValueError, match="StateTransition"):
+            q.push_camera_state([other])
 
 
 # -- modes clear each other ---------------------------------------------------------------------
@@ -282,7 +287,7 @@ tokens = st.lists(st.sampled_from(list("wsadikjl") + ["x", "up"]), max_size=4)
 @given(st.lists(tokens, min_size=1, max_size=8), st.integers(1, 4))
 def test_drained_state_is_final_state_with_at_most_a_leading_pulse(action_lists, frames):
     q = ConditionQueue()
-    q.push_camera_state([{"actions": a} for a in action_lists])
+    q.push_camera_state([StateTransition(tuple(a)) for a in action_lists])
     out = q.sample(frames, 0).camera_actions
     final = tuple(dict.fromkeys(t for t in action_lists[-1] if t in "wsadikjl"))
     assert len(out) == frames and q.held_state == final

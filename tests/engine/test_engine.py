@@ -288,7 +288,7 @@ def test_camera_focal_from_the_checkpoint_scales_with_width(tiny_folder, tmp_pat
 
     from lingbot_ray.engine.stages import DiTStage
 
-    assert DiTStage.from_pretrained(tiny_folder).intrinsics(320, 192).fx == 500.0  # no camera_focal: MODEL.md's 500 px
+    assert DiTStage.from_pretrained(tiny_folder).intrinsics(320, 192).fx == 500.0  # no camera_focal: docs/MODEL.md's 500 px
     folder = tmp_path / "focal"
     shutil.copytree(tiny_folder, folder)
     settings = folder / "lingbot_ray.json"

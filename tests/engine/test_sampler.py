@@ -13,7 +13,7 @@ def test_default_is_v1_schedule_at_shift_10():
 @pytest.mark.parametrize(
     "shift, expected, tol",
     [
-        # MODEL.md, "Timesteps": s = 10 -> [1000, 978.7, 947.2, 825.4]; s = 5 -> [1000, 958, 900, 703]
+        # docs/MODEL.md, "Timesteps": s = 10 -> [1000, 978.7, 947.2, 825.4]; s = 5 -> [1000, 958, 900, 703]
         (10.0, [1000.0, 978.7, 947.2, 825.4], 0.05),
         (5.0, [1000.0, 958.0, 900.0, 703.0], 0.5),
     ],

@@ -5,7 +5,7 @@ import pytest
 
 from lingbot_ray.engine.session import ModelGeometry, SessionSpec
 
-# LingBot World fast's geometry (MODEL.md): 8x VAE, 4x in time, patch (1,2,2), blocks of 3, sink 9,
+# LingBot World fast's geometry (docs/MODEL.md): 8x VAE, 4x in time, patch (1,2,2), blocks of 3, sink 9,
 # window 18, 1024 RoPE positions.
 GEOMETRY = ModelGeometry(
     vae_scale_spatial=8,

@@ -11,13 +11,13 @@ from lingbot_ray.models import loading
 from lingbot_ray.models.transformer_lingbot import CAMERA_CHANNELS, CausalLingBotWorldTransformer3DModel
 
 
-# ------------------------------------------------------------------ the published checkpoint's names (MODEL.md)
+# ------------------------------------------------------------------ the published checkpoint's names (docs/MODEL.md)
 
 DIM, FFN, TEXT, FREQ, IN, OUT, LAYERS, CAM_IN = 5120, 13824, 4096, 256, 36, 16, 40, 1536
 
 
 def published_original_shapes() -> dict[str, tuple[int, ...]]:
-    """All 1,421 tensors of the real transformer with their shapes, as MODEL.md lists them."""
+    """All 1,421 tensors of the real transformer with their shapes, as docs/MODEL.md lists them."""
     shapes = {
         "patch_embedding.weight": (DIM, IN, 1, 2, 2),
         "patch_embedding.bias": (DIM,),

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lingbot_ray.models.realesrgan import RRDBNet, SRVGGNetCompact, load_realesrgan, save_realesrgan
+from lingbot_ray.models.realesrgan import RRDBNet, SRVGGNetCompact, load_realesrgan
+from tests.models.weights import save_realesrgan
 
 LAYOUTS = ("params_ema", "params", None)
 

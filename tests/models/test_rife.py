@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lingbot_ray.models.rife import RIFE_CONFIGS, IFNet, detect_rife_version, load_rife, save_rife
+from lingbot_ray.models.rife import RIFE_CONFIGS, IFNet, detect_rife_version, load_rife
+from tests.models.weights import save_rife
 
 VERSIONS = ("4.22.lite", "4.25")  # 4.26 shares 4.25's tensor layout
 

@@ -1,4 +1,4 @@
-"""The tiny checkpoint builder, and loading a checkpoint folder through models/pipeline.py."""
+"""The tiny random checkpoint builder, and loading the folder it writes through the loaders."""
 
 import json
 import re
@@ -9,12 +9,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lingbot_ray.models import pipeline
-from lingbot_ray.models.tiny import build_tiny_main, build_tiny_transformer
+from lingbot_ray import checkpoint
+from lingbot_ray.models import loading
+from lingbot_ray.models.tiny import TINY_SERVED_MODEL_NAME, build_tiny_main, build_tiny_transformer
 from lingbot_ray.models.transformer_lingbot import CausalLingBotWorldTransformer3DModel
 from lingbot_ray.models.vae_streaming import StreamingWanVAE
+from tests.models.pipeline import load_pipeline
 
-# What the published robbyant/lingbot-world-fast-diffusers model_index.json names (MODEL.md).
+# What the published robbyant/lingbot-world-fast-diffusers model_index.json names (docs/MODEL.md).
 PUBLISHED_INDEX = {
     "_class_name": "LingBotWorldCausalDMDPipeline",
     "transformer": ["diffusers", "CausalLingBotWorldTransformer3DModel"],
@@ -44,6 +46,14 @@ def test_folder_has_every_component(tiny):
     assert (tiny / "tokenizer" / "tokenizer.json").is_file()
     assert (tiny / "scheduler" / "scheduler_config.json").is_file()
     assert not [p for p in tiny.parent.iterdir() if p.name.startswith(".")], "staging folder left behind"
+
+
+def test_the_random_checkpoint_is_not_named_like_the_trained_embedded_one(tiny):
+    served = checkpoint.read_serving_defaults(tiny).served_model_name
+    assert served == TINY_SERVED_MODEL_NAME == "lingbot-world-tiny-random"
+    assert served not in checkpoint.embedded_checkpoints()
+    embedded = checkpoint.checkpoint_folder("embedded:lingbot-world-tiny")
+    assert checkpoint.read_serving_defaults(embedded).served_model_name == "lingbot-world-tiny"
 
 
 def test_model_index_names_the_real_classes(tiny):
@@ -93,7 +103,7 @@ def test_transformer_is_sharded_with_original_names(tiny):
 
 
 def test_loads_through_pipeline_with_the_built_weights(tiny):
-    loaded = pipeline.load_pipeline(tiny)
+    loaded = load_pipeline(tiny)
     assert isinstance(loaded.transformer, CausalLingBotWorldTransformer3DModel)
     assert isinstance(loaded.vae, StreamingWanVAE)
     assert loaded.prompt_encoder.encode("a street").shape == (1, 512, loaded.transformer.config.text_dim)
@@ -125,11 +135,11 @@ def test_engine_runs_at_the_default_size(tiny):
 def test_missing_component_folder_is_named(tiny, tmp_path):
     folder = copy_of(tiny, tmp_path)
     shutil.rmtree(folder / "vae")
-    pipeline.read_model_index(folder)  # the index itself is fine
-    with pytest.raises(pipeline.ComponentMissingError, match="'vae'"):
-        pipeline.load_pipeline(folder, components=("transformer",))
+    checkpoint.read_model_index(folder)  # the index itself is fine
+    with pytest.raises(checkpoint.ComponentMissingError, match="'vae'"):
+        load_pipeline(folder, components=("transformer",))
     with pytest.raises(FileNotFoundError, match="'vae'"):
-        pipeline.load_vae(folder)
+        loading.load_vae(folder)
 
 
 @pytest.mark.parametrize(
@@ -148,7 +158,7 @@ def test_bad_model_index_names_the_key(tiny, tmp_path, key, value, match):
     index[key] = value
     path.write_text(json.dumps(index))
     with pytest.raises(ValueError, match=re.escape(match)):
-        pipeline.read_model_index(folder)
+        checkpoint.read_model_index(folder)
 
 
 def test_serving_defaults_reject_unknown_keys(tiny, tmp_path):
@@ -156,9 +166,9 @@ def test_serving_defaults_reject_unknown_keys(tiny, tmp_path):
     path = folder / "lingbot_ray.json"
     path.write_text(json.dumps({"width": 160, "heigth": 96}))
     with pytest.raises(ValueError, match="heigth"):
-        pipeline.read_serving_defaults(folder)
+        checkpoint.read_serving_defaults(folder)
     path.unlink()
-    assert pipeline.read_serving_defaults(folder) == pipeline.ServingDefaults()
+    assert checkpoint.read_serving_defaults(folder) == checkpoint.ServingDefaults()
 
 
 def test_cli_refuses_to_overwrite_without_force(tiny, tmp_path, capsys):
@@ -177,9 +187,9 @@ def test_cli_refuses_to_overwrite_without_force(tiny, tmp_path, capsys):
 
 def test_cli_force_rebuilds_with_a_new_seed(tiny, tmp_path, capsys):
     folder = copy_of(tiny, tmp_path)
-    before = pipeline.load_transformer(folder, dtype=torch.float32).state_dict()["proj_out.weight"]
+    before = loading.load_dit(folder, dtype=torch.float32).state_dict()["proj_out.weight"]
     assert build_tiny_main([str(folder), "--force", "--seed", "5", "--size", "64x48"]) == 0
     assert capsys.readouterr().out.strip() == str(folder)
-    after = pipeline.load_transformer(folder, dtype=torch.float32).state_dict()["proj_out.weight"]
+    after = loading.load_dit(folder, dtype=torch.float32).state_dict()["proj_out.weight"]
     assert not torch.equal(before, after)
-    assert (pipeline.read_serving_defaults(folder).width, pipeline.read_serving_defaults(folder).height) == (64, 48)
+    assert (checkpoint.read_serving_defaults(folder).width, checkpoint.read_serving_defaults(folder).height) == (64, 48)

@@ -189,7 +189,7 @@ def test_full_forward_matches_diffusers_wan_without_camera():
 
 
 def _reference_forward(o, cfg, x, t, ctx, cam):
-    """MODEL.md's forward pass restated plainly over the ORIGINAL tensor names (complex RoPE as in the
+    """docs/MODEL.md's forward pass restated plainly over the ORIGINAL tensor names (complex RoPE as in the
     original Wan code, full attention, camera between self- and cross-attention)."""
     F = torch.nn.functional
     heads, hd = cfg["num_attention_heads"], cfg["attention_head_dim"]

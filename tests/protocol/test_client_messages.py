@@ -7,17 +7,19 @@ from lingbot_ray.protocol import (
     InitLimits,
     InvalidEvent,
     InvalidInit,
+    SessionDefaults,
     decode_event,
     decode_init,
 )
 
 SERVED = "lingbot-world-fast"
+DEFAULTS = SessionDefaults()
 
 
 def init(**fields):
     message = {"type": "init", "prompt": "a quiet alley", "first_frame": b"\x89PNG..."}
     message.update(fields)
-    return decode_init(msgspec.msgpack.encode(message), served_model=SERVED, default_size="832x480")
+    return decode_init(msgspec.msgpack.encode(message), served_model=SERVED, defaults=DEFAULTS)
 
 
 def test_defaults_follow_the_spec():
@@ -104,13 +106,13 @@ def test_invalid_init_names_field_and_value(field, value):
 
 def test_missing_prompt_type_and_first_frame():
     with pytest.raises(InvalidInit, match="prompt"):
-        decode_init({"type": "init", "first_frame": b"x"}, served_model=SERVED, default_size="832x480")
+        decode_init({"type": "init", "first_frame": b"x"}, served_model=SERVED, defaults=DEFAULTS)
     with pytest.raises(InvalidInit, match="type"):
-        decode_init({"type": "event", "prompt": "x"}, served_model=SERVED, default_size="832x480")
+        decode_init({"type": "event", "prompt": "x"}, served_model=SERVED, defaults=DEFAULTS)
     with pytest.raises(InvalidInit, match="first_frame"):
-        decode_init({"type": "init", "prompt": "x"}, served_model=SERVED, default_size="832x480")
+        decode_init({"type": "init", "prompt": "x"}, served_model=SERVED, defaults=DEFAULTS)
     text_only = decode_init(
-        {"type": "init", "prompt": "x"}, served_model=SERVED, default_size="832x480", requires_first_frame=False
+        {"type": "init", "prompt": "x"}, served_model=SERVED, defaults=DEFAULTS, requires_first_frame=False
     )
     assert text_only.first_frame is None
 
@@ -118,7 +120,7 @@ def test_missing_prompt_type_and_first_frame():
 @pytest.mark.parametrize("raw", [b"\xc1\xc1", msgspec.msgpack.encode([1, 2]), msgspec.msgpack.encode("init")])
 def test_undecodable_or_non_map_init(raw):
     with pytest.raises(InvalidInit):
-        decode_init(raw, served_model=SERVED, default_size="832x480")
+        decode_init(raw, served_model=SERVED, defaults=DEFAULTS)
 
 
 def test_limits_come_from_config():
@@ -126,7 +128,7 @@ def test_limits_come_from_config():
         max_width=512, max_height=512, max_num_frames=12, max_inference_steps=4,
         max_window_frames=18, max_sink_frames=9, max_guidance_scale=5.0,
     )
-    kwargs = dict(served_model=SERVED, default_size="256x160", limits=limits)
+    kwargs = dict(served_model=SERVED, defaults=SessionDefaults(size="256x160"), limits=limits)
     base = {"type": "init", "prompt": "x", "first_frame": b"x"}
     assert decode_init({**base, "size": "512x512"}, **kwargs).size == "512x512"
     assert decode_init({**base, "realtime_causal_kv_cache_num_frames": 18, "realtime_causal_sink_size": 9}, **kwargs)
@@ -173,7 +175,7 @@ def test_camera_script_and_state_events():
         payload={"mode": "state", "transitions": [{"actions": ["w"], "client_ts_ms": 123456.0}, {"actions": []}]},
     )
     assert state.event_id == 70000
-    assert [t.actions for t in state.camera_state] == [["w"], []]
+    assert [t.actions for t in state.camera_state] == [("w",), ()]
     assert state.camera_state[0].client_ts_ms == 123456 and state.camera_state[1].client_ts_ms is None
 
 
@@ -232,7 +234,7 @@ def test_deeply_nested_messages_are_refused_naming_the_nesting(levels):
     init = b"\x84\xa4type\xa4init\xa6prompt\xa1x\xabfirst_frame\xc4\x011\xa7padding" + tail
     event = b"\x83\xa4type\xa5event\xa4kind\xa6prompt\xa7payload" + tail
     with pytest.raises(InvalidInit, match="nested deeper than 16 levels") as refused:
-        decode_init(init, served_model="m", default_size="64x64")
+        decode_init(init, served_model="m", defaults=SessionDefaults(size="64x64"))
     assert refused.value.field == "message"
     with pytest.raises(InvalidEvent, match="nested deeper than 16 levels"):
         decode_event(event)
@@ -266,7 +268,7 @@ def test_replies_and_logs_never_carry_a_client_value_at_full_length_or_a_heap_ad
     assert refused.value.field == "realtime_output_format" and len(str(refused.value)) < 400
     ext = msgspec.msgpack.encode({"type": "init", "prompt": "x", "first_frame": msgspec.msgpack.Ext(1, b"abc")})
     with pytest.raises(InvalidInit) as refused:
-        decode_init(ext, served_model="m", default_size="64x64")
+        decode_init(ext, served_model="m", defaults=SessionDefaults(size="64x64"))
     assert "0x" not in str(refused.value) and refused.value.field == "first_frame"
     with pytest.raises(InvalidEvent, match="map keys must be strings") as refused:
         decode_event(msgspec.msgpack.encode({"type": "event", 7: "x", "kind": "prompt"}))

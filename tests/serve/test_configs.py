@@ -3,7 +3,7 @@
 Pure Python, no Ray cluster: each file must validate as a Serve config, its ``args`` must load with
 :func:`load_config` (unknown keys fail), and :func:`deployment_options` must ask Ray for the resources
 the file's comments promise. The GPU configs' memory arithmetic is re-done here from the model facts
-of ``shared/spec/MODEL.md``, so raising a capacity or a size limit without re-doing it fails.
+of ``docs/MODEL.md``, so raising a capacity or a size limit without re-doing it fails.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ IMPORT_PATH = "lingbot_ray.serve.app:build_app"
 FOUR_GPU = ROOT / "configs" / "lingbot-world-fast-4gpu-ulysses4.yaml"
 RAYSERVICE = ROOT / "configs" / "kuberay-rayservice.yaml"
 REAL_MODEL_PATH = "/models/lingbot-world-fast-diffusers"
+HUB_REPO = "robbyant/lingbot-world-fast-diffusers"  # the RayService pulls it from the hub
 
 # Model facts for the GPU memory budget (GB = 1e9 B), as in the configs' comments.
 NUM_LAYERS, HIDDEN, NUM_HEADS = 40, 5120, 40
@@ -143,7 +144,7 @@ def expect_cpu_default(config: ServeConfig, options: dict[str, dict[str, Any]]) 
 
 
 def expect_real_checkpoint_on_gpus(config: ServeConfig) -> None:
-    assert config.model.path == REAL_MODEL_PATH
+    assert config.model.path in (REAL_MODEL_PATH, HUB_REPO)
     assert not config.model.build_tiny_if_missing, "a missing real checkpoint must fail, not be replaced"
     assert config.model.device == "cuda"
     assert (config.model.dit_dtype, config.model.text_encoder_dtype) == ("bfloat16", "bfloat16")
@@ -256,7 +257,11 @@ def cpu_quantity(value: Any) -> float:
 
 
 def test_rayservice_carries_the_four_gpu_application_unchanged():
-    assert the_application(RAYSERVICE) == the_application(FOUR_GPU)
+    # the same application; only where the checkpoint comes from differs (the RayService: the hub)
+    service, four_gpu = copy.deepcopy(the_application(RAYSERVICE)), copy.deepcopy(the_application(FOUR_GPU))
+    for app in (service, four_gpu):
+        app["args"]["model"].pop("path")
+    assert service == four_gpu
 
 
 def test_rayservice_cluster_fits_the_application():
@@ -284,12 +289,7 @@ def test_rayservice_cluster_fits_the_application():
     # The head offers no logical CPUs, so every replica's CPUs come from the worker pods.
     assert group["replicas"] * cpu_quantity(limits["cpu"]) >= total(options, replica_cpus)
 
-    # The checkpoint folder at model.path: on the worker (the replicas load it) and on the head
-    # (build_app checks model_index.json wherever Serve runs the build task).
-    model_path = config_of(RAYSERVICE).model.path
-    for container in (head_container, worker):
-        mounts = [m["mountPath"].rstrip("/") for m in container.get("volumeMounts", [])]
-        assert any(model_path == m or model_path.startswith(m + "/") for m in mounts), (container["name"], mounts)
+    # Where the model comes from (head: nothing; workers: the hub cache or a mount): tests/serve/test_kuberay.py
 
     # The API key reaches the ingress (on the worker) through the environment variable it reads.
     env = {e["name"] for e in worker.get("env", [])}

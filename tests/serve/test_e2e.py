@@ -29,12 +29,13 @@ from ray import serve  # noqa: E402
 
 from lingbot_ray.control.conditions import ConditionQueue  # noqa: E402
 from lingbot_ray.engine import PostOptions, RealtimeEngine, SessionSpec  # noqa: E402
-from lingbot_ray.models.realesrgan import SRVGGNetCompact, save_realesrgan  # noqa: E402
-from lingbot_ray.models.rife import IFNet, save_rife  # noqa: E402
+from lingbot_ray.models.realesrgan import SRVGGNetCompact  # noqa: E402
+from lingbot_ray.models.rife import IFNet  # noqa: E402
 from lingbot_ray.models.tiny import build_tiny_checkpoint  # noqa: E402
 from lingbot_ray.serve.app import build_app  # noqa: E402
 from lingbot_ray.serve.media import MediaPolicy, load_first_frame  # noqa: E402
 from lingbot_ray.transport import FrameDecoder  # noqa: E402
+from tests.models.weights import save_realesrgan, save_rife  # noqa: E402
 from tests.msgpack_subset import walk  # noqa: E402
 
 APP = "lingbot"
@@ -156,12 +157,12 @@ def test_models_endpoints(cluster):
         body = json.loads(response.read())
         assert response.headers.get("access-control-allow-origin") is None  # no Origin sent
     card = body["data"][0]
-    assert body["object"] == "list" and card["object"] == "model" and card["id"] == card["root"] == "lingbot-world-tiny"
+    assert body["object"] == "list" and card["object"] == "model" and card["id"] == card["root"] == "lingbot-world-tiny-random"
     for key in ("created", "owned_by", "parent", "max_model_len", "num_gpus", "task_type", "dit_precision", "vae_precision", "pipeline_name", "pipeline_class"):
         assert key in card
-    request = urllib.request.Request(cluster["http"] + "/v1/models/lingbot-world-tiny", headers={"Origin": "http://elsewhere"})
+    request = urllib.request.Request(cluster["http"] + "/v1/models/lingbot-world-tiny-random", headers={"Origin": "http://elsewhere"})
     with urllib.request.urlopen(request, timeout=30) as response:
-        assert json.loads(response.read())["id"] == "lingbot-world-tiny"
+        assert json.loads(response.read())["id"] == "lingbot-world-tiny-random"
         assert response.headers["access-control-allow-origin"] in ("*", "http://elsewhere")
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(cluster["http"] + "/v1/models/other", timeout=30)
@@ -444,36 +445,90 @@ def test_reference_pages_minimal_client_receives_frames(cluster, tmp_path, monke
 
 
 def test_prometheus_metrics_are_exported(cluster):
-    # runs after sessions above; Ray's metrics agent exports on its own period
-    # Ray prefixes application metrics with "ray_"
+    import re
+
+    # runs after sessions above (one of them echoes event 7, one is refused); Ray's metrics agent exports
+    # on its own period. Ray prefixes application metrics with "ray_", adds "_total" to counters and the
+    # deployment/replica/application tags (the names: lingbot_ray/serve/metrics.py, docs/grafana/)
     wanted = (
         "ray_lingbot_sessions_started_total",
-        "ray_lingbot_frames_generated_total",
-        "ray_lingbot_chunk_stage_ms_bucket",
+        "ray_lingbot_sessions_ended_total",
+        "ray_lingbot_sessions_rejected_total",
         "ray_lingbot_sessions_active",
+        "ray_lingbot_chunks_sent_total",
+        "ray_lingbot_frames_generated_total",
+        "ray_lingbot_bytes_sent_total",
+        "ray_lingbot_chunk_latency_ms_bucket",
+        "ray_lingbot_chunk_latency_ms_exact_sum_total",
+        "ray_lingbot_chunk_stage_ms_bucket",
+        "ray_lingbot_chunk_stage_ms_exact_sum_total",
+        "ray_lingbot_time_to_first_frame_ms_bucket",
+        "ray_lingbot_time_to_first_frame_ms_exact_sum_total",
+        "ray_lingbot_event_latency_ms_bucket",
+        "ray_lingbot_event_latency_ms_exact_sum_total",
+        "ray_lingbot_session_slots_used",
+        "ray_lingbot_session_slots_free",
+        "ray_lingbot_kv_cache_bytes",
         "ray_lingbot_text_cache_bytes",
     )
-    deadline = time.monotonic() + 60
-    while True:
+
+    def scrape() -> str:
         try:
             with urllib.request.urlopen(cluster["metrics"], timeout=10) as response:
-                text = response.read().decode()
+                return response.read().decode()
         except OSError:
-            text = ""
-        if all(name in text for name in wanted):
-            break
+            return ""
+
+    def series(text: str, name: str, **tags) -> list[tuple[dict[str, str], float]]:
+        """(labels, value) of every sample of ``name`` whose labels include ``tags``."""
+        found = []
+        for line in text.splitlines():
+            if line.startswith(name + "{"):
+                labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', line[len(name) : line.rindex("}") + 1]))
+                if all(labels.get(k) == v for k, v in tags.items()):
+                    found.append((labels, float(line.rsplit(" ", 1)[1])))
+        return found
+
+    def slots_by_replica(text: str, deployment: str) -> dict[str, tuple[float, float]]:
+        used = {labels["replica"]: value for labels, value in series(text, "ray_lingbot_session_slots_used", application=APP, deployment=deployment)}
+        free = {labels["replica"]: value for labels, value in series(text, "ray_lingbot_session_slots_free", application=APP, deployment=deployment)}
+        return {replica: (used[replica], free[replica]) for replica in used.keys() & free.keys()}
+
+    def complete(text: str) -> bool:
+        return all(name in text for name in wanted) and all(
+            slots_by_replica(text, deployment) for deployment in ("Ingress", "DiTGroup", "VAEDecoder")
+        ) and bool(series(text, "ray_lingbot_kv_cache_bytes", application=APP, deployment="DiTGroup"))
+
+    deadline = time.monotonic() + 60
+    while not complete(text := scrape()):
         assert time.monotonic() < deadline, [name for name in wanted if name not in text]
         time.sleep(2)
-    assert 'stage="dit"' in text and 'stage="vae"' in text
-    started = [line for line in text.splitlines() if line.startswith("ray_lingbot_sessions_started_total")]
-    assert any(float(line.rsplit(" ", 1)[1]) >= 1 for line in started)
-    # the session count holds still now: Ray exports a gauge within a report interval (10 s) and its agent
-    # drops it two intervals later unless it is set again, so a count set only on change is gone by now
+    assert any(value >= 1 for _, value in series(text, "ray_lingbot_sessions_started_total"))
+    # stages only where they ran, the chunk's own latency apart
+    stages = {labels["stage"] for labels, _ in series(text, "ray_lingbot_chunk_stage_ms_count")}
+    assert {"dit", "vae"} <= stages and "chunk_total" not in stages, stages
+    # the exact means: summed milliseconds beside each histogram's (exact) count
+    chunks = sum(value for _, value in series(text, "ray_lingbot_chunk_latency_ms_count"))
+    summed = sum(value for _, value in series(text, "ray_lingbot_chunk_latency_ms_exact_sum_total"))
+    assert chunks >= 1 and summed / chunks > 0
+    assert sum(value for _, value in series(text, "ray_lingbot_time_to_first_frame_ms_count")) >= 1
+    # per replica: used + free is the replica's capacity (dit.sessions_per_group, vae.sessions_per_replica)
+    for deployment, capacity in (("DiTGroup", 1), ("VAEDecoder", 8)):
+        slots = slots_by_replica(text, deployment)
+        assert slots and all(used + free == capacity for used, free in slots.values()), (deployment, slots)
+    assert all(value >= 0 for _, value in series(text, "ray_lingbot_kv_cache_bytes", application=APP, deployment="DiTGroup"))
+    assert not series(text, "ray_lingbot_kv_cache_bytes", deployment="VAEDecoder")
+    # the counts hold still now: Ray exports a gauge within a report interval (10 s) and its agent drops
+    # it two intervals later unless it is set again, so a gauge set only on change is gone by now
     time.sleep(40)
-    with urllib.request.urlopen(cluster["metrics"], timeout=10) as response:
-        text = response.read().decode()
-    active = [line for line in text.splitlines() if line.startswith("ray_lingbot_sessions_active{")]
-    assert active and all(float(line.rsplit(" ", 1)[1]) == 0 for line in active), active
+    text = scrape()
+    active = [value for _, value in series(text, "ray_lingbot_sessions_active")]
+    assert active and all(value == 0 for value in active), active
+    for deployment in ("Ingress", "DiTGroup", "VAEDecoder"):
+        slots = slots_by_replica(text, deployment)
+        assert slots and all(used == 0 for used, _ in slots.values()), (deployment, slots)
+    kv = [value for _, value in series(text, "ray_lingbot_kv_cache_bytes", application=APP, deployment="DiTGroup")]
+    assert kv and all(value == 0 for value in kv), kv  # every session closed: no cache held
 
 
 def test_interpolation_then_upscaling_through_the_graph(cluster):

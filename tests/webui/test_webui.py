@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import datetime
+import json
 import os
 import pathlib
+import urllib.error
+import urllib.request
 
 import msgspec
 import pytest
@@ -22,6 +25,7 @@ if not os.path.exists(CHROMIUM):
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 uvicorn = pytest.importorskip("uvicorn")
 
+from lingbot_ray.protocol import ACTIONS  # noqa: E402
 from lingbot_ray.serve.local import serve_locally  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -65,8 +69,11 @@ def page(browser):
 
 def open_ui(page, url):
     page.goto(url + "/")
-    # model list filled from /v1/models, first sample selected
-    page.wait_for_function("document.getElementById('model').options.length > 1 && window.lingbot.state.firstFrameBytes")
+    # model list filled from /v1/models, key bindings from /v1/actions, first sample selected
+    page.wait_for_function(
+        "document.getElementById('model').options.length > 1 && window.lingbot.state.actions.length"
+        " && window.lingbot.state.firstFrameBytes"
+    )
 
 
 def canvas_digest(page) -> list[int]:
@@ -180,6 +187,54 @@ def test_controls_prompt_drops_and_generation_complete(page, server):
     assert not page.page_errors, page.page_errors
 
 
+def bindings(page) -> dict[str, str]:
+    return page.evaluate("Object.fromEntries(window.lingbot.state.keyActions)")
+
+
+def pad_keys(page) -> dict[str, list[str]]:
+    """token -> [pad id, slot class] of every on-screen key."""
+    return page.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('.key')].map((k) => "
+        "[k.dataset.action, [k.parentElement.id, k.classList[1]]]))"
+    )
+
+
+def test_key_bindings_and_pads_come_from_the_servers_action_table(page, server):
+    with urllib.request.urlopen(f"{server}/v1/actions") as response:
+        table = json.loads(response.read())
+    assert table == ACTIONS.describe()
+    open_ui(page, server)
+    assert bindings(page) == {key: m["token"] for m in table["actions"] for key in [m["token"], *m["keys"]]}
+    assert pad_keys(page) == {
+        "w": ["move-pad", "up"], "s": ["move-pad", "down"], "a": ["move-pad", "left"], "d": ["move-pad", "right"],
+        "i": ["look-pad", "up"], "k": ["look-pad", "down"], "j": ["look-pad", "left"], "l": ["look-pad", "right"],
+    }
+    assert page.inner_text("#move-pad .pad-title") == "move (W A S D)"
+    assert page.inner_text("#look-pad .pad-title") == "look (arrows / I J K L)"
+
+    # another table, another keyboard: "w" gives way to "u" (also on PageUp)
+    changed = [{**m, "token": "u", "keys": ["pageup"]} if m["token"] == "w" else m for m in table["actions"]]
+    page.route("**/v1/actions*", lambda route: route.fulfill(json={"actions": changed}))
+    open_ui(page, server)
+    assert bindings(page)["u"] == bindings(page)["pageup"] == "u" and "w" not in bindings(page)
+    assert pad_keys(page)["u"] == ["move-pad", "up"] and "w" not in pad_keys(page)
+    page.keyboard.down("w")
+    page.keyboard.down("PageUp")
+    page.keyboard.down("ArrowLeft")
+    assert page.evaluate("[...window.lingbot.state.held]") == ["u", "j"]
+    assert not page.page_errors, page.page_errors
+
+
+def test_no_action_table_no_controls_and_the_status_says_so(page, server):
+    page.route("**/v1/actions*", lambda route: route.fulfill(status=503, body="down"))
+    page.goto(server + "/")
+    page.wait_for_function("document.getElementById('status').textContent === 'no camera controls'")
+    assert "no camera controls: could not read" in log_text(page) and "HTTP 503" in log_text(page)
+    assert pad_keys(page) == {} and bindings(page) == {}
+    page.keyboard.down("w")
+    assert page.evaluate("window.lingbot.state.held.size") == 0
+
+
 def test_uploaded_first_frame_and_rejected_init(page, server, tmp_path):
     from PIL import Image
 
@@ -290,6 +345,13 @@ def test_api_key_field_appears_on_401_and_is_used(browser, checkpoint):
         page.goto(f"{url}/")
         page.wait_for_function("!document.getElementById('api-key-row').hidden")
         assert "401" in log_text(page)
+        # the action table is an API endpoint like /v1/models: behind the key
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(f"{url}/v1/actions")
+        keyed = urllib.request.Request(f"{url}/v1/actions", headers={"Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(keyed) as response:
+            assert json.loads(response.read()) == ACTIONS.describe()
+        page.wait_for_function("document.getElementById('status').textContent === 'no camera controls'")
         page.click("#start")  # no key: the socket is refused with 1008
         page.wait_for_function("window.lingbot.state.stats.closeCode === 1008", timeout=15000)
         page.fill("#api-key", KEY)

@@ -116,3 +116,13 @@ def test_held_out_world_seeds_never_appear_in_training_data(tmp_path):
     assert (ClipDataset(tmp_path / "eval").world_seeds >= EVAL_SEED_START).all()
     with pytest.raises(ValueError):
         generate_dataset(tmp_path / "x", 1, 2, *SIZE, seed=0, split="validation", progress=False)
+
+
+def test_a_dataset_written_with_other_action_keys_is_refused(tmp_path):
+    generate_dataset(tmp_path, 1, 2, *SIZE, seed=0, progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["action_keys"] == ACTION_KEYS == "wsadikjl"  # the bits on disk (see tests/protocol/test_actions.py)
+    meta["action_keys"] = "wasdijkl"
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="action_keys='wasdijkl'"):
+        ClipDataset(tmp_path)

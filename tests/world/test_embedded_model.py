@@ -63,7 +63,7 @@ def test_its_camera_path_keeps_the_residual_stream_in_scale(engine):
     import torch
 
     from lingbot_ray.control.camera import CameraTrajectory
-    from lingbot_ray.control.plucker import plucker_map
+    from lingbot_ray.engine.plucker import plucker_map
 
     trajectory = CameraTrajectory()
     for keys in (["w"], ["w", "l"], ["a", "i"]):

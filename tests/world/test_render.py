@@ -191,7 +191,7 @@ def test_camera_inside_an_object_still_renders_a_closed_view():
 
 def test_ray_directions_are_the_plucker_direction_channels():
     torch = pytest.importorskip("torch")
-    from lingbot_ray.control.plucker import plucker_map
+    from lingbot_ray.engine.plucker import plucker_map
 
     poses = pixel_poses(poses_after(["w", "l"], ["i", "d"], ["j"]))[[0, 3, 8, 12]]
     intrinsics = world_intrinsics(W, H)

@@ -65,7 +65,7 @@ def test_assembled_checkpoint_streams_with_the_camera_input_it_was_trained_on(en
     assert intrinsics.fx == pytest.approx(train_dit.CAMERA_FOCAL_PER_WIDTH * W)  # not the renderer's 500·W/832
     # the Plücker input training saw is the one the engine builds from the checkpoint's intrinsics
     poses = torch.load(encoded / "latents.pt", weights_only=False)["poses"][0]
-    from lingbot_ray.control.plucker import plucker_map
+    from lingbot_ray.engine.plucker import plucker_map
 
     torch.testing.assert_close(train_dit.clip_plucker(poses, H, W), plucker_map(poses.double().numpy(), H, W, intrinsics))
     state = engine.new_session(SessionSpec(prompt="anything", image=np.zeros((H, W, 3), np.uint8), width=W, height=H))

@@ -1,4 +1,4 @@
-"""Conditioning poses → the Plücker map the camera adapter reads (MODEL.md).
+"""Conditioning poses → the Plücker map the camera adapter reads (docs/MODEL.md).
 
 Per pixel (u, v) taken at its centre (+0.5): direction ``d = normalize(R·((u−cx)/fx, (v−cy)/fy, 1))``,
 origin ``o = t``; 6 channels in the order ``[o, d]`` (as the original LingBot-World code
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .camera import Intrinsics
+from ..control.camera import Intrinsics
 
 
 def plucker_map(

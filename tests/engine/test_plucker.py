@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lingbot_ray.control import CameraTrajectory, Intrinsics, plucker_map
+from lingbot_ray.control import CameraTrajectory, Intrinsics
+from lingbot_ray.engine.plucker import plucker_map
 
 
 def random_poses(num, seed=0):
