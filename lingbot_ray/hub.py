@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .checkpoint import EXPECTED_COMPONENTS, MODEL_INDEX_FILE, SERVING_DEFAULTS_FILE
+
 logger = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf://"
@@ -39,9 +41,8 @@ _NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
 _REPO_ID = re.compile(rf"{_NAME}/{_NAME}")
 _MAX_REPO_ID = 96
 
-MODEL_INDEX_FILE = "model_index.json"
-COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-TOP_LEVEL_FILES = (MODEL_INDEX_FILE, "lingbot_ray.json", "README.md")
+COMPONENTS = tuple(EXPECTED_COMPONENTS)
+TOP_LEVEL_FILES = (MODEL_INDEX_FILE, SERVING_DEFAULTS_FILE, "README.md")
 # What the pipeline uses: the index, the serving defaults, the model card and the five component folders
 WEIGHTS_PATTERNS = (*TOP_LEVEL_FILES, *(f"{c}/*" for c in COMPONENTS))
 # What a process that reads only the JSON facts needs (ingress, app builder): a few kB to a few MB

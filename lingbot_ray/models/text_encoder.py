@@ -32,6 +32,12 @@ def clean_prompt(prompt: str) -> str:
     return _WHITESPACE.sub(" ", html.unescape(html.unescape(prompt))).strip()
 
 
+# Text past this many characters per token position cannot reach the output (a token spans at most a
+# vocabulary piece, 16 characters for UMT5), so it is cut before the tokenizer sees it: a multi-MB
+# prompt costs nothing more than a long one (it once took a minute and grew the process by a GB).
+MAX_CHARS_PER_TOKEN = 64
+
+
 class PromptEncoder:
     """Encodes prompts for the DiT's cross-attention.
 
@@ -109,6 +115,7 @@ class PromptEncoder:
         text = clean_prompt(prompt)
         if not text:
             raise ValueError(f"prompt is empty after whitespace clean-up: {prompt!r}")
+        text = text[: self.max_length * MAX_CHARS_PER_TOKEN]
 
         if self.cache_size:
             with self._lock:

@@ -78,6 +78,22 @@ def test_long_prompts_are_truncated_to_max_length(encoder):
     assert torch.all(embeds.abs().sum(-1) > 0)  # every position is a real token
 
 
+def test_a_huge_prompt_is_cut_before_the_tokenizer_without_changing_the_embeddings(encoder, monkeypatch):
+    """Only the first MAX_CHARS_PER_TOKEN characters per token position can reach the output, so a
+    multi-MB prompt gives what its whole text would, and the tokenizer never sees the rest."""
+    from lingbot_ray.models import text_encoder
+
+    huge = " ".join(["a red car", "drives", "along the coast"] * 400_000)  # ~10 MB
+    seen = []
+    tokenize = encoder.tokenizer.__class__.__call__
+    monkeypatch.setattr(encoder.tokenizer.__class__, "__call__", lambda self, text, **kw: seen.append(len(text)) or tokenize(self, text, **kw))
+    cut = encoder.encode(huge)
+    assert seen == [MAX_LENGTH * text_encoder.MAX_CHARS_PER_TOKEN]
+    monkeypatch.setattr(text_encoder, "MAX_CHARS_PER_TOKEN", 10**9)  # no cut: the whole text tokenized
+    assert torch.equal(cut, encoder.encode(huge))
+    assert seen[-1] == len(huge)
+
+
 def test_lru_cache_returns_same_tensor_without_rerunning(checkpoint):
     encoder = PromptEncoder.from_pretrained(checkpoint, max_length=MAX_LENGTH, cache_size=2)
     calls, handle = _count_forwards(encoder.text_encoder)
