@@ -40,7 +40,6 @@ from tests.msgpack_subset import walk  # noqa: E402
 
 APP = "lingbot"
 STAGE_TIMEOUT_S = 300  # the reference client asks for 832x480, slow for the CPU tiny model
-SEED_PAGE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "seed", "lingbot-world-realtime-reference.txt")
 
 
 def _free_port() -> int:
@@ -416,22 +415,19 @@ def test_sequence_parallel_group_of_two_ranks_matches_one(cluster):
         serve.delete("sp")
 
 
-def test_reference_pages_minimal_client_receives_frames(cluster, tmp_path, monkeypatch):
-    """The sketch from the reference page, unchanged but for the port, then a few reads."""
-    pytest.importorskip("websocket")  # websocket-client, which the sketch imports
-    if not os.path.exists(SEED_PAGE):
-        pytest.skip("../shared/seed is not beside this checkout")
-    page = open(SEED_PAGE, encoding="utf-8").read()
-    sketch = page.split("Minimal client sketch", 1)[1].split("Python\n", 1)[1].split("\n5. Consistency", 1)[0]
-    assert "websocket.create_connection" in sketch and '"size": "832x480"' in sketch
-    sketch = sketch.replace("127.0.0.1:30000", f"127.0.0.1:{cluster['port']}")
-    monkeypatch.chdir(tmp_path)
-    Image.open(io.BytesIO(png(size=(832, 480)))).convert("RGB").save("reference.jpg", quality=90)
-    namespace: dict = {}
-    exec(compile(sketch, "reference-sketch", "exec"), namespace)
-    ws = namespace["ws"]
-    ws.settimeout(STAGE_TIMEOUT_S)
+def test_a_minimal_synchronous_client_receives_frames(cluster):
+    """A client as small as the reference page's sketch, written here: the synchronous websocket-client
+    library, one MessagePack init carrying a JPEG file's bytes at 832x480 with webp output, a camera
+    event, then reads until the first chunk's stats. Clients of that shape work unchanged."""
+    websocket = pytest.importorskip("websocket")  # websocket-client
+    jpeg = io.BytesIO()
+    Image.open(io.BytesIO(png(size=(832, 480)))).convert("RGB").save(jpeg, "JPEG", quality=90)
+    ws = websocket.create_connection(f"ws://127.0.0.1:{cluster['port']}/v1/realtime_video/generate", timeout=STAGE_TIMEOUT_S)
     try:
+        init = {"type": "init", "prompt": "a quiet street", "size": "832x480", "first_frame": jpeg.getvalue(),
+                "realtime_output_format": "webp", "max_chunks": 1}
+        ws.send_binary(msgspec.msgpack.encode(init))
+        ws.send_binary(msgspec.msgpack.encode({"type": "event", "kind": "camera_actions", "payload": [["w"]] * 3, "event_id": 1}))
         batches, stats = [], []
         while not stats:
             message = walk(ws.recv())
