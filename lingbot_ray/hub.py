@@ -22,6 +22,7 @@ when a repo is fetched.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -209,8 +210,12 @@ def snapshot(path: str, *, revision: str | None = None, weights: bool = True) ->
     kind = "all files" if weights else "config files"
     started = time.monotonic()
     try:
-        if offline:
-            logger.info("%s: HF_HUB_OFFLINE is set: looking for %s in the cache %s", what, kind, cache)
+        # offline, the cache is only read: no lock to take (the cache may be read-only)
+        with contextlib.nullcontext() if offline else _node_lock(cache, repo_id, what, weights=weights):
+            if offline:
+                logger.info("%s: HF_HUB_OFFLINE is set: looking for %s in the cache %s", what, kind, cache)
+            else:
+                logger.info("%s: fetching %s of %s from %s into the cache %s", what, kind, repo_id, endpoint, cache)
             folder = snapshot_download(
                 repo_id,
                 revision=revision,
@@ -219,17 +224,6 @@ def snapshot(path: str, *, revision: str | None = None, weights: bool = True) ->
                 library_name="lingbot_ray",
                 library_version=__version__,
             )
-        else:
-            with _node_lock(cache, repo_id, what, weights=weights):
-                logger.info("%s: fetching %s of %s from %s into the cache %s", what, kind, repo_id, endpoint, cache)
-                folder = snapshot_download(
-                    repo_id,
-                    revision=revision,
-                    allow_patterns=list(WEIGHTS_PATTERNS if weights else CONFIG_PATTERNS),
-                    ignore_patterns=list(IGNORE_PATTERNS),
-                    library_name="lingbot_ray",
-                    library_version=__version__,
-                )
     except Exception as exc:
         raise HubCheckpointError(
             _explain(exc, path=path, repo_id=repo_id, revision=revision, endpoint=endpoint, cache=cache, offline=offline)

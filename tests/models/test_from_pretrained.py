@@ -12,31 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from lingbot_ray.models import loading
 from lingbot_ray.models.strict_load import check_names_and_shapes
-from lingbot_ray.models.transformer_lingbot import CAMERA_CHANNELS, CausalLingBotWorldTransformer3DModel
+from lingbot_ray.models.transformer_lingbot import CausalLingBotWorldTransformer3DModel
+from tests.models.test_loading import tiny  # noqa: F401  (fixture: the same tiny model, inputs and outputs)
 
 
-TINY = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, ffn_dim=64, text_dim=32, freq_dim=32)
 SHARD_BYTES = 20_000  # splits the tiny model (~0.1 MB) into several shards
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = CausalLingBotWorldTransformer3DModel(**TINY).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:  # default affine norms are the identity; make them matter
-                param.add_(0.2 * torch.randn_like(param))
-    gen = torch.Generator().manual_seed(1)
-    args = (
-        torch.randn(1, 36, 3, 4, 4, generator=gen),
-        torch.tensor([700.0]),
-        torch.randn(1, 8, TINY["text_dim"], generator=gen),
-        torch.randn(1, CAMERA_CHANNELS, 3, 4, 4, generator=gen),
-    )
-    with torch.no_grad():
-        expected = model(*args).sample
-    return model, args, expected
 
 
 def run(model: CausalLingBotWorldTransformer3DModel, args) -> torch.Tensor:
