@@ -114,11 +114,15 @@ def _as_folder(folder: str | Path) -> Path:
     return path
 
 
-def _read_json(path: Path) -> Any:
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """``path`` as a JSON object; errors name it as ``what``."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path.name}: not valid JSON ({exc})") from exc
+        raise ValueError(f"{what}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what}: must hold a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def read_model_index(folder: str | Path) -> ModelIndex:
@@ -128,9 +132,7 @@ def read_model_index(folder: str | Path) -> ModelIndex:
     index_path = root / MODEL_INDEX_FILE
     if not index_path.is_file():
         raise FileNotFoundError(f"checkpoint folder {str(root)!r} has no {MODEL_INDEX_FILE}")
-    raw = _read_json(index_path)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{MODEL_INDEX_FILE}: must hold a JSON object, got {type(raw).__name__}")
+    raw = _read_json_object(index_path, MODEL_INDEX_FILE)
     class_name = raw.get("_class_name")
     if class_name != PIPELINE_CLASS_NAME:
         raise ValueError(
@@ -159,9 +161,7 @@ def read_serving_defaults(folder: str | Path) -> ServingDefaults:
     path = _as_folder(folder) / SERVING_DEFAULTS_FILE
     if not path.is_file():
         return ServingDefaults()
-    raw = _read_json(path)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{SERVING_DEFAULTS_FILE}: must hold a JSON object")
+    raw = _read_json_object(path, SERVING_DEFAULTS_FILE)
     known = {f.name for f in fields(ServingDefaults)} - {"extra"}
     unknown = sorted(set(raw) - known - {"_comment"})
     if unknown:
@@ -188,10 +188,7 @@ def read_component_config(folder: str | Path, component: str) -> dict[str, Any]:
     path = sub / name
     if not path.is_file():
         raise ComponentMissingError(f"component folder {str(sub)!r} has no {name}")
-    config = _read_json(path)
-    if not isinstance(config, dict):
-        raise ValueError(f"{component}/{name}: must hold a JSON object")
-    return config
+    return _read_json_object(path, f"{component}/{name}")
 
 
 # ---------------------------------------------------------------------------------------------
