@@ -68,6 +68,28 @@ class ModelConfig(_Section):
                 )
 
 
+class ScalingConfig(_Section):
+    """Session-aware autoscaling of a sticky stage (lingbot_ray/serve/autoscaling.py): replicas
+    (DiT groups) from free session slots. Set, it replaces the section's fixed replica count."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    # Free session slots to keep ready: a new session should not wait for a replica to start.
+    target_free_slots: int = 1
+    # A surplus replica, drained of new sessions, retires once it has held none for this long.
+    drain_s: float = 30.0
+    # Serve's health-check period of the stage: a retiring replica is stopped after 3 failed checks.
+    health_check_period_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas}, max_replicas={self.max_replicas}: need 1 <= min_replicas <= max_replicas")
+        if self.target_free_slots < 0:
+            raise ValueError(f"target_free_slots={self.target_free_slots}: must be >= 0")
+        if self.drain_s < 0 or self.health_check_period_s <= 0:
+            raise ValueError(f"drain_s={self.drain_s}, health_check_period_s={self.health_check_period_s}: need >= 0 and > 0")
+
+
 class DiTConfig(_Section):
     # One replica = one actor group of ``sequence_parallel_degree`` ranks.
     num_groups: int = 1
@@ -80,6 +102,8 @@ class DiTConfig(_Section):
     # A session no call has touched for this long is released (its ingress died without closing it).
     # Keep it above the longest pause a client may take: a client that stops reading stalls its calls.
     session_idle_timeout_s: float = 600.0
+    # Groups from session slots (min_replicas..max_replicas groups) instead of num_groups.
+    autoscaling: ScalingConfig | None = None
 
 
 class StageConfig(_Section):
@@ -92,6 +116,8 @@ class StageConfig(_Section):
     cpu_offload: bool = False
     # Sticky stages: release a session untouched for this long (see DiTConfig).
     session_idle_timeout_s: float = 600.0
+    # Sticky stages: replicas from session slots instead of num_replicas (see DiTConfig).
+    autoscaling: ScalingConfig | None = None
 
 
 class PostProcessConfig(StageConfig):
@@ -189,6 +215,11 @@ class ServeConfig(_Section):
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key}={value!r}: must be >= 1")
+        if self.text_encoder.autoscaling is not None:
+            raise ValueError(
+                "text_encoder.autoscaling: the text encoder holds no sessions; scale it with Serve's own "
+                "autoscaling_config in the serve config's deployments section"
+            )
         for key, value in {"ingress.init_timeout_s": self.ingress.init_timeout_s, "ingress.stage_timeout_s": self.ingress.stage_timeout_s}.items():
             if not value > 0:
                 raise ValueError(f"{key}={value!r}: must be > 0")
@@ -239,6 +270,29 @@ def load_config(args: dict[str, Any] | ServeConfig | None) -> ServeConfig:
         raise ValueError(f"invalid serve config: {exc}") from None
 
 
+def _replicas(count: int, slots: int, scaling: ScalingConfig | None) -> dict[str, Any]:
+    """A stage's replica count: fixed, or Serve's autoscaling with the session-slot policy."""
+    if scaling is None:
+        return {"num_replicas": count, "health_check_period_s": 10}
+    return {
+        "num_replicas": "auto",
+        "health_check_period_s": scaling.health_check_period_s,
+        "autoscaling_config": {
+            "min_replicas": scaling.min_replicas,
+            "initial_replicas": scaling.min_replicas,
+            "max_replicas": scaling.max_replicas,
+            # Serve delays a custom policy's decisions too (30 s up, 600 s down by default): the
+            # policy scales up at once, and its downscale waits for a drained replica to empty
+            "upscale_delay_s": 0,
+            "downscale_delay_s": 0,
+            "policy": {
+                "policy_function": "lingbot_ray.serve.autoscaling:SessionSlotPolicy",
+                "policy_kwargs": {"slots_per_replica": slots, "target_free_slots": scaling.target_free_slots},
+            },
+        },
+    }
+
+
 def deployment_options(config: ServeConfig) -> dict[str, dict[str, Any]]:
     """Ray Serve options of every deployment, computed from config in this one place."""
     dit = config.dit
@@ -246,10 +300,9 @@ def deployment_options(config: ServeConfig) -> dict[str, dict[str, Any]]:
     rank_bundle = {"CPU": dit.num_cpus_per_rank, "GPU": dit.num_gpus_per_rank}
     rank_bundle = {k: v for k, v in rank_bundle.items() if v}
     dit_options: dict[str, Any] = {
-        "num_replicas": dit.num_groups,
+        **_replicas(dit.num_groups, dit.sessions_per_group, dit.autoscaling),
         # Sessions are long-lived: each open session plus one in-flight call per session.
         "max_ongoing_requests": 2 * dit.sessions_per_group + 2,
-        "health_check_period_s": 10,
         "request_router_config": {
             "request_router_class": "lingbot_ray.serve.router:SessionRouter",
             "request_routing_stats_period_s": 0.5,
@@ -263,7 +316,7 @@ def deployment_options(config: ServeConfig) -> dict[str, dict[str, Any]]:
 
     def stage(section: StageConfig, sticky: bool) -> dict[str, Any]:
         options: dict[str, Any] = {
-            "num_replicas": section.num_replicas,
+            **_replicas(section.num_replicas, section.sessions_per_replica, section.autoscaling if sticky else None),
             "ray_actor_options": {"num_cpus": section.num_cpus, "num_gpus": section.num_gpus},
             "max_ongoing_requests": 4 * section.sessions_per_replica + 4,
         }

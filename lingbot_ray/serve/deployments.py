@@ -28,7 +28,8 @@ from lingbot_ray.engine.postprocess import PostHost, PostStage
 from lingbot_ray.protocol import CapacityError, SessionLost
 
 from .backend import replica_tag
-from .config import ModelConfig, ServeConfig
+from .autoscaling import Drain, DrainBoard
+from .config import ModelConfig, ScalingConfig, ServeConfig
 from .dit_group import DiTRank, RankGroup
 
 logger = logging.getLogger("ray.serve")
@@ -75,6 +76,7 @@ class _StageReplica:
         self._closed: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._touched: dict[str, float] = {}
         self.starts = 0  # sessions whose model work began here (operators; tests of early refusal)
+        self.drain: Drain | None = None  # set by a Serve replica whose stage autoscales
         self._reaper: asyncio.Task | None = None
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
@@ -131,14 +133,29 @@ class _StageReplica:
             raise SessionLost(f"session {sid} was already closed on {self.replica_id}")
         if sid in self.held:
             raise ValueError(f"session_id={sid!r}: already open on {self.replica_id}")
+        if self.drain is not None and self.drain.retired:
+            raise CapacityError(f"{self.STAGE} {self.replica_id} is retiring (scaled down)")
         if len(self.held) >= self.capacity:
             raise CapacityError(f"{self.STAGE} {self.replica_id} holds {len(self.held)}/{self.capacity} sessions")
         self.held.add(sid)
         self._touch(sid)
         return self.replica_id
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """For the session routers (twice a second): a draining replica shows no free slot."""
+        if self.drain is not None:
+            await self.drain.poll(lambda: len(self.held))
+            if self.drain.draining or self.drain.retired:
+                return {"sessions": len(self.held), "capacity": len(self.held)}
         return {"sessions": len(self.held), "capacity": self.capacity}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """For the autoscaling policy (lingbot_ray/serve/autoscaling.py)."""
+        return {"sessions": float(len(self.held)), "retired": float(self.drain is not None and self.drain.retired)}
+
+    def check_health(self) -> None:
+        if self.drain is not None and self.drain.retired:
+            raise RuntimeError(f"{self.replica_id} retired: drained by autoscaling and empty; Serve stops it")
 
     def describe(self) -> dict[str, Any]:
         """Who this replica is and which sessions it holds (tests, operators)."""
@@ -214,6 +231,7 @@ class DiTGroup(_StageReplica):
         await self.ranks.call(DiTRank.close_session, sid)
 
     def check_health(self) -> None:
+        super().check_health()
         self.ranks.check_health()
 
     def describe(self) -> dict[str, Any]:
@@ -279,10 +297,16 @@ class _SlotGauges:
 
     metrics: Any = None
 
-    def _export_slots(self, model: str, kv_bytes=None, classes=None) -> None:
+    def _export_slots(self, model: str, kv_bytes=None, classes=None, scaling: ScalingConfig | None = None) -> None:
+        """Export the slots; with ``scaling``, take part in session-aware autoscaling (:class:`Drain`)."""
         from .metrics import ReplicaMetrics
 
         self.metrics = ReplicaMetrics(model, lambda: (len(self.held), self.capacity), kv_bytes, classes=classes)
+        if scaling is not None:
+            from ray import serve
+
+            context = serve.get_replica_context()
+            self.drain = Drain(DrainBoard(context.app_name, context.deployment), context.replica_id.unique_id, scaling.drain_s)
 
     async def open_session(self, sid: str) -> str:
         try:
@@ -306,7 +330,7 @@ class RayDiTGroup(_SlotGauges, DiTGroup):
         from .metrics import served_model
 
         super().__init__(config)
-        self._export_slots(served_model(config), self.kv_cache_bytes)
+        self._export_slots(served_model(config), self.kv_cache_bytes, scaling=config.dit.autoscaling)
 
     def kv_cache_bytes(self) -> int:
         """Bytes of the KV caches of the sessions this group holds, over all its ranks (rank 0 holds
@@ -329,7 +353,7 @@ class RayVAEDecoder(_SlotGauges, VAEDecoder):
         from .metrics import served_model
 
         super().__init__(config)
-        self._export_slots(served_model(config))
+        self._export_slots(served_model(config), scaling=config.vae.autoscaling)
 
 
 class RayPostProcess(_SlotGauges, PostProcess):
@@ -337,4 +361,4 @@ class RayPostProcess(_SlotGauges, PostProcess):
         from .metrics import served_model
 
         super().__init__(config)
-        self._export_slots(served_model(config))
+        self._export_slots(served_model(config), scaling=config.postprocess.autoscaling)

@@ -42,7 +42,7 @@ def test_idle_sessions_are_released_and_active_ones_kept():
     live, orphan = asyncio.run(scenario())
     assert orphan.released and "orphan" not in replica.host
     assert not live.released and "live" in replica.host
-    assert replica.record_routing_stats() == {"sessions": 1, "capacity": 2}
+    assert asyncio.run(replica.record_routing_stats()) == {"sessions": 1, "capacity": 2}
 
 
 def test_slots_are_reserved_before_model_work_and_closes_win_races():
@@ -58,7 +58,7 @@ def test_slots_are_reserved_before_model_work_and_closes_win_races():
         await replica.open_session("a")
         with pytest.raises(CapacityError, match="1/1"):
             await replica.open_session("b")
-        assert replica.record_routing_stats() == {"sessions": 1, "capacity": 1}
+        assert await replica.record_routing_stats() == {"sessions": 1, "capacity": 1}
         late = _State()
         replica._check_held("a")  # a's start begins its model work ...
         await replica.close_session("a")  # ... and the close overtakes it

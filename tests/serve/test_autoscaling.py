@@ -1,0 +1,300 @@
+"""Session-aware autoscaling (lingbot_ray/serve/autoscaling.py): the policy's arithmetic, a replica's
+drain and retirement, and the whole protocol on a real Ray cluster with streaming sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import pathlib
+import shutil
+import socket
+import tempfile
+import time
+import types
+
+import msgspec
+import pytest
+
+from lingbot_ray.protocol import CapacityError
+from lingbot_ray.serve import autoscaling
+from lingbot_ray.serve.autoscaling import Drain, SessionSlotPolicy
+from lingbot_ray.serve.config import load_config
+
+
+class Board:
+    """An in-memory drain board, shared by a policy and replicas like the GCS key it stands for."""
+
+    marks: set[str] = set()
+
+    def __init__(self, app="", deployment=""):
+        pass
+
+    def read(self) -> set[str]:
+        return set(Board.marks)
+
+    def write(self, replicas: set[str]) -> None:
+        Board.marks = set(replicas)
+
+
+@pytest.fixture
+def board(monkeypatch):
+    Board.marks = set()
+    monkeypatch.setattr(autoscaling, "DrainBoard", Board)
+    return Board
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaID:  # what the policy reads of Serve's ReplicaID
+    unique_id: str
+
+
+def series(value: float):
+    return [types.SimpleNamespace(timestamp=time.time(), value=value)]
+
+
+def context(sessions: dict[str, float], target: int, state: dict, low=1, high=4, retired=()):
+    replicas = {uid: ReplicaID(uid) for uid in sessions}
+    return types.SimpleNamespace(
+        app_name="app",
+        deployment_name="DiTGroup",
+        running_replicas=list(replicas.values()),
+        target_num_replicas=target,
+        capacity_adjusted_min_replicas=low,
+        capacity_adjusted_max_replicas=high,
+        policy_state=state,
+        raw_metrics={
+            "sessions": {replicas[uid]: series(n) for uid, n in sessions.items()},
+            "retired": {replicas[uid]: series(float(uid in retired)) for uid in sessions},
+        },
+    )
+
+
+def test_policy_scales_up_at_once_and_down_only_by_draining_the_emptiest(board):
+    policy = SessionSlotPolicy(slots_per_replica=2, target_free_slots=1)
+    assert policy(context({"a": 0}, 1, {})) == (1, {"draining": []})
+    # a full group wants a second one now: 2 sessions + 1 free slot need 2 groups of 2
+    target, state = policy(context({"a": 2}, 1, {}))
+    assert target == 2 and state["draining"] == []
+    # the second group is starting: nothing more
+    assert policy(context({"a": 2}, 2, state))[0] == 2
+    # a's sessions end while b holds one: one group is enough, and a (empty) drains, not b;
+    # the target stays, so that Serve stops nothing yet (it would pick b, the newest)
+    target, state = policy(context({"a": 0, "b": 1}, 2, state))
+    assert (target, state["draining"], board.marks) == (2, ["a"], {"a"})
+    # a retired and Serve stopped it (and scheduled a replacement): now the target drops by one
+    target, state = policy(context({"b": 1}, 2, state))
+    assert (target, state["draining"], board.marks) == (1, [], set())
+    assert policy(context({"b": 1}, 1, state)) == (1, {"draining": []})
+
+
+def test_policy_takes_drained_replicas_back_before_starting_more(board):
+    policy = SessionSlotPolicy(slots_per_replica=1, target_free_slots=0)
+    target, state = policy(context({"a": 1, "b": 0, "c": 0}, 3, {}))
+    assert target == 3 and state["draining"] == ["b", "c"]
+    # two sessions arrive (on a replica that still had room): one drained replica comes back, the
+    # one already retiring is left to go
+    target, state = policy(context({"a": 1, "b": 1, "c": 0}, 3, state))
+    assert target == 3 and state["draining"] == ["c"]
+    target, state = policy(context({"a": 1, "b": 1, "c": 1}, 3, state, retired=("c",)))
+    assert target == 4 and state["draining"] == ["c"]  # c retires anyway: one more starts
+
+
+def test_policy_cuts_replicas_still_starting_first(board):
+    policy = SessionSlotPolicy(slots_per_replica=2, target_free_slots=1)
+    # target 3 with one running: two are starting, and a quiet deployment wants one
+    target, state = policy(context({"a": 0}, 3, {}))
+    assert target == 1 and state["draining"] == [] and board.marks == set()
+
+
+def test_drained_replica_retires_only_after_being_empty_for_drain_s(board):
+    from lingbot_ray.serve.deployments import _StageReplica
+
+    class Replica(_StageReplica):
+        host = {}
+
+    async def scenario():
+        stage = Replica(capacity=2, idle_timeout_s=600)
+        stage.drain = Drain(Board(), "r1", drain_s=0.3)
+        await stage.open_session("s1")
+        assert await stage.record_routing_stats() == {"sessions": 1, "capacity": 2}
+        Board.marks = {"r1"}
+        # draining: the routers see no free slot; its session goes on
+        assert await stage.record_routing_stats() == {"sessions": 1, "capacity": 1}
+        await asyncio.sleep(0.4)
+        await stage.record_routing_stats()
+        assert not stage.drain.retired  # it still holds s1
+        await stage.close_session("s1")
+        await stage.record_routing_stats()
+        # a session that arrives while it drains (all other replicas were full) keeps it alive
+        await stage.open_session("s2")
+        await asyncio.sleep(0.4)
+        await stage.record_routing_stats()
+        assert not stage.drain.retired
+        stage.check_health()
+        await stage.close_session("s2")
+        await stage.record_routing_stats()
+        await asyncio.sleep(0.4)
+        await stage.record_routing_stats()
+        assert stage.drain.retired and stage.record_autoscaling_stats() == {"sessions": 0.0, "retired": 1.0}
+        with pytest.raises(CapacityError, match="retiring"):
+            await stage.open_session("s3")
+        with pytest.raises(RuntimeError, match="retired"):
+            stage.check_health()
+        Board.marks = set()  # taken off the board too late: a retired replica stays retired
+        await stage.record_routing_stats()
+        assert stage.drain.retired
+
+    asyncio.run(scenario())
+
+
+def test_autoscaling_config_becomes_serve_options():
+    from lingbot_ray.serve.config import deployment_options
+
+    config = load_config({"dit": {"sessions_per_group": 2, "autoscaling": {"max_replicas": 3, "drain_s": 5}}})
+    options = deployment_options(config)["DiTGroup"]
+    assert options["num_replicas"] == "auto" and options["health_check_period_s"] == 10.0
+    scaling = options["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["initial_replicas"], scaling["max_replicas"]) == (1, 1, 3)
+    assert scaling["policy"] == {
+        "policy_function": "lingbot_ray.serve.autoscaling:SessionSlotPolicy",
+        "policy_kwargs": {"slots_per_replica": 2, "target_free_slots": 1},
+    }
+    assert deployment_options(load_config({}))["DiTGroup"]["num_replicas"] == 1
+    for bad, named in (
+        ({"dit": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "min_replicas=3"),
+        ({"vae": {"autoscaling": {"target_free_slots": -1}}}, "target_free_slots=-1"),
+        ({"text_encoder": {"autoscaling": {}}}, "text_encoder.autoscaling"),
+        ({"dit": {"autoscaling": {"max_groups": 2}}}, "max_groups"),
+    ):
+        with pytest.raises(ValueError, match=named):
+            load_config(bad)
+
+
+# ------------------------------------------------------------------------------ a real cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+APP = "scaling"
+SAMPLE = pathlib.Path(autoscaling.__file__).parents[1] / "webui" / "samples" / "world-bricks.png"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from lingbot_ray.serve.app import build_app
+
+    root = tempfile.mkdtemp(prefix="la")
+    # replicas push their session counts to the controller every 0.5 s (Serve's default: 10 s)
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=os.path.join(root, "ray"), log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {
+        "model": {"torch_threads": 1},
+        "dit": {
+            "sessions_per_group": 2,
+            "num_cpus_per_rank": 0.5,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_free_slots": 1, "drain_s": 1, "health_check_period_s": 1},
+        },
+        "vae": {"num_cpus": 0.5, "sessions_per_replica": 8},
+        "text_encoder": {"num_cpus": 0.1},
+        "ingress": {"num_cpus": 0.1},
+    }
+    serve.run(build_app(args), name=APP, route_prefix="/")
+    yield {"url": f"ws://127.0.0.1:{port}/v1/realtime_video/generate", "serve": serve}
+    serve.shutdown()
+    ray.shutdown()
+    os.environ.pop("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", None)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+class Stream:
+    """One streaming session: counts chunks until told to stop, then closes normally."""
+
+    def __init__(self, url: str, seed: int):
+        self.url, self.seed = url, seed
+        self.chunks = 0
+        self.replicas: set[str] = set()  # the DiT groups its chunk_stats name
+        self.stop = asyncio.Event()
+        self.ended: tuple[int | None, str] | None = None  # how the server ended it, if it did
+
+    async def run(self) -> None:
+        import websockets
+
+        async with websockets.connect(self.url, max_size=None) as ws:
+            init = {"type": "init", "prompt": "a street", "first_frame": SAMPLE.read_bytes(), "seed": self.seed, "max_chunks": 10**6}
+            await ws.send(msgspec.msgpack.encode(init))
+            try:
+                while not self.stop.is_set():
+                    try:
+                        raw = await asyncio.wait_for(ws.recv(), 0.5)
+                    except asyncio.TimeoutError:
+                        continue
+                    message = msgspec.msgpack.decode(raw)
+                    if message["type"] == "chunk_stats":
+                        self.chunks += 1
+                        self.replicas.add(message["replica_id"])
+                    elif message["type"] == "error":
+                        self.ended = (None, message.get("message", ""))
+            except websockets.ConnectionClosed as closed:
+                self.ended = (closed.rcvd.code if closed.rcvd else None, closed.rcvd.reason if closed.rcvd else "")
+
+    async def chunks_after(self, at_least: int, timeout_s: float = 120) -> None:
+        start = self.chunks
+        deadline = time.monotonic() + timeout_s
+        while self.chunks < start + at_least:
+            assert self.ended is None, f"session {self.seed} ended: {self.ended}"
+            assert time.monotonic() < deadline, f"session {self.seed}: {self.chunks - start} chunks in {timeout_s} s"
+            await asyncio.sleep(0.1)
+
+
+def dit_replicas(serve) -> dict[str, int]:
+    return dict(serve.status().applications[APP].deployments["DiTGroup"].replica_states)
+
+
+async def until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        await asyncio.sleep(0.25)
+
+
+def test_sessions_arrive_a_group_starts_they_end_the_empty_group_goes_and_no_session_drops(cluster):
+    """Two sessions fill the first group (2 slots) and the free-slot target starts a second; a third
+    session lands there. When the first two end, one group is enough: the policy drains the empty
+    first group, which retires, and the second (the one Serve would have stopped by itself, the
+    newest) keeps streaming its session throughout."""
+    serve = cluster["serve"]
+    assert dit_replicas(serve) == {"RUNNING": 1}
+
+    async def scenario():
+        first, second, third = (Stream(cluster["url"], seed) for seed in (1, 2, 3))
+        tasks = [asyncio.create_task(first.run()), asyncio.create_task(second.run())]
+        await first.chunks_after(2)
+        await second.chunks_after(2)
+        await until(lambda: dit_replicas(serve).get("RUNNING") == 2, 120, "a second DiT group starts")
+        tasks.append(asyncio.create_task(third.run()))
+        await third.chunks_after(2)
+        assert first.replicas == second.replicas and len(third.replicas) == 1 and third.replicas != first.replicas
+
+        first.stop.set()
+        second.stop.set()
+        await until(lambda: dit_replicas(serve) == {"RUNNING": 1}, 120, "the emptied group is removed")
+        await third.chunks_after(3)  # it streamed through the scale-down and goes on, on its group
+        assert len(third.replicas) == 1
+        # the replacement Serve scheduled for the retired group was stopped before it ran
+        await asyncio.sleep(2)
+        assert dit_replicas(serve) == {"RUNNING": 1}
+        third.stop.set()
+        await asyncio.gather(*tasks)
+        assert first.ended is second.ended is third.ended is None
+
+    asyncio.run(scenario())
