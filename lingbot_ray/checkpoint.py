@@ -32,9 +32,12 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
 # LingBot World fast v1's DMD schedule: indices into the 1000-step schedule, and its shift
-# (lingbot_ray.engine.sampler explains where they come from)
+# (docs/MODEL.md, "Timesteps", says where they come from)
 V1_TIMESTEP_INDICES = (0, 179, 358, 679)
 V1_SHIFT = 10.0
+# What the model is given as its timestep: "float" (the reference server) or "int" (the authors'
+# offline script); docs/MODEL.md, "Timesteps"
+TIMESTEP_FORMATS = ("float", "int")
 
 MODEL_INDEX_FILE = "model_index.json"
 SERVING_DEFAULTS_FILE = "lingbot_ray.json"
@@ -90,8 +93,9 @@ _WIRE_WIDTH, _WIRE_HEIGHT = parse_size(_WIRE.size)
 class ServingDefaults:
     """Serving defaults of a checkpoint, read from the optional ``lingbot_ray.json``.
 
-    Without the file these are LingBot World fast v1's: 832x480 at 16 fps, DMD indices
-    [0, 179, 358, 679] at shift 10 (see :mod:`lingbot_ray.engine.sampler` for the source).
+    Without the file these are LingBot World fast v1's as the reference server runs it: 832x480 at
+    16 fps, DMD indices [0, 179, 358, 679] at shift 10 with float timesteps, 500 px focal at every
+    size (docs/MODEL.md, "lingbot_ray.json").
     """
 
     width: int = _WIRE_WIDTH
@@ -100,11 +104,17 @@ class ServingDefaults:
     num_frames: int = 12
     timestep_indices: tuple[int, ...] = V1_TIMESTEP_INDICES
     shift: float = V1_SHIFT
+    timestep_format: str = TIMESTEP_FORMATS[0]
     served_model_name: str | None = None
-    # Focal length in pixels at ``width``, scaled with the frame width at other sizes (same field of
-    # view). None: 500 px at any size, the value docs/MODEL.md gives for the real model at 832x480.
+    # Focal length in pixels at ``width`` x ``height``, resized per axis to other sizes (the authors'
+    # rule). None: 500 px at every size (the reference server's). docs/MODEL.md, "Camera actions".
     camera_focal: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def focal_at_size(self) -> tuple[float, int, int] | None:
+        """``camera_focal`` with the size it is given at, as ``control.camera.Intrinsics.for_frame`` takes it."""
+        return None if self.camera_focal is None else (float(self.camera_focal), self.width, self.height)
 
 
 def _as_folder(folder: str | Path) -> Path:
@@ -174,6 +184,10 @@ def read_serving_defaults(folder: str | Path) -> ServingDefaults:
         value = getattr(defaults, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{SERVING_DEFAULTS_FILE} {name}={value!r}: must be an integer >= 1")
+    if defaults.timestep_format not in TIMESTEP_FORMATS:
+        raise ValueError(
+            f"{SERVING_DEFAULTS_FILE} timestep_format={defaults.timestep_format!r}: must be one of {list(TIMESTEP_FORMATS)}"
+        )
     focal = defaults.camera_focal
     if focal is not None and (isinstance(focal, bool) or not isinstance(focal, (int, float)) or not focal > 0):
         raise ValueError(f"{SERVING_DEFAULTS_FILE} camera_focal={focal!r}: must be a positive number or null")

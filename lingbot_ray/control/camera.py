@@ -5,25 +5,25 @@ matrices ``[[R, t], [0, 1]]`` in float64.
 
 Decisions where the spec leaves room:
 
-* **Latent frame 0** is the given first image: its pose is identity and the actions attached to
-  it are ignored (the image cannot be moved; the original pipeline also forces pose 0 to identity).
-  The actions of latent frame k ≥ 1 move the camera from frame k−1 to frame k.
+* **Every latent frame's actions move the camera**, latent frame 0's included: the path starts at
+  identity and frame k's pose is that start moved by the actions of frames 0…k, as the reference
+  server integrates it (docs/MODEL.md, "Camera actions → Plücker map"). The conditioning is relative
+  to frame 0's pose, so a first move or yaw cancels out there; a first pitch does not (it tilts the
+  axes the later steps are seen in, and counts towards the pitch limit).
 * **Within one latent frame** the tokens are a set of held keys (duplicates count once, opposite
   keys cancel); the rotation is applied first, then the translation along the *new* heading. What
   each token does comes from :data:`lingbot_ray.protocol.actions.ACTIONS`: rotate x is pitch (about
   the camera's own x axis), rotate y is yaw (about the world vertical), translate z and x move
   forward and right, kept horizontal.
-* **Frame-to-frame deltas**: the public LingBot-World code (``compute_relative_poses(...,
-  framewise=True)`` in its image-to-video pipeline, and the public ports of it) conditions on
-  ``pose_0 = I`` and ``pose_k = inv(rel_{k−1})·rel_k`` with ``rel_k = inv(c2w_0)·c2w_k``, and divides
-  translations by the largest translation norm *of those deltas*. That is the default
-  (``framewise=True``); ``framewise=False`` gives the plain relative-to-first poses instead. "The
-  history" is every latent frame of the session so far, up to and including the chunk's last.
+* **Frame-to-frame deltas** (docs/MODEL.md, "Conditioning poses"): ``pose_0 = I`` and ``pose_k =
+  inv(rel_{k−1})·rel_k`` with ``rel_k = inv(c2w_0)·c2w_k``, translations divided by the largest
+  translation norm *of those deltas*. That is the default (``framewise=True``); ``framewise=False``
+  gives the plain relative-to-first poses instead. "The history" is every latent frame of the
+  session so far, up to and including the chunk's last.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -33,7 +33,8 @@ import numpy as np
 
 from ..protocol.actions import ACTIONS
 
-logger = logging.getLogger(__name__)
+# Focal length in pixels at every frame size, as the reference server sets it (docs/MODEL.md).
+REFERENCE_FOCAL = 500.0
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,23 @@ class Intrinsics:
             raise ValueError(f"focal lengths must be positive, got fx={self.fx}, fy={self.fy}")
 
     @classmethod
-    def default(cls, width: int, height: int, focal: float = 500.0) -> Intrinsics:
-        """fx = fy = ``focal`` (500, verify against the checkpoint's training intrinsics), principal
-        point at the image centre."""
+    def default(cls, width: int, height: int, focal: float = REFERENCE_FOCAL) -> Intrinsics:
+        """fx = fy = ``focal``, principal point at the image centre."""
         return cls(fx=focal, fy=focal, cx=width / 2, cy=height / 2)
+
+    @classmethod
+    def for_frame(cls, width: int, height: int, focal: tuple[float, int, int] | None = None) -> Intrinsics:
+        """The camera input's intrinsics for a ``width`` x ``height`` session (docs/MODEL.md,
+        "Camera actions → Plücker map", step 3).
+
+        ``focal`` None: the reference server's 500 px at every size. ``(f, w0, h0)``: ``f`` px at
+        ``w0`` x ``h0``, resized per axis to the session size (``fx = f·width/w0``, ``fy =
+        f·height/h0``), as the authors' script resizes its intrinsics.
+        """
+        if focal is None:
+            return cls.default(width, height)
+        f, at_width, at_height = focal
+        return cls(fx=f * width / at_width, fy=f * height / at_height, cx=width / 2, cy=height / 2)
 
 
 def _rot_x(degrees: float) -> np.ndarray:
@@ -136,11 +150,7 @@ class CameraTrajectory:
 
     def advance(self, actions: Iterable[str]) -> np.ndarray:
         """Add the next latent frame, moved by ``actions``; returns its absolute pose."""
-        keys = set(actions)
-        if self._poses:
-            self._step(keys)
-        elif keys:
-            logger.debug("latent frame 0 is the given image; ignoring its actions %s", sorted(keys))
+        self._step(set(actions))
         pose = np.eye(4)
         pose[:3, :3] = self._rotation
         pose[:3, 3] = self._position
@@ -188,6 +198,8 @@ class CameraTrajectory:
             raise ValueError(f"num_frames {num_frames} needs {needed} recent poses; max_history keeps {len(self._poses)}")
         recent = list(self._poses)[len(self._poses) - needed :]
         relative = se3_inverse(self._first) @ np.stack(recent)
+        if needed == self._count:
+            relative[0] = np.eye(4)  # frame 0 relative to itself, without rounding residue
         if self.framewise:
             deltas = se3_inverse(relative[:-1]) @ relative[1:]
             out = deltas if start > 0 else np.concatenate([np.eye(4)[None], deltas])

@@ -8,10 +8,11 @@ Semantics (docs/PROTOCOL.md, "Runtime events"), plus the decisions the protocol 
   each chunk consumes one entry per latent frame, ``()`` once it runs out. The init's
   ``condition_inputs.camera_actions`` is the initial script.
 * **Camera state** (transitions): at each boundary all pending transitions are drained and the last
-  becomes the held state. A *pulse* is a non-empty drained transition whose action set differs from
-  that final state (a key pressed and released between two boundaries). If there is one, the chunk's
-  first latent frame uses it and the rest use the final state. **When several qualify, the latest
-  one wins**: it is the freshest intent and the one that immediately precedes the final state.
+  becomes the held state. The *pulse candidate* is the latest drained transition that holds any key;
+  if it differs from the final state, the chunk's first latent frame uses it and the rest use the
+  final state. A non-empty final state is its own candidate, so a pulse happens only when every key
+  was released by the boundary: ``[a]`` then ``[w]`` gives ``[w, w, w]``, ``[a]`` then ``[]`` gives
+  ``[a, (), ()]``. This is the reference server's rule (docs/PROTOCOL.md, "Runtime events").
   With nothing pending the held state repeats.
 * Script and state clear each other: a script event drops the held state and pending transitions,
   a state event drops the pending script.
@@ -212,9 +213,8 @@ class ConditionQueue:
         drained = list(self._transitions)
         self._transitions.clear()
         self._held = drained[-1].actions
-        final = set(self._held)
-        pulse = next((t.actions for t in reversed(drained) if t.actions and set(t.actions) != final), None)
-        if pulse is None:
+        pulse = next((t.actions for t in reversed(drained) if t.actions), ())
+        if set(pulse) == set(self._held):
             return [self._held] * num_latent_frames
         return [pulse] + [self._held] * (num_latent_frames - 1)
 

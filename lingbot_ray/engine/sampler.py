@@ -1,44 +1,40 @@
 """Few-step DMD sampling for one causal block (docs/MODEL.md, "DMD sampling per block" and "Timesteps").
 
 The distilled student was trained on a handful of fixed points of a shifted 1000-step flow-matching
-schedule. For a schedule index ``idx``::
+schedule. For a schedule index ``idx`` (``T = num_train_timesteps``)::
 
-    sigma  = 1 - idx / num_train_timesteps
+    sigma  = 1 - idx / T
     sigma' = shift * sigma / (1 + (shift - 1) * sigma)
-    t      = num_train_timesteps * sigma'
+    t      = T * sigma'
 
 Each step turns the model's flow prediction ``v`` into a clean estimate ``x0 = x_t - sigma'_t * v``
 and, unless it is the last step, re-noises it to the next level with fresh noise drawn from the
 session's generator: ``x = (1 - sigma'_next) * x0 + sigma'_next * eps``. The last ``x0`` is the block.
 
-Default shift. docs/MODEL.md marks the v1 shift as (verify), 10 vs 5. We default to **10** because the
-reference realtime system registers ``robbyant/lingbot-world-fast-diffusers`` with
-``LingBotWorldCausalDMDConfig(flow_shift=10.0, dmd_denoising_steps=[1000, 821, 642, 321],
-warp_denoising_step=True)`` — i.e. indices [0, 179, 358, 679] at shift 10 — and its v2 config with
-``flow_shift=5.0`` and [1000, 750, 500, 250] (sgl-project/sglang,
-``python/sglang/multimodal_gen/configs/pipeline_configs/lingbot_world.py``). The original offline
-script (Robbyant/lingbot-world ``wan/image2video_fast.py``) has ``shift=5.0`` only as a keyword
-default of ``generate``. A public latency study of the v1 distilled schedule (NVIDIA/flashdreams
-PR #434) also describes all four steps as sitting at sigma of about 0.83 or above, which fits
-shift 10 (last sigma' 0.825) and not shift 5 (0.703). Both the shift and the indices are
-constructor arguments, and a checkpoint can override them in its ``lingbot_ray.json``.
+``timestep_format`` says which number the model is given (docs/MODEL.md, "Timesteps"): ``"float"``
+is ``t`` above, as the reference server feeds it; ``"int"`` is the authors' offline script, whose
+grid is ``sigma = (1 - 1/T)(1 - idx / T)`` and whose model input is ``floor(T * sigma')`` as an
+integer (``sigma'`` itself stays a float). Which one the distillation used is not public.
 
-Step counts. ``num_inference_steps == len(timestep_indices)`` uses the indices as given. Any other
-count uses evenly spaced indices over the same range, ``round(linspace(first, last, n))``; one step
-keeps only the first index (t = 1000, the single step public 1-step presets use). The student was
-distilled for its own points, so other counts are an approximation; the rule is deterministic and
-keeps the schedule's end points.
+The defaults (indices [0, 179, 358, 679], shift 10) and why: docs/MODEL.md, "Timesteps".
+
+Step counts (docs/PROTOCOL.md, ``num_inference_steps``): ``num_inference_steps ==
+len(timestep_indices)`` uses the indices as given. Any other count uses evenly spaced indices over
+the same range, ``round(linspace(first, last, n))``; one step keeps only the first index. The
+student was distilled for its own points, so other counts are an approximation; the rule is
+deterministic and keeps the schedule's end points.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import V1_SHIFT, V1_TIMESTEP_INDICES
+from ..checkpoint import TIMESTEP_FORMATS, V1_SHIFT, V1_TIMESTEP_INDICES
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +46,8 @@ FlowFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 @dataclass(frozen=True)
 class DMDSchedule:
-    """Host-side schedule of one block: model timesteps ``t`` and noise levels ``sigma = t / T``."""
+    """Host-side schedule of one block: the model's timesteps ``t`` and the noise levels ``sigma``
+    (``t / T`` with the float format; see the module docstring for the int one)."""
 
     indices: tuple[int, ...]
     timesteps: tuple[float, ...]
@@ -65,8 +62,11 @@ class DMDSampler:
         timestep_indices: tuple[int, ...] | list[int] = V1_TIMESTEP_INDICES,
         shift: float = V1_SHIFT,
         num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS,
+        timestep_format: str = TIMESTEP_FORMATS[0],
     ):
         indices = tuple(int(i) for i in timestep_indices)
+        if timestep_format not in TIMESTEP_FORMATS:
+            raise ValueError(f"timestep_format={timestep_format!r}: must be one of {TIMESTEP_FORMATS}")
         if int(num_train_timesteps) <= 0:
             raise ValueError(f"num_train_timesteps={num_train_timesteps!r}: must be positive")
         if not indices:
@@ -82,11 +82,12 @@ class DMDSampler:
         self.timestep_indices = indices
         self.shift = float(shift)
         self.num_train_timesteps = int(num_train_timesteps)
+        self.timestep_format = timestep_format
 
     def __repr__(self) -> str:
         return (
             f"DMDSampler(timestep_indices={self.timestep_indices}, shift={self.shift}, "
-            f"num_train_timesteps={self.num_train_timesteps})"
+            f"num_train_timesteps={self.num_train_timesteps}, timestep_format={self.timestep_format!r})"
         )
 
     def indices_for(self, num_inference_steps: int | None = None) -> tuple[int, ...]:
@@ -109,15 +110,14 @@ class DMDSampler:
     def schedule(self, num_inference_steps: int | None = None) -> DMDSchedule:
         indices = self.indices_for(num_inference_steps)
         total = self.num_train_timesteps
+        integer = self.timestep_format == "int"
+        top = 1.0 - 1.0 / total if integer else 1.0
         sigmas = []
         for idx in indices:
-            sigma = 1.0 - idx / total
+            sigma = top * (1.0 - idx / total)
             sigmas.append(self.shift * sigma / (1.0 + (self.shift - 1.0) * sigma))
-        return DMDSchedule(
-            indices=indices,
-            timesteps=tuple(total * s for s in sigmas),
-            sigmas=tuple(sigmas),
-        )
+        timesteps = (float(math.floor(total * s)) if integer else total * s for s in sigmas)
+        return DMDSchedule(indices=indices, timesteps=tuple(timesteps), sigmas=tuple(sigmas))
 
     def sample(
         self,

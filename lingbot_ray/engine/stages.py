@@ -171,10 +171,11 @@ class DiTStage:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        camera_focal: tuple[float, int] | None = None,
+        camera_focal: tuple[float, int, int] | None = None,
     ):
-        """``camera_focal``: (focal length in pixels, at this frame width) from the checkpoint's
-        serving defaults; None keeps :meth:`Intrinsics.default` (500 px at any size)."""
+        """``camera_focal``: (focal length in pixels, at this width, at this height) from the
+        checkpoint's serving defaults; None is the reference server's 500 px at every size
+        (:meth:`Intrinsics.for_frame`)."""
         if CAMERA_UNSHUFFLE != geometry.vae_scale_spatial:
             # the Plücker map is unshuffled by the VAE's stride to line up with the latents
             raise ValueError(
@@ -197,10 +198,7 @@ class DiTStage:
 
     def intrinsics(self, width: int, height: int) -> Intrinsics:
         """Pinhole intrinsics of a ``width`` x ``height`` session (the Plücker map's rays)."""
-        if self.camera_focal is None:
-            return Intrinsics.default(width, height)
-        focal, at_width = self.camera_focal
-        return Intrinsics.default(width, height, focal=focal * width / at_width)
+        return Intrinsics.for_frame(width, height, self.camera_focal)
 
     @classmethod
     def from_pretrained(
@@ -220,7 +218,7 @@ class DiTStage:
             sampler or sampler_from_checkpoint(folder),
             device=device,
             dtype=dtype,
-            camera_focal=None if defaults.camera_focal is None else (defaults.camera_focal, defaults.width),
+            camera_focal=defaults.focal_at_size,
         )
 
     def new_session(
@@ -368,6 +366,7 @@ def sampler_from_checkpoint(folder: str | Path) -> DMDSampler:
         timestep_indices=defaults.timestep_indices,
         shift=defaults.shift,
         num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
+        timestep_format=defaults.timestep_format,
     )
 
 

@@ -86,6 +86,9 @@ class ChunkStats(msgspec.Struct, tag_field="type", tag="chunk_stats", kw_only=Tr
     height: U32 = 0
     fps: float = 0.0
     replica_id: str = ""
+    # denoising steps each block of the chunk ran: the init's num_inference_steps, which this
+    # server honours where the reference server ignores it (docs/PROTOCOL.md, "init")
+    num_inference_steps: U32 | None = None
 
 
 class ErrorMessage(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True, kw_only=True):

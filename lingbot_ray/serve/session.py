@@ -481,6 +481,7 @@ class SessionDriver:
                 height=int(frames.shape[1]),
                 fps=fps,
                 replica_id=result.dit_replica,
+                num_inference_steps=init.num_inference_steps,
             )
             await self._send(stats)
             self._chunk_ms.add(stats.chunk_total_ms)

@@ -17,10 +17,50 @@ def trajectory(*frames, **kwargs):
     return cam
 
 
-def test_first_latent_frame_is_identity_and_ignores_its_actions():
-    cam = trajectory(["w", "l", "i"])
-    np.testing.assert_array_equal(cam.poses[0], np.eye(4))
-    assert cam.pitch_deg == 0.0
+# Reference behaviour (SGLang-diffusion's LingBot World pipeline config, lingbot_world.py: it
+# integrates the session's whole action history from identity, one pose per latent frame *after*
+# that frame's keys, latent frame 0's included, then conditions relative to frame 0's pose with
+# framewise deltas normalised by the largest delta translation). Vectors below were derived from
+# that rule for the scripts shown; rows are [R | t] of each conditioning pose. The reference also
+# adds 1e-6 to the norm of the horizontal heading, which moves these by less than 1e-8.
+REF_FIRST_PITCH_BLOCK_0 = [  # script [i], [l], [w]
+    [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]],
+    [
+        [0.994521895, 0.007291537, 0.104273837, 0],
+        [-0.007291537, 0.999973344, -0.000381202, 0],
+        [-0.104273837, -0.000381202, 0.994548552, 0],
+    ],
+    [[1, 0, 0, 0], [0, 1, 0, 0.069756474], [0, 0, 1, 0.997564050]],
+]
+REF_FIRST_PITCH_BLOCK_1 = [  # then [l], [w], [i, w]
+    [
+        [0.994521895, 0.007291537, 0.104273837, 0],
+        [-0.007291537, 0.999973344, -0.000381202, 0],
+        [-0.104273837, -0.000381202, 0.994548552, 0],
+    ],
+    [[1, 0, 0, 0], [0, 1, 0, 0.069756474], [0, 0, 1, 0.997564050]],
+    [[1, 0, 0, 0], [0, 0.997564050, -0.069756474, 0.069756474], [0, 0.069756474, 0.997564050, 0.997564050]],
+]
+
+
+def test_first_latent_frames_actions_move_the_start_as_the_reference_does():
+    cam = trajectory(["i"], ["l"], ["w"])
+    assert cam.pitch_deg == pytest.approx(4.0)  # frame 0's "i" counts
+    np.testing.assert_allclose(cam.chunk_c2w(3)[:, :3], REF_FIRST_PITCH_BLOCK_0, atol=1e-6)
+    cam.extend([["l"], ["w"], ["i", "w"]])
+    np.testing.assert_allclose(cam.chunk_c2w(3)[:, :3], REF_FIRST_PITCH_BLOCK_1, atol=1e-6)
+    # Holding "i" from frame 0: the reference reaches 84° after 21 frames and skips the 22nd step.
+    held = trajectory(*[["i"]] * 21)
+    assert held.pitch_deg == pytest.approx(84.0)
+    held.advance(["i"])
+    assert held.pitch_deg == pytest.approx(84.0)
+
+
+def test_a_first_move_or_yaw_cancels_in_the_conditioning():
+    """Conditioning is relative to frame 0's pose: only a first pitch changes what the model sees."""
+    moved = trajectory(["w", "l"], ["w"], ["j"])
+    np.testing.assert_allclose(moved.poses[0][:3, 3], [0.05 * S6, 0, 0.05 * C6], atol=1e-12)
+    np.testing.assert_allclose(moved.chunk_c2w(3), trajectory([], ["w"], ["j"]).chunk_c2w(3), atol=1e-12)
 
 
 def test_forward_then_yaw_right_then_forward():
@@ -137,13 +177,24 @@ def test_default_intrinsics():
         Intrinsics(0.0, 1.0, 0.0, 0.0)
 
 
+def test_intrinsics_for_a_frame_size_reference_server_and_authors():
+    # Reference server (SGLang-diffusion's LingBot World pipeline config): 500 px at every size.
+    assert Intrinsics.for_frame(1280, 720) == Intrinsics(500.0, 500.0, 640.0, 360.0)
+    # The authors' script (robbyant lingbot-world, get_Ks_transformed): intrinsics given at
+    # 832x480 are resized per axis, so 500 px becomes 769.2 x 750 at 1280x720.
+    authors = Intrinsics.for_frame(1280, 720, (500.0, 832, 480))
+    assert (authors.fx, authors.fy, authors.cx, authors.cy) == pytest.approx((500 * 1280 / 832, 750.0, 640.0, 360.0))
+    assert Intrinsics.for_frame(832, 480, (500.0, 832, 480)) == Intrinsics.for_frame(832, 480)
+
+
 def _reference_chunk(poses, num_frames, framewise):
     """Straight from the definition, with general matrix inverses over the whole history."""
     rel = np.stack([np.linalg.inv(poses[0]) @ p for p in poses])
+    rel[0] = np.eye(4)
     if framewise:
         rel = np.stack([np.eye(4)] + [np.linalg.inv(a) @ b for a, b in zip(rel[:-1], rel[1:])])
     scale = np.linalg.norm(rel[:, :3, 3], axis=-1).max()
-    if scale > 0:
+    if scale > 1e-12:  # below: rounding residue of the general inverses, not a move
         rel[:, :3, 3] /= scale
     return rel[-num_frames:]
 

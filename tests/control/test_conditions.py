@@ -104,32 +104,37 @@ def test_press_and_release_between_boundaries_is_a_one_frame_pulse():
     assert q.sample(3, 1).camera_actions == ((), (), ())
 
 
-def test_tap_while_holding_pulses_on_top_of_the_held_state():
+# Reference behaviour (SGLang-diffusion's realtime state queue, ControlStateQueue in
+# control_signals.py, used by its LingBot World adapter with one pulse frame): the pulse candidate
+# is the latest drained transition that holds any key, and it is used for the first latent frame
+# only if it differs from the final state. So a pulse shows only when every key was released by
+# the boundary. Each case: transitions drained at one boundary -> the chunk's three frames.
+REFERENCE_PULSES = [
+    ([["a"], ["w"]], [["w"], ["w"], ["w"]]),  # docs/PROTOCOL.md's example: no [a, w, w]
+    ([["a"], []], [["a"], [], []]),
+    ([["w"], ["w", "d"], ["w"]], [["w"], ["w"], ["w"]]),  # a tap while holding w is not shown
+    ([["a"], ["w"], []], [["w"], [], []]),  # the latest non-empty one, not the first
+    ([["i"], [], ["j"], []], [["j"], [], []]),
+    ([["w"], [], ["w"]], [["w"], ["w"], ["w"]]),
+    ([["d", "w"], ["w", "d"]], [["w", "d"], ["w", "d"], ["w", "d"]]),  # same keys, other order
+    ([[], []], [[], [], []]),
+]
+
+
+@pytest.mark.parametrize("transitions, frames", REFERENCE_PULSES)
+def test_state_pulses_follow_the_reference_rule(transitions, frames):
     q = ConditionQueue()
-    q.push_camera_state(state(["w"], ["w", "d"], ["w"]))
-    assert q.sample(3, 0).camera_actions == (("w", "d"), ("w",), ("w",))
-
-
-def test_no_pulse_when_nothing_differs_from_the_final_state():
-    q = ConditionQueue()
-    # Releasing and re-pressing the same key: the empty transition never qualifies.
-    q.push_camera_state(state(["w"], [], ["w"]))
-    assert q.sample(3, 0).camera_actions == (("w",),) * 3
-    q.push_camera_state(state(["d", "w"], ["w", "d"]))  # same set, other order
-    assert q.sample(3, 1).camera_actions == (("w", "d"),) * 3
-
-
-def test_latest_qualifying_pulse_wins():
-    q = ConditionQueue()
-    q.push_camera_state(state(["i"], [], ["j"], []))
-    assert q.sample(3, 0).camera_actions == (("j",), (), ())
+    q.push_camera_state(state(*transitions))
+    assert q.sample(3, 0).camera_actions == tuple(tuple(f) for f in frames)
+    assert q.held_state == tuple(transitions[-1])
+    assert q.sample(3, 1).camera_actions == (tuple(transitions[-1]),) * 3
 
 
 def test_pulse_with_a_single_latent_frame_then_final_state_holds():
     q = ConditionQueue()
-    q.push_camera_state(state(["a"], ["s"]))
+    q.push_camera_state(state(["a"], []))
     assert q.sample(1, 0).camera_actions == (("a",),)
-    assert q.sample(1, 1).camera_actions == (("s",),)
+    assert q.sample(1, 1).camera_actions == ((),)
 
 
 def test_transitions_accumulate_across_events_until_drained():
@@ -148,7 +153,7 @@ def test_transition_cap_drops_the_oldest():
     assert len(pending) == 512
     assert pending[0] == StateTransition(actions=("w",), client_ts_ms=10)  # the "i" (ts 0) was dropped
     assert pending[-1].actions == ("d",)
-    assert q.sample(2, 0).camera_actions == (("w",), ("d",))
+    assert q.sample(2, 0).camera_actions == (("d",), ("d",))
 
 
 def test_transitions_are_the_protocols_type_cleaned():
@@ -292,11 +297,11 @@ def test_drained_state_is_final_state_with_at_most_a_leading_pulse(action_lists,
     final = tuple(dict.fromkeys(t for t in action_lists[-1] if t in "wsadikjl"))
     assert len(out) == frames and q.held_state == final
     assert all(frame == final for frame in out[1:])
-    cleaned = [set(a) & set("wsadikjl") for a in action_lists]
-    if out[0] != final:
-        assert out[0] and set(out[0]) != set(final) and set(out[0]) in cleaned
+    held = [set(a) & set("wsadikjl") for a in action_lists if set(a) & set("wsadikjl")]
+    if out[0] != final:  # a pulse: only after a release, and it is the latest transition with keys
+        assert not final and set(out[0]) == held[-1]
     else:
-        assert not any(c and c != set(final) for c in cleaned)
+        assert final or not held
 
 
 def test_conditions_module_imports_neither_torch_nor_numpy():

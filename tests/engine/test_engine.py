@@ -282,20 +282,50 @@ def test_engine_never_imports_ray():
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-def test_camera_focal_from_the_checkpoint_scales_with_width(tiny_folder, tmp_path):
+def _with_settings(tiny_folder, tmp_path, **settings):
+    """A copy of the tiny checkpoint whose lingbot_ray.json has ``settings`` added."""
     import json
     import shutil
 
+    folder = tmp_path / "settings"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(tiny_folder, folder)
+    path = folder / "lingbot_ray.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    return folder
+
+
+def test_camera_focal_is_the_reference_servers_500_px_at_every_size_by_default(tiny_folder):
+    # SGLang-diffusion's LingBot World pipeline config (lingbot_world.py) builds its camera
+    # intrinsics as [500, 500, W/2, H/2] whatever the session size.
     from lingbot_ray.engine.stages import DiTStage
 
-    assert DiTStage.from_pretrained(tiny_folder).intrinsics(320, 192).fx == 500.0  # no camera_focal: docs/MODEL.md's 500 px
-    folder = tmp_path / "focal"
-    shutil.copytree(tiny_folder, folder)
-    settings = folder / "lingbot_ray.json"
-    data = json.loads(settings.read_text())
-    settings.write_text(json.dumps({**data, "camera_focal": 96.0}))  # at the default width 160
-    intrinsics = DiTStage.from_pretrained(folder).intrinsics(320, 192)
-    assert (intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy) == (192.0, 192.0, 160.0, 96.0)
-    settings.write_text(json.dumps({**data, "camera_focal": -1}))
+    dit = DiTStage.from_pretrained(tiny_folder)
+    for width, height in ((832, 480), (1280, 720), (320, 192)):
+        intrinsics = dit.intrinsics(width, height)
+        assert (intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy) == (500.0, 500.0, width / 2, height / 2)
+
+
+def test_camera_focal_from_the_checkpoint_is_resized_per_axis_as_the_authors_do(tiny_folder, tmp_path):
+    # The authors' script (robbyant lingbot-world, wan/image2video_fast.py with get_Ks_transformed
+    # in wan/utils/cam_utils.py) gives intrinsics at 832x480 and resizes them to the output size:
+    # fx by width / 832, fy by height / 480. Here the focal is given at the tiny's 160x96.
+    from lingbot_ray.engine.stages import DiTStage
+
+    folder = _with_settings(tiny_folder, tmp_path, camera_focal=96.0)
+    intrinsics = DiTStage.from_pretrained(folder).intrinsics(320, 240)
+    assert (intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy) == (192.0, 240.0, 160.0, 120.0)
+    folder = _with_settings(tiny_folder, tmp_path, camera_focal=-1)
     with pytest.raises(ValueError, match="camera_focal=-1"):
+        DiTStage.from_pretrained(folder)
+
+
+def test_timestep_format_comes_from_the_checkpoint(tiny_folder, tmp_path):
+    from lingbot_ray.engine.stages import DiTStage
+
+    assert DiTStage.from_pretrained(tiny_folder).sampler.timestep_format == "float"
+    folder = _with_settings(tiny_folder, tmp_path, timestep_format="int")
+    assert DiTStage.from_pretrained(folder).sampler.schedule().timesteps == (999.0, 978.0, 947.0, 825.0)
+    folder = _with_settings(tiny_folder, tmp_path, timestep_format="half")
+    with pytest.raises(ValueError, match="timestep_format='half'"):
         DiTStage.from_pretrained(folder)

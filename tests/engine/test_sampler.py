@@ -24,6 +24,29 @@ def test_timesteps_match_model_md(shift, expected, tol):
     assert plan.sigmas == pytest.approx([t / 1000 for t in plan.timesteps])
 
 
+def test_default_timesteps_are_the_reference_servers_floats():
+    # SGLang-diffusion's LingBot World pipeline (lingbot_world_causal_dmd_pipeline.py with the
+    # Self-Forcing flow-match scheduler, sigma_min 0 and an extra step, shift 10) feeds the model
+    # t = 1000 * sigma' on the grid sigma = 1 - idx / 1000: 1000, 978.66, 947.18, 825.41.
+    plan = DMDSampler().schedule()
+    assert DMDSampler().timestep_format == "float"
+    assert plan.timesteps == pytest.approx([1000.0, 978.6625, 947.1821, 825.4050], abs=1e-4)
+
+
+def test_int_timestep_format_is_the_authors_schedule():
+    # The authors' offline script (robbyant lingbot-world, wan/image2video_fast.py) takes
+    # scheduler.timesteps[[0, 179, 358, 679]] of Wan's FlowUniPCMultistepScheduler set to 1000
+    # steps at shift 10: grid sigma = 0.999 * (1 - idx / 1000), timesteps cast to int64 (truncated),
+    # sigmas kept as floats.
+    plan = DMDSampler(timestep_format="int").schedule()
+    assert plan.timesteps == (999.0, 978.0, 947.0, 825.0)
+    assert plan.sigmas == pytest.approx([0.9998999, 0.9785458, 0.9470422, 0.8251926], abs=1e-6)
+    assert all(t <= 1000 * s < t + 1 for t, s in zip(plan.timesteps, plan.sigmas))
+    noise = torch.randn(1, 2, 3, 2, 2, generator=torch.Generator().manual_seed(5))
+    _, seen, _ = _record_inputs(DMDSampler(timestep_format="int"), seed=1, noise=noise)
+    assert [t for _, t in seen] == [999.0, 978.0, 947.0, 825.0]
+
+
 def test_v2_indices_at_shift_5():
     plan = DMDSampler(timestep_indices=(0, 250, 500, 750), shift=5.0).schedule()
     # sigma' = 5s / (1 + 4s) for s = 1, .75, .5, .25
@@ -49,6 +72,7 @@ def test_step_count_rule_spaces_indices_evenly_over_the_same_range():
         (dict(timestep_indices=(0, 1000)), "timestep_indices"),
         (dict(shift=0.0), "shift"),
         (dict(num_train_timesteps=0), "num_train_timesteps"),
+        (dict(timestep_format="round"), "timestep_format"),
     ],
 )
 def test_bad_parameters_name_the_field(kwargs, field):

@@ -87,6 +87,7 @@ REAL_MESSAGES = [
     ),
     chunk_stats(),
     chunk_stats(event_id=12, fps=32.0),
+    chunk_stats(num_inference_steps=2),
     ErrorMessage(content="invalid generate request", detail="size='1x1': too small"),
     ErrorMessage(content="x" * 70_000),
 ]
@@ -115,6 +116,16 @@ def test_event_id_omitted_from_frame_batch_but_nil_in_stats():
     stats = walk(encode_server_message(chunk_stats()))
     assert "event_id" in stats and stats["event_id"] is None
     assert "payload_lengths" not in walk(encode_server_message(frame_batch()))
+
+
+def test_chunk_stats_report_the_denoising_steps_run():
+    # The reference server (SGLang-diffusion's DMD timestep stage) ignores num_inference_steps and
+    # always runs its 4 distilled points; this server honours it, so chunk_stats says how many ran.
+    assert walk(encode_server_message(chunk_stats(num_inference_steps=2)))["num_inference_steps"] == 2
+    stats = walk(encode_server_message(chunk_stats()))
+    assert "num_inference_steps" in stats and stats["num_inference_steps"] is None
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        encode_server_message(chunk_stats(num_inference_steps=-1))
 
 
 def test_negative_or_oversized_fields_are_refused_before_the_wire():
