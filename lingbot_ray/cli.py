@@ -14,6 +14,8 @@ _COMMANDS = {
     "check": ("lingbot_ray.client.consistency", "check_main", "consistency and latency check against a server"),
     "bench": ("lingbot_ray.client.bench", "bench_main", "concurrent sessions against a server: latency, fps, bytes"),
     "record": ("lingbot_ray.client.record", "record_main", "run a session and write it to MP4 or PNG frames"),
+    "config": ("lingbot_ray.serve.launch", "config_main", "list the serve configs installed with the package, or print one"),
+    "serve": ("lingbot_ray.serve.launch", "serve_main", "serve run CONFIG, ending every session with close 1001 on SIGINT/SIGTERM"),
 }
 
 

@@ -11,6 +11,7 @@ accepted, told why and closed with 1008.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -67,6 +68,8 @@ class Ingress:
         self.replica_id = replica_tag()
         self.sessions = Slots(config.ingress.max_sessions, f"ingress {self.replica_id} carries sessions")
         self.waiting = Slots(config.ingress.max_pending_inits, f"ingress {self.replica_id} has sockets waiting for init")
+        self.drivers: set[SessionDriver] = set()  # every open socket's driver, for shut_down_sessions
+        self.closing: str | None = None  # why this replica ends its sockets and takes no new ones
         self._apply(config)
         self.asgi = self._build_app()
         logger.info("ingress ready: model %s, api key %s", self.model_name, "on" if self._api_key else "off")
@@ -170,9 +173,29 @@ class Ingress:
 
     async def generate(self, websocket: WebSocket) -> None:
         await websocket.accept()
-        await SessionDriver(
-            websocket, self.backend, self.settings, self.metrics, sessions=self.sessions, waiting=self.waiting
-        ).run()
+        driver = SessionDriver(websocket, self.backend, self.settings, self.metrics, sessions=self.sessions, waiting=self.waiting)
+        self.drivers.add(driver)
+        try:
+            run = asyncio.ensure_future(driver.run())
+            await asyncio.sleep(0)  # the driver is running: it can be told to go away
+            if self.closing is not None:
+                driver.go_away(self.closing)
+            await run
+        finally:
+            self.drivers.discard(driver)
+
+    async def shut_down_sessions(self, reason: str = "the service is stopping", timeout_s: float = 10.0) -> dict[str, Any]:
+        """End every socket of this replica with close 1001 and ``reason``, and take no new one
+        (docs/DEPLOYING.md, "Stopping"); returns once they are closed, or after ``timeout_s``."""
+        self.closing = reason
+        ended = len(self.drivers)
+        for driver in list(self.drivers):
+            driver.go_away(reason)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.drivers and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        logger.info("ingress %s: %d socket(s) told the server is going away (%s)", self.replica_id, ended, reason)
+        return {"replica_id": self.replica_id, "ended": ended, "open": len(self.drivers)}
 
     def _build_app(self):
         routes = [

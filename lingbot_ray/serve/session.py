@@ -43,6 +43,7 @@ from lingbot_ray.protocol import (
     InvalidInit,
     MessageTooBig,
     ProtocolError,
+    ServerShutdown,
     SessionDefaults,
     decode_event,
     decode_init,
@@ -140,6 +141,16 @@ class SessionDriver:
         self._frames_sent = 0
         self._bytes_sent = 0
         self._dit_replica = ""
+        self._task: asyncio.Task | None = None
+        self._going_away: str | None = None
+
+    def go_away(self, reason: str) -> None:
+        """End this socket now with close 1001 and ``reason`` (the server is stopping), whatever
+        phase it is in: chunks not yet sent are dropped, and a chunk whose frames were partly sent
+        ends without its ``chunk_stats``."""
+        if self._task is not None and self._going_away is None:
+            self._going_away = reason
+            self._task.cancel()
 
     # -- wire ------------------------------------------------------------------------------------
 
@@ -173,6 +184,7 @@ class SessionDriver:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self._task = asyncio.current_task()
         started = time.perf_counter()
         end_reason, admitted, opened = "client left before init", False, False
         tasks: list[asyncio.Task] = []  # cancelled at the end
@@ -213,8 +225,14 @@ class SessionDriver:
         except (_Closed, WebSocketDisconnect):
             end_reason = "client disconnected"
         except asyncio.CancelledError:
-            end_reason = "cancelled"
-            raise
+            if self._going_away is None:
+                end_reason = "cancelled"
+                raise
+            end_reason = f"server shutting down: {self._going_away}"
+            task = asyncio.current_task()
+            if hasattr(task, "uncancel"):  # Python >= 3.11: this cancellation is handled
+                task.uncancel()
+            await self._end(ServerShutdown(self._going_away))
         except Exception as exc:
             end_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if self.metrics and not opened:

@@ -1,4 +1,4 @@
-"""The deployable configs: every YAML under ``configs/`` and the root ``serve_config.yaml``.
+"""The deployable configs: every YAML under ``lingbot_ray/configs/`` and the root ``serve_config.yaml``.
 
 Pure Python, no Ray cluster: each file must validate as a Serve config, its ``args`` must load with
 :func:`load_config` (unknown keys fail), and :func:`deployment_options` must ask Ray for the resources
@@ -18,10 +18,10 @@ import yaml
 from lingbot_ray.serve.config import ServeConfig, deployment_options, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG_FILES = sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "serve_config.yaml"]
+CONFIG_FILES = sorted((ROOT / "lingbot_ray" / "configs").glob("*.yaml")) + [ROOT / "serve_config.yaml"]
 IMPORT_PATH = "lingbot_ray.serve.app:build_app"
-FOUR_GPU = ROOT / "configs" / "lingbot-world-fast-4gpu-ulysses4.yaml"
-RAYSERVICE = ROOT / "configs" / "kuberay-rayservice.yaml"
+FOUR_GPU = ROOT / "lingbot_ray" / "configs" / "lingbot-world-fast-4gpu-ulysses4.yaml"
+RAYSERVICE = ROOT / "lingbot_ray" / "configs" / "kuberay-rayservice.yaml"
 REAL_MODEL_PATH = "/models/lingbot-world-fast-diffusers"
 HUB_REPO = "robbyant/lingbot-world-fast-diffusers"  # the RayService pulls it from the hub
 

@@ -1,8 +1,8 @@
-"""The KubeRay manifests: every ``configs/kuberay*.yaml`` RayService.
+"""The KubeRay manifests: every ``lingbot_ray/configs/kuberay*.yaml`` RayService.
 
 Pure Python, no cluster. Each manifest must
 
-- validate against ``configs/crds/ray.io_rayservices.v1.schema.json``: a hand-written subset of the
+- validate against ``tests/serve/crds/ray.io_rayservices.v1.schema.json``: a hand-written subset of the
   RayService v1 CRD schema of KubeRay v1.4.2 (``ray-operator/config/crd/bases/ray.io_rayservices.yaml``;
   the file names its source), strict about unknown fields, as ``kubectl apply`` is by default;
 - carry a ``serveConfigV2`` that Ray Serve's own schema accepts (with no key Serve would silently
@@ -34,8 +34,8 @@ import yaml
 from lingbot_ray.serve.config import ServeConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = ROOT / "configs" / "crds" / "ray.io_rayservices.v1.schema.json"
-MANIFESTS = sorted((ROOT / "configs").glob("kuberay*.yaml"))
+SCHEMA_PATH = Path(__file__).parent / "crds" / "ray.io_rayservices.v1.schema.json"
+MANIFESTS = sorted((ROOT / "lingbot_ray" / "configs").glob("kuberay*.yaml"))
 IMPORT_PATH = "lingbot_ray.serve.app:build_app"
 # What build_app can bind (lingbot_ray/serve/app.py); PostProcess only when postprocess has weights.
 BUILT_DEPLOYMENTS = {"TextEncoder", "DiTGroup", "VAEDecoder", "PostProcess", "Ingress"}
@@ -328,7 +328,7 @@ POLICIES = [serve_config_problems, readiness_problems, gpu_placement_problems, h
 def test_there_are_manifests_and_the_schema_names_its_source():
     from jsonschema import Draft202012Validator
 
-    assert MANIFESTS, "no configs/kuberay*.yaml"
+    assert MANIFESTS, "no lingbot_ray/configs/kuberay*.yaml"
     schema = crd_schema()
     Draft202012Validator.check_schema(schema)
     source = schema["x-source"]
@@ -362,7 +362,7 @@ def test_serve_config_v2_is_a_string_serve_and_load_config_accept(path):
 
 
 def the_manifest() -> dict[str, Any]:
-    return load_manifest(ROOT / "configs" / "kuberay-rayservice.yaml")
+    return load_manifest(ROOT / "lingbot_ray" / "configs" / "kuberay-rayservice.yaml")
 
 
 def first_gpu_pod(document: dict[str, Any]) -> dict[str, Any]:
