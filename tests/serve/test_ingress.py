@@ -226,3 +226,35 @@ def test_an_inbound_message_over_the_limit_closes_1009(server):
     _, _, errors, code, reason, _ = asyncio.run(scenario())
     assert code == 1009 and reason.startswith("message too big"), (code, reason)
     assert "ingress.max_message_bytes" in errors[0]["content"]
+
+
+def test_shutting_down_ends_every_socket_with_1001_in_any_phase(tmp_path):
+    """``Ingress.shut_down_sessions`` (what ``lingbot-ray serve`` calls on SIGINT): a streaming
+    session and a socket still waiting for init both get the error and close 1001 with the reason,
+    and a socket that opens afterwards gets the same at once."""
+    checkpoint = tmp_path / "tiny"
+    build_tiny_checkpoint(checkpoint)
+    with serve_locally({"model": {"path": str(checkpoint), "torch_threads": 1}}) as srv:
+        url = f"ws://{srv.address}/v1/realtime_video/generate"
+        ingress = srv.ingress
+
+        async def scenario():
+            waiting = await websockets.connect(url, max_size=None)
+            streaming = await websockets.connect(url, max_size=None)
+            await streaming.send(init_message(max_chunks=10**6, realtime_output_format="raw"))
+            while msgspec.msgpack.decode(await streaming.recv())["type"] != "chunk_stats":
+                pass
+            assert len(ingress.drivers) == 2
+            loop = next(iter(ingress.drivers))._task.get_loop()  # the server's event loop
+            told = asyncio.run_coroutine_threadsafe(ingress.shut_down_sessions("maintenance"), loop)
+            ends = [await collect(streaming), await collect(waiting)]
+            summary = await asyncio.wrap_future(told)
+            late = await websockets.connect(url, max_size=None)
+            ends.append(await collect(late))
+            return ends, summary
+
+        ends, summary = asyncio.run(scenario())
+    assert summary["ended"] == 2 and summary["open"] == 0, summary
+    for _, _, errors, code, reason, _ in ends:
+        assert (code, reason) == (1001, "server shutting down: maintenance")
+        assert errors[-1]["content"] == "server shutting down: maintenance"
