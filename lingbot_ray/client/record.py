@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from ..protocol.actions import ACTIONS
+from ..transport.mp4 import Mp4Writer
 from .consistency import SAMPLE_FIRST_FRAME
 from .session import (
     ScheduledEvent,
@@ -50,36 +51,6 @@ from .session import (
 # ------------------------------------------------------------------------------------- writers
 
 
-class Mp4Writer:
-    """H.264 in an MP4 container through PyAV, opened on the first frames (their size and fps)."""
-
-    def __init__(self, path: Path, crf: int = 18) -> None:
-        self.path, self.crf = path, crf
-        self._container = self._stream = None
-        self.frames = 0
-
-    def write(self, frames: np.ndarray, fps: float) -> None:
-        import av
-
-        if self._container is None:
-            height, width = frames.shape[1:3]
-            if width % 2 or height % 2:
-                raise ValueError(f"H.264 needs even frame sizes, got {width}x{height}: record PNG frames instead")
-            self._container = av.open(str(self.path), mode="w")
-            self._stream = self._container.add_stream("libx264", rate=_fraction(fps), options={"crf": str(self.crf)})
-            self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
-        for frame in frames:
-            for packet in self._stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                self._container.mux(packet)
-            self.frames += 1
-
-    def close(self) -> None:
-        if self._container is not None:
-            for packet in self._stream.encode():
-                self._container.mux(packet)
-            self._container.close()
-
-
 class PngWriter:
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -92,12 +63,6 @@ class PngWriter:
 
     def close(self) -> None:
         pass
-
-
-def _fraction(fps: float):
-    from fractions import Fraction
-
-    return Fraction(fps).limit_denominator(1001)
 
 
 def open_output(out: Path) -> tuple[Mp4Writer | PngWriter, Path]:

@@ -156,6 +156,8 @@ class IngressConfig(_Section):
     # Seconds a stage call may take before the session is failed (guards against a dead group).
     stage_timeout_s: float = 120.0
     webui_dir: str | None = None
+    # POST /v1/videos: the most chunks one clip may ask for (it holds a session slot meanwhile).
+    max_clip_chunks: int = 64
     # How long a rollout or downscale lets this replica's sessions go on before they are cut.
     graceful_shutdown_timeout_s: float = 60.0
 
@@ -177,6 +179,7 @@ LIVE_INGRESS_FIELDS = (
     "max_message_bytes",
     "max_chunks_in_flight",
     "stage_timeout_s",
+    "max_clip_chunks",
 )
 
 
@@ -211,6 +214,7 @@ class ServeConfig(_Section):
             "ingress.max_pending_inits": self.ingress.max_pending_inits,
             "ingress.max_chunks_in_flight": self.ingress.max_chunks_in_flight,
             "ingress.max_message_bytes": self.ingress.max_message_bytes,
+            "ingress.max_clip_chunks": self.ingress.max_clip_chunks,
         }
         for key, value in positive.items():
             if value < 1:

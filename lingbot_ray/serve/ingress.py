@@ -2,6 +2,7 @@
 
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the model card (docs/PROTOCOL.md), CORS-readable.
 - ``WS /v1/realtime_video/generate``: one :class:`SessionDriver` per socket.
+- ``POST /v1/videos``: a whole clip from a script, as one MP4 (:mod:`.videos`).
 - ``/``: the static WebUI folder, when one is configured or shipped.
 
 Every endpoint checks the optional API key: ``Authorization: Bearer <key>``, ``x-api-key: <key>``,
@@ -36,6 +37,7 @@ from .backend import StageBackend, replica_tag
 from .config import ServeConfig
 from .media import MediaPolicy
 from .session import SessionDriver, SessionSettings, Slots
+from .videos import ClipRunner
 
 logger = logging.getLogger("ray.serve")
 
@@ -197,11 +199,16 @@ class Ingress:
         logger.info("ingress %s: %d socket(s) told the server is going away (%s)", self.replica_id, ended, reason)
         return {"replica_id": self.replica_id, "ended": ended, "open": len(self.drivers)}
 
+    async def videos(self, request: Request) -> Response:
+        """A whole clip as one MP4 (:mod:`.videos`), on this replica's session slots."""
+        return await ClipRunner(self.backend, self.settings, self.sessions, self.config.ingress.max_clip_chunks)(request)
+
     def _build_app(self):
         routes = [
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/actions", lambda request: _json(ACTIONS.describe()), methods=["GET"]),  # the camera action table
             Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
+            Route("/v1/videos", self.videos, methods=["POST"]),
             WebSocketRoute("/v1/realtime_video/generate", self.generate),
         ]
         webui = pathlib.Path(self.config.ingress.webui_dir) if self.config.ingress.webui_dir else _PACKAGED_WEBUI
@@ -212,8 +219,9 @@ class Ingress:
         return CORSMiddleware(
             self._auth_middleware(router),
             allow_origins=self.config.ingress.cors_allow_origins,
-            allow_methods=["GET"],
-            allow_headers=["authorization", "x-api-key"],
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "x-api-key", "content-type"],
+            expose_headers=["x-lingbot-clip"],
         )
 
 

@@ -36,6 +36,7 @@ from lingbot_ray.engine.session import SessionSpec
 from lingbot_ray.protocol import (
     CapacityError,
     ChunkStats,
+    ClientEvent,
     InitLimits,
     InitRequest,
     InitTimeout,
@@ -80,6 +81,71 @@ class SessionSettings:
     esrgan_model_path: str | None = None
     model_dirs: tuple[str, ...] = ()
 
+    def _model_path(self, requested: str | None, configured: str | None, enabled_field: str, path_field: str, setting: str) -> str:
+        """The weights for a post-processing stage a session asked for: its own path (only inside
+        ``postprocess.model_dirs``) or the server's; never a silent fallback to no model."""
+        if requested:
+            real = os.path.realpath(requested)
+            roots = [os.path.realpath(root) for root in self.model_dirs]
+            if not any(os.path.commonpath([real, root]) == root for root in roots):
+                raise InvalidInit(path_field, requested, "outside the allowed model directories (postprocess.model_dirs)")
+            if not os.path.isfile(real):
+                raise InvalidInit(path_field, requested, "no such file")
+            return real
+        if configured:
+            return configured
+        logger.warning("a session asks for %s but %s is not set on this server", enabled_field, setting)
+        raise InvalidInit(enabled_field, True, f"no model configured on this server ({setting})")
+
+    def post_options(self, init: InitRequest) -> PostOptions | None:
+        """The post-processing an init asks for, with its weights' paths checked."""
+        if not (init.enable_frame_interpolation or init.enable_upscaling):
+            return None
+        s = self
+        options = PostOptions()
+        if init.enable_frame_interpolation:
+            rife = self._model_path(
+                init.frame_interpolation_model_path, s.rife_model_path,
+                "enable_frame_interpolation", "frame_interpolation_model_path", "postprocess.rife_model_path",
+            )
+            options = PostOptions(exp=init.frame_interpolation_exp, flow_scale=init.frame_interpolation_scale, rife_path=rife)
+        if init.enable_upscaling:
+            esrgan = self._model_path(
+                init.upscaling_model_path, s.esrgan_model_path,
+                "enable_upscaling", "upscaling_model_path", "postprocess.esrgan_model_path",
+            )
+            options = PostOptions(
+                exp=options.exp, flow_scale=options.flow_scale, rife_path=options.rife_path,
+                upscale=float(init.upscaling_scale), esrgan_path=esrgan,
+            )
+        return options
+
+    def spec_for(self, init: InitRequest) -> SessionSpec:
+        """The engine's session spec for a validated init (reads the first frame: blocking)."""
+        image = load_first_frame(init.first_frame, init.width, init.height, self.media)
+        try:
+            spec = SessionSpec(
+                prompt=init.prompt,
+                image=image,
+                width=init.width,
+                height=init.height,
+                num_frames=init.num_frames,
+                seed=init.seed,
+                num_inference_steps=init.num_inference_steps,
+                guidance_scale=init.guidance_scale,
+                negative_prompt=init.negative_prompt,
+                sink_size=init.realtime_causal_sink_size,
+                window_frames=init.realtime_causal_kv_cache_num_frames,
+                quality=init.quality,
+            )
+            spec.resolve(self.geometry)
+        except ValueError as exc:
+            # the engine names its own fields: tell the client the init field it sent
+            name = str(exc).split("=", 1)[0] if "=" in str(exc) else ""
+            wire = _WIRE_FIELDS.get(name, name if name in InitRequest.__struct_fields__ else "init")
+            raise InvalidInit(wire, getattr(init, wire, None), str(exc).split(": ", 1)[-1]) from None
+        return spec
+
 
 class Slots:
     """A counted resource with a cap (sessions, sockets waiting for init). Taking and giving back
@@ -106,6 +172,21 @@ _WIRE_FIELDS = {
     "height": "size",
     "image": "first_frame",
 }
+
+
+def apply_event(queue: ConditionQueue, event: ClientEvent) -> None:
+    """Queue a validated runtime event: every kind is a composite of at most one prompt and one
+    camera part (docs/PROTOCOL.md, "Runtime events"). Raises ValueError for a payload the queue
+    cannot take."""
+    camera = event.camera_script if event.camera_script is not None else event.camera_state
+    input_types = [name for name, part in (("prompt", event.prompt), ("camera_actions", camera)) if part is not None]
+    queue.push_composite(
+        input_types,
+        prompt=event.prompt,
+        camera_script=event.camera_script,
+        camera_state=event.camera_state,
+        event_id=event.event_id,
+    )
 
 
 class _Closed(Exception):
@@ -297,8 +378,8 @@ class SessionDriver:
             received = time.perf_counter()
             try:
                 init = decode_init(data, served_model=s.served_model, defaults=s.defaults, limits=s.limits)
-                post = self._post_options(init)
-                spec = await asyncio.to_thread(self._spec_for, init)
+                post = s.post_options(init)
+                spec = await asyncio.to_thread(s.spec_for, init)
                 if self.metrics:
                     self.metrics.init_received(received)
                 return init, spec, post
@@ -306,85 +387,13 @@ class SessionDriver:
                 logger.info("session %s: invalid init: %s", self.session_id, exc)
                 await self._send(outcome_for(exc).error)
 
-    def _model_path(self, requested: str | None, configured: str | None, enabled_field: str, path_field: str, setting: str) -> str:
-        """The weights for a post-processing stage a session asked for: its own path (only inside
-        ``postprocess.model_dirs``) or the server's; never a silent fallback to no model."""
-        if requested:
-            real = os.path.realpath(requested)
-            roots = [os.path.realpath(root) for root in self.settings.model_dirs]
-            if not any(os.path.commonpath([real, root]) == root for root in roots):
-                raise InvalidInit(path_field, requested, "outside the allowed model directories (postprocess.model_dirs)")
-            if not os.path.isfile(real):
-                raise InvalidInit(path_field, requested, "no such file")
-            return real
-        if configured:
-            return configured
-        logger.warning("session %s asks for %s but %s is not set on this server", self.session_id, enabled_field, setting)
-        raise InvalidInit(enabled_field, True, f"no model configured on this server ({setting})")
-
-    def _post_options(self, init: InitRequest) -> PostOptions | None:
-        if not (init.enable_frame_interpolation or init.enable_upscaling):
-            return None
-        s = self.settings
-        options = PostOptions()
-        if init.enable_frame_interpolation:
-            rife = self._model_path(
-                init.frame_interpolation_model_path, s.rife_model_path,
-                "enable_frame_interpolation", "frame_interpolation_model_path", "postprocess.rife_model_path",
-            )
-            options = PostOptions(exp=init.frame_interpolation_exp, flow_scale=init.frame_interpolation_scale, rife_path=rife)
-        if init.enable_upscaling:
-            esrgan = self._model_path(
-                init.upscaling_model_path, s.esrgan_model_path,
-                "enable_upscaling", "upscaling_model_path", "postprocess.esrgan_model_path",
-            )
-            options = PostOptions(
-                exp=options.exp, flow_scale=options.flow_scale, rife_path=options.rife_path,
-                upscale=float(init.upscaling_scale), esrgan_path=esrgan,
-            )
-        return options
-
-    def _spec_for(self, init: InitRequest) -> SessionSpec:
-        image = load_first_frame(init.first_frame, init.width, init.height, self.settings.media)
-        try:
-            spec = SessionSpec(
-                prompt=init.prompt,
-                image=image,
-                width=init.width,
-                height=init.height,
-                num_frames=init.num_frames,
-                seed=init.seed,
-                num_inference_steps=init.num_inference_steps,
-                guidance_scale=init.guidance_scale,
-                negative_prompt=init.negative_prompt,
-                sink_size=init.realtime_causal_sink_size,
-                window_frames=init.realtime_causal_kv_cache_num_frames,
-                quality=init.quality,
-            )
-            spec.resolve(self.settings.geometry)
-        except ValueError as exc:
-            # the engine names its own fields: tell the client the init field it sent
-            name = str(exc).split("=", 1)[0] if "=" in str(exc) else ""
-            wire = _WIRE_FIELDS.get(name, name if name in InitRequest.__struct_fields__ else "init")
-            raise InvalidInit(wire, getattr(init, wire, None), str(exc).split(": ", 1)[-1]) from None
-        return spec
-
     async def _read_events(self, queue: ConditionQueue) -> None:
         while True:
             data = await self._receive()
             received = time.perf_counter()
             try:
                 event = decode_event(data, limits=self.settings.limits)
-                camera = event.camera_script if event.camera_script is not None else event.camera_state
-                input_types = [name for name, part in (("prompt", event.prompt), ("camera_actions", camera)) if part is not None]
-                # every event kind is a composite of at most one prompt and one camera part
-                queue.push_composite(
-                    input_types,
-                    prompt=event.prompt,
-                    camera_script=event.camera_script,
-                    camera_state=event.camera_state,
-                    event_id=event.event_id,
-                )
+                apply_event(queue, event)
                 if self.metrics:
                     self.metrics.event_received(event.event_id, received)
             except ProtocolError as exc:

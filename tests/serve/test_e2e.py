@@ -564,3 +564,29 @@ def test_ingress_replica_never_loads_the_model_stack(cluster):
     facts from JSON and carried typed messages, and its process still holds no model library."""
     info = serve.get_deployment_handle("Ingress", app_name=APP).describe.remote().result(timeout_s=30)
     assert info["model_modules"] == []
+
+
+def test_an_offline_clip_through_the_graph(cluster):
+    """POST /v1/videos through Serve: an MP4 of the whole clip, the same frames as the graph's live
+    session with the same init (lossless), and the stages freed afterwards."""
+    import av
+
+    request = {"prompt": "a quiet street", "first_frame": png(), "max_chunks": 2, "seed": 3, "lossless": True}
+    http_request = urllib.request.Request(
+        cluster["http"] + "/v1/videos", data=msgspec.msgpack.encode(request),
+        headers={"Content-Type": "application/msgpack"}, method="POST",
+    )
+    with urllib.request.urlopen(http_request, timeout=STAGE_TIMEOUT_S) as response:
+        summary = json.loads(response.headers["X-Lingbot-Clip"])
+        with av.open(io.BytesIO(response.read())) as container:
+            clip = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+    async def live():
+        async with websockets.connect(cluster["url"], max_size=None) as ws:
+            await ws.send(init_message(realtime_output_format="raw"))
+            return await collect(ws)
+
+    frames = run(live())[5]
+    assert summary["chunks"] == 2 and len(clip) == summary["frames"]
+    assert np.array_equal(np.concatenate(frames), clip)
+    assert not any(describe_all("DiTGroup", 2).values())
