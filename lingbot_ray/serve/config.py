@@ -47,6 +47,9 @@ class ModelConfig(_Section):
     device: str = "cpu"
     dit_dtype: Dtype = "float32"
     text_encoder_dtype: Dtype = "float32"
+    # The DiT's attention kernel, through diffusers' dispatcher: native (torch SDPA), flash, _flash_3,
+    # sage, xformers, ... (None: diffusers' default, native). Checked when the DiT replica starts.
+    attention_backend: str | None = None
     # torch intra-op threads per stage replica (None: torch's default). Outputs are bit-exact only
     # between runs with the same device, dtype and thread count.
     torch_threads: int | None = None

@@ -19,6 +19,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from lingbot_ray.engine.fastpath import use_attention_backend
 from lingbot_ray.engine.hosts import DiTHost
 from lingbot_ray.engine.messages import ChunkRequest, DiTChunk, PromptEmbeds, SessionOpened
 from lingbot_ray.engine.session import SessionSpec
@@ -41,6 +42,8 @@ class DiTRank(DiTHost):
         folder = load_folder(config.model)
         super().__init__(DiTStage.from_pretrained(folder, device=config.model.device, dtype=torch_dtype(config.model.dit_dtype)))
         self.rank, self.world_size = rank, world_size
+        if config.model.attention_backend:
+            use_attention_backend(self.stage, config.model.attention_backend)
         # dit.cpu_offload: weights wait in host memory and visit the device for each chunk's work;
         # per-session state (KV caches, camera) stays on the device.
         self.offload = config.dit.cpu_offload and self.stage.device.type != "cpu"
