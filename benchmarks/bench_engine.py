@@ -5,6 +5,9 @@ embedded in its ``lingbot_ray.json``. Point ``--checkpoint`` at any checkpoint f
 and ``--device cuda`` to measure a GPU. After ``--warmup`` chunks, ``--chunks`` chunks are timed
 and the median and p90 of every stage are printed as a table.
 
+The engine's memory plan is printed first, before anything is loaded; the text encoder goes where the
+plan puts it (``--text-device`` overrides), and ``--memory-budget-gb`` caps what the engine may use.
+
     python benchmarks/bench_engine.py [--checkpoint PATH] [--device cpu] [--chunks 20] [--warmup 2]
 """
 
@@ -23,6 +26,8 @@ import torch
 
 from lingbot_ray.control.conditions import ChunkConditions
 from lingbot_ray.engine import RealtimeEngine, SessionSpec
+from lingbot_ray.engine.memory import GB, plan_memory
+from lingbot_ray.models.loading import default_dtype
 from lingbot_ray.models.tiny import build_tiny_checkpoint
 
 logger = logging.getLogger("bench_engine")
@@ -38,8 +43,22 @@ def percentile(values: list[float], q: float) -> float:
 
 def run(args: argparse.Namespace, folder: Path) -> str:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
+    budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * GB)
+    # the engine makes the same plan again when it loads; this copy is shown before anything is allocated
+    plan = plan_memory(
+        folder,
+        device=args.device,
+        dit_dtype=dtype or default_dtype(args.device),
+        text_dtype=default_dtype(args.device),
+        text_device=args.text_device,
+        budget=budget,
+    )
+    sys.stdout.write(f"{plan.table()}\n{plan.text_placement()}\n\n")
+    sys.stdout.flush()
     t0 = time.perf_counter()
-    engine = RealtimeEngine.from_pretrained(folder, device=args.device, dtype=dtype)
+    engine = RealtimeEngine.from_pretrained(
+        folder, device=args.device, dtype=dtype, text_device=args.text_device, memory_budget=budget
+    )
     load_s = time.perf_counter() - t0
     width = args.width or engine.defaults.width
     height = args.height or engine.defaults.height
@@ -74,7 +93,8 @@ def run(args: argparse.Namespace, folder: Path) -> str:
 
     rows = [
         f"checkpoint {folder}",
-        f"device {args.device}, dit dtype {engine.dit.dtype}, torch threads {torch.get_num_threads()}",
+        f"device {args.device}, dit dtype {engine.dit.dtype}, text encoder on {engine.memory.text_device}, "
+        f"torch threads {torch.get_num_threads()}",
         f"size {width}x{height}, {latent_frames} latent frames/chunk, {args.steps} steps, "
         f"guidance {args.guidance_scale}, quality {args.quality}",
         f"load {load_s * 1e3:.0f} ms, new session {session_s * 1e3:.0f} ms, "
@@ -109,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--height", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--text-device", default=None, help="text encoder device (default: the memory plan's choice)")
+    parser.add_argument("--memory-budget-gb", type=float, default=None, help="GB (1e9 B) the engine may use")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..protocol import SessionLost
+from .memory import MemoryGuard
 from .messages import ChunkRequest, DiTChunk, FrameChunk, PromptEmbeds, SessionOpened, StageTimings
 from .session import SessionSpec
 from .stages import DiTSessionState, DiTStage, VAESessionState, VAEStage
@@ -73,9 +74,12 @@ def _tensor(embeds: PromptEmbeds | None, device: torch.device) -> torch.Tensor |
 class DiTHost(SessionHost[DiTSessionState]):
     STAGE = "DiT"
 
-    def __init__(self, stage: DiTStage):
+    def __init__(self, stage: DiTStage, memory: MemoryGuard | None = None):
+        """``memory``: admits a session only if its DiT state fits on the device, checked in
+        ``start_session`` right before it is allocated (None: no check)."""
         super().__init__()
         self.stage = stage
+        self.memory = memory
 
     def start_session(
         self, sid: str, spec: SessionSpec, condition: Any, prompt: PromptEmbeds, negative: PromptEmbeds | None
@@ -84,6 +88,8 @@ class DiTHost(SessionHost[DiTSessionState]):
         exactly when the spec asks for guidance."""
         self.open_session(sid)
         resolved = spec.resolve(self.stage.geometry)
+        if self.memory is not None:
+            self.memory.admit(resolved, [state.resolved for state in self.sessions.values()])
         device = self.stage.device
         self.sessions[sid] = self.stage.new_session(resolved, condition, _tensor(prompt, device), _tensor(negative, device))
         return SessionOpened(resolved.latent_frames_per_chunk)

@@ -311,6 +311,8 @@ class DiTStage:
             self._flow(state, x0, 0.0, condition=condition, start=start, camera_cache=camera_cache, update_cache=True)
             state.next_frame += block
             blocks.append(x0)
+            # the next block's camera cache must not be built beside this one (the memory plan counts one)
+            del camera_cache, flow
 
         return torch.cat(blocks, dim=2)
 

@@ -23,6 +23,7 @@ import torch
 from lingbot_ray.checkpoint import ensure_checkpoint
 from lingbot_ray.engine import SessionSpec, TextStage, VAEStage
 from lingbot_ray.engine.hosts import SessionHost, VAEHost
+from lingbot_ray.engine.memory import MemoryGuard, ModelMemory
 from lingbot_ray.engine.messages import ChunkRequest, DiTChunk, FrameChunk, PostOptions, PromptEmbeds, SessionOpened
 from lingbot_ray.engine.postprocess import PostHost, PostStage
 from lingbot_ray.protocol import CapacityError, SessionLost
@@ -212,6 +213,12 @@ class DiTGroup(_StageReplica):
         super().__init__(config.dit.sessions_per_group, config.dit.session_idle_timeout_s)
         self.ranks = RankGroup(config, self._run)
         self.host = self.ranks.local
+        # Admission by memory: rank 0 refuses a session whose DiT state would not fit in what its GPU
+        # has free (an InsufficientMemory, i.e. a CapacityError: close 1013), in its start_session
+        # right before allocating. Every rank holds the same share, and rank 0's GPU may carry the VAE.
+        stage = self.host.stage
+        model = ModelMemory.of_dit(stage)
+        self.host.memory = MemoryGuard(model, stage.device, sequence_parallel=self.ranks.size, vae=False)
         logger.info("DiTGroup %s ready: %d rank(s), %d session slot(s)", self.replica_id, self.ranks.size, self.capacity)
 
     async def start_session(
