@@ -10,8 +10,11 @@ either tensor-name layout (:func:`load_transformer`, :func:`save_transformer`). 
 
 Published checkpoints carry the original Wan names (`blocks.N.self_attn.q.weight`, ...); the model
 uses diffusers' names (`blocks.N.attn1.to_q.weight`, ...). Camera tensors have the same name in both.
-Folders hold `config.json` plus either `diffusion_pytorch_model.safetensors` or shards
+Transformer folders hold `config.json` plus either `diffusion_pytorch_model.safetensors` or shards
 `diffusion_pytorch_model-000NN-of-000MM.safetensors` listed by `diffusion_pytorch_model.safetensors.index.json`.
+LingBot World 2.0's releases differ only in where the DiT is and what config comes with it (the
+authors' `transformers/config.json`; none at all beside the 1.3B's `model.safetensors.index.json`):
+:func:`lingbot_ray.checkpoint.transformer_files` finds the files and the config for every layout.
 
 Loading builds the model on the meta device, checks every name and shape against the safetensors
 headers before reading any data, then streams the shards one at a time and assigns the tensors.
@@ -30,7 +33,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import read_model_index
+from ..checkpoint import (
+    DIFFUSERS_WEIGHTS_PREFIX,
+    PLAIN_WEIGHTS_PREFIX,
+    TENSOR_NAME_PROBES,
+    TransformerFiles,
+    native_config,
+    read_checkpoint_layout,
+    read_model_index,
+    tensor_naming,
+    transformer_files,
+)
 from .strict_load import check_names_and_shapes
 from .transformer_lingbot import CausalLingBotWorldTransformer3DModel
 
@@ -59,12 +72,16 @@ __all__ = [
 ORIGINAL = "original"
 DIFFUSERS = "diffusers"
 LAYOUTS = (ORIGINAL, DIFFUSERS)
-PROBE_KEYS = {ORIGINAL: "blocks.0.self_attn.q.weight", DIFFUSERS: "blocks.0.attn1.to_q.weight"}
+PROBE_KEYS = dict(TENSOR_NAME_PROBES)
+assert tuple(PROBE_KEYS) == LAYOUTS
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-SHARD_PATTERN = re.compile(r"^diffusion_pytorch_model-\d{5}-of-\d{5}\.safetensors$")
+WEIGHTS_NAME = f"{DIFFUSERS_WEIGHTS_PREFIX}.safetensors"
+INDEX_NAME = f"{DIFFUSERS_WEIGHTS_PREFIX}.safetensors.index.json"
+WEIGHTS_PREFIXES = (DIFFUSERS_WEIGHTS_PREFIX, PLAIN_WEIGHTS_PREFIX)
+# `config.json` formats `save_transformer` writes: diffusers' (this model's keys), the authors'
+# WanModelFast keys (v2 14B's native `transformers/`), or none (the v2 1.3B release)
+CONFIG_FORMATS = ("diffusers", "native", None)
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 # (original module path, diffusers module path); a name maps when it equals a path or continues it with ".".
@@ -149,14 +166,7 @@ def _check_layout(layout: str) -> None:
 
 def detect_layout(names: Iterable[str]) -> str:
     """`"original"` or `"diffusers"`, from the probe key present among `names`."""
-    names = set(names)
-    found = [layout for layout, probe in PROBE_KEYS.items() if probe in names]
-    if len(found) != 1:
-        raise ValueError(
-            f"cannot tell the checkpoint layout: expected exactly one of {sorted(PROBE_KEYS.values())} among "
-            f"{len(names)} tensor names, found {[PROBE_KEYS[layout] for layout in found]}"
-        )
-    return found[0]
+    return tensor_naming(names)
 
 
 def keeps_fp32(model_name: str, patterns: Sequence[str] | None) -> bool:
@@ -199,51 +209,18 @@ def check_checkpoint_against_model(model: torch.nn.Module, shapes: Mapping[str, 
 # ---------------------------------------------------------------------------------------- files
 
 
-def _resolve_folder(folder: str | os.PathLike) -> Path:
-    folder = Path(folder)
-    if not (folder / CONFIG_NAME).is_file() and (folder / "transformer" / CONFIG_NAME).is_file():
-        # A whole pipeline folder: its transformer lives in the `transformer` component folder.
-        folder = folder / "transformer"
-    if not (folder / CONFIG_NAME).is_file():
-        raise ValueError(f"no {CONFIG_NAME} in {str(folder)!r} (nor in its 'transformer' subfolder)")
-    return folder
+def _files(source: str | os.PathLike | TransformerFiles) -> TransformerFiles:
+    return source if isinstance(source, TransformerFiles) else transformer_files(source)
 
 
-def checkpoint_files(folder: str | os.PathLike) -> dict[str, Path]:
-    """Tensor name → safetensors file, from the index if there is one, else the single weights file."""
-    folder = Path(folder)
-    index_path = folder / INDEX_NAME
-    if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index_path} has no 'weight_map'")
-        files = {name: folder / shard for name, shard in weight_map.items()}
-        for shard in sorted(set(files.values())):
-            if not shard.is_file():
-                raise ValueError(f"shard {shard.name!r} listed in {INDEX_NAME} is missing from {str(folder)!r}")
-        return files
-    single = folder / WEIGHTS_NAME
-    if not single.is_file():
-        raise ValueError(f"neither {INDEX_NAME} nor {WEIGHTS_NAME} in {str(folder)!r}")
-    with safe_open(single, framework="pt") as handle:
-        return {name: single for name in handle.keys()}
+def checkpoint_files(source: str | os.PathLike | TransformerFiles) -> dict[str, Path]:
+    """Tensor name → safetensors file of a transformer (a folder of any layout, or its `TransformerFiles`)."""
+    return _files(source).tensor_files()
 
 
-def read_checkpoint_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+def read_checkpoint_shapes(source: str | os.PathLike | TransformerFiles) -> dict[str, tuple[int, ...]]:
     """Every tensor's name and shape, from the safetensors headers only (no tensor data is read)."""
-    files = checkpoint_files(folder)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for shard in sorted(set(files.values())):
-        with safe_open(shard, framework="pt") as handle:
-            for name in handle.keys():
-                if files.get(name) != shard:
-                    raise ValueError(f"tensor {name!r} in {shard.name!r} is not listed for that shard in {INDEX_NAME}")
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
-    not_found = sorted(set(files) - set(shapes))
-    if not_found:
-        raise ValueError(f"{INDEX_NAME} lists tensors absent from their shards: {', '.join(not_found)}")
-    return shapes
+    return _files(source).shapes()
 
 
 def load_transformer(
@@ -259,33 +236,35 @@ def load_transformer(
     `CausalLingBotWorldTransformer3DModel.from_pretrained` loads through the same code (:func:`load_pretrained`).
 
     Args:
-        folder: The transformer folder (or a pipeline folder with a `transformer` subfolder).
+        folder: The transformer folder, a pipeline folder with a `transformer` subfolder, or a
+            checkpoint folder of any layout `lingbot_ray.checkpoint.read_checkpoint_layout` knows
+            (LingBot World 2.0's native `transformers/`, the 1.3B's config-less release).
         dtype: Target dtype of floating tensors; `_keep_in_fp32_modules` stay float32.
         device: Where the tensors end up.
 
     Raises:
         ValueError: naming every missing / unexpected tensor and every shape mismatch, before any data is read.
     """
-    return _load_folder(CausalLingBotWorldTransformer3DModel, _resolve_folder(folder), dtype=dtype, device=device)
+    return _load_files(CausalLingBotWorldTransformer3DModel, transformer_files(folder), dtype=dtype, device=device)
 
 
-def _load_folder(
+def _load_files(
     model_class: type[CausalLingBotWorldTransformer3DModel],
-    folder: Path,
+    source: TransformerFiles,
     *,
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> CausalLingBotWorldTransformer3DModel:
     """The one load path: meta skeleton, strict header check, shard-by-shard assignment, no meta tensor left."""
-    # 1. Model skeleton without memory
-    config = model_class.load_config(folder)
+    folder = source.folder
+    # 1. Model skeleton without memory, from the config the files come with (or were given)
     with torch.device("meta"):
-        model = model_class.from_config(config)
+        model = model_class.from_config(dict(source.config))
 
     # 2. Strict name/shape check from the headers
-    files = checkpoint_files(folder)
-    layout = check_checkpoint_against_model(model, read_checkpoint_shapes(folder))
-    logger.info("loading %d tensors (%s layout) from %s", len(files), layout, folder)
+    files = source.tensor_files()
+    layout = check_checkpoint_against_model(model, source.shapes())
+    logger.info("loading %d tensors (%s layout) from %s; config: %s", len(files), layout, folder, source.config_source)
 
     # 3. Stream shard by shard, assigning as we go so at most one shard is in flight
     fp32_patterns = model._keep_in_fp32_modules
@@ -353,7 +332,8 @@ def load_pretrained(
 
     Args:
         pretrained_model_name_or_path: A local folder: the transformer folder, or a checkpoint folder together
-            with `subfolder="transformer"` (a checkpoint folder alone also resolves to its `transformer`).
+            with `subfolder="transformer"` (a checkpoint folder alone also resolves to its DiT, in every
+            layout `lingbot_ray.checkpoint.read_checkpoint_layout` knows).
         subfolder: Folder inside `pretrained_model_name_or_path` that holds `config.json`.
         torch_dtype: Floating dtype of the weights (default float32, as diffusers); `_keep_in_fp32_modules`
             stay float32 either way. `dtype` is its newer diffusers spelling.
@@ -390,7 +370,7 @@ def load_pretrained(
             f"{str(folder)!r} is not a local folder: {model_class.__name__}.from_pretrained loads only local "
             "folders (Hugging Face Hub ids are not downloaded here)"
         )
-    return _load_folder(model_class, _resolve_folder(folder), dtype=target, device=device)
+    return _load_files(model_class, transformer_files(folder), dtype=target, device=device)
 
 
 def save_transformer(
@@ -399,6 +379,8 @@ def save_transformer(
     *,
     layout: str = ORIGINAL,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    weights_prefix: str = DIFFUSERS_WEIGHTS_PREFIX,
+    config_format: str | None = "diffusers",
 ) -> Path:
     r"""
     Write `config.json` and the weights like the published checkpoint: one `diffusion_pytorch_model.safetensors`
@@ -407,9 +389,13 @@ def save_transformer(
 
     Args:
         model: The transformer to save (tensors are written in their current dtype).
-        folder: Target folder, created if needed; weight files of an earlier save there are replaced.
+        folder: Target folder, created if needed; weight files (and `config.json`) of an earlier save there are replaced.
         layout: `"original"` (like the published checkpoints) or `"diffusers"` tensor names.
         max_shard_bytes: Largest shard; a single larger tensor gets a shard of its own.
+        weights_prefix: `"diffusion_pytorch_model"`, or `"model"` as the v2 1.3B release names its files
+            (`model.safetensors.index.json`, `model-000NN-of-000MM.safetensors`).
+        config_format: `"diffusers"` (this model's keys), `"native"` (the authors' WanModelFast keys, as
+            in v2 14B's `transformers/config.json`) or None (no `config.json`, as the v2 1.3B release).
 
     Returns:
         The folder.
@@ -417,14 +403,23 @@ def save_transformer(
     _check_layout(layout)
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if weights_prefix not in WEIGHTS_PREFIXES:
+        raise ValueError(f"weights_prefix={weights_prefix!r}: must be one of {WEIGHTS_PREFIXES}")
+    if config_format not in CONFIG_FORMATS:
+        raise ValueError(f"config_format={config_format!r}: must be one of {CONFIG_FORMATS}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    stale_names = {CONFIG_NAME} | {name for p in WEIGHTS_PREFIXES for name in (f"{p}.safetensors", f"{p}.safetensors.index.json")}
+    shard_pattern = re.compile(rf"^({'|'.join(WEIGHTS_PREFIXES)})-\d{{5}}-of-\d{{5}}\.safetensors$")
     for stale in folder.iterdir():
-        if stale.name in (WEIGHTS_NAME, INDEX_NAME) or SHARD_PATTERN.match(stale.name):
+        if stale.name in stale_names or shard_pattern.match(stale.name):
             stale.unlink()
 
     # 1. Config
-    model.save_config(folder)
+    if config_format == "diffusers":
+        model.save_config(folder)
+    elif config_format == "native":
+        (folder / CONFIG_NAME).write_text(json.dumps(native_config(model.config), indent=2) + "\n")
 
     # 2. Group tensors into shards in state-dict order
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -441,15 +436,15 @@ def save_transformer(
 
     # 3. Files (+ index when sharded)
     if len(shards) == 1:
-        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(shards[0], str(folder / f"{weights_prefix}.safetensors"), metadata={"format": "pt"})
     else:
         weight_map = {}
         for number, shard in enumerate(shards, start=1):
-            shard_name = f"diffusion_pytorch_model-{number:05d}-of-{len(shards):05d}.safetensors"
+            shard_name = f"{weights_prefix}-{number:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(folder / shard_name), metadata={"format": "pt"})
             weight_map.update({name: shard_name for name in shard})
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (folder / f"{weights_prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     logger.info("saved %d tensors (%s layout, %d file(s)) to %s", sum(map(len, shards)), layout, len(shards), folder)
     return folder
 
@@ -464,10 +459,16 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
 
 def load_dit(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype):
-    """The checkpoint's causal DiT (its ``transformer`` component), in eval mode without gradients."""
-    sub = read_model_index(checkpoint).component_folder("transformer")
-    logger.info("loading transformer from %s (dtype=%s, device=%s)", sub, dtype, device)
-    return load_transformer(sub, dtype=dtype, device=device).eval().requires_grad_(False)
+    """The checkpoint's causal DiT (its ``transformer`` component, wherever its layout keeps it, with
+    ``lingbot_ray.json``'s streaming settings), in eval mode without gradients."""
+    read_model_index(checkpoint).component_folder("transformer")
+    files = transformer_files(checkpoint)
+    logger.info(
+        "loading transformer of %s from %s (dtype=%s, device=%s)",
+        read_checkpoint_layout(checkpoint).describe(), files.folder, dtype, device,
+    )
+    model = _load_files(CausalLingBotWorldTransformer3DModel, files, dtype=dtype, device=device)
+    return model.eval().requires_grad_(False)
 
 
 def load_vae(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -484,9 +485,11 @@ def load_prompt_encoder(checkpoint: str | os.PathLike, *, device: str | torch.de
     from .text_encoder import PromptEncoder
 
     index = read_model_index(checkpoint)
-    index.check_folders(("text_encoder", "tokenizer"))
-    logger.info("loading text encoder from %s (dtype=%s, device=%s)", index.folder, dtype, device)
-    return PromptEncoder.from_pretrained(index.folder, dtype=dtype, device=device)
+    text_encoder, tokenizer = index.component_folder("text_encoder"), index.component_folder("tokenizer")
+    # PromptEncoder reads both from one folder: the checkpoint's own, or its shared_components
+    assert text_encoder.parent == tokenizer.parent, (text_encoder, tokenizer)
+    logger.info("loading text encoder from %s (dtype=%s, device=%s)", text_encoder.parent, dtype, device)
+    return PromptEncoder.from_pretrained(text_encoder.parent, dtype=dtype, device=device)
 
 
 def load_scheduler_config(checkpoint: str | os.PathLike) -> dict:

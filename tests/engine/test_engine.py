@@ -329,3 +329,53 @@ def test_timestep_format_comes_from_the_checkpoint(tiny_folder, tmp_path):
     folder = _with_settings(tiny_folder, tmp_path, timestep_format="half")
     with pytest.raises(ValueError, match="timestep_format='half'"):
         DiTStage.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------ LingBot World 2.0
+
+
+@pytest.fixture(scope="module")
+def v2_folders(tmp_path_factory, tiny_folder):
+    """Tiny v2 checkpoints whose DiT-only ones share the tiny v1 folder's text encoder and VAE."""
+    from lingbot_ray.models.tiny import build_tiny_checkpoint
+    from tests.models.v2_layouts import TINY_V2_1P3B_OVERRIDES, build_v2_14b_native, build_v2_1p3b, write_settings
+
+    root = tmp_path_factory.mktemp("v2")
+    build_v2_1p3b(root / "small", shared=tiny_folder)
+    build_v2_14b_native(root / "native", shared=tiny_folder)
+    # the same 1.3B DiT in the diffusers layout (as a community repackaging builds it): its config
+    # written out, model_version given, the same seeds for every component
+    build_tiny_checkpoint(root / "small-diffusers", seed=0, transformer_overrides=TINY_V2_1P3B_OVERRIDES)
+    write_settings(root / "small-diffusers", model_version="v2-1.3b")
+    return root
+
+
+def test_a_v2_1p3b_session_streams_13_then_16_frames(v2_folders, make_spec):
+    """Blocks of 4 latent frames: 1 + 4·3 = 13 frames first, then 16, as the authors' script gives."""
+    from lingbot_ray.engine import RealtimeEngine
+
+    engine = RealtimeEngine.from_pretrained(v2_folders / "small")
+    assert engine.geometry.num_frames_per_block == 4
+    assert engine.dit.sampler.timestep_indices == (0, 250, 500, 750) and engine.dit.sampler.shift == 5.0
+    frames = run(engine, make_spec(), [conditions(["w"], frames=4), conditions(["j"], frames=4), conditions([], frames=4)])
+    assert [f.shape for f in frames] == [(13, HEIGHT, WIDTH, 3), (16, HEIGHT, WIDTH, 3), (16, HEIGHT, WIDTH, 3)]
+    assert all(f.std() > 0 for f in frames)
+
+
+def test_the_1p3b_release_serves_what_the_same_dit_in_a_diffusers_folder_serves(v2_folders, make_spec):
+    from lingbot_ray.engine import RealtimeEngine
+
+    chunks = [conditions(["w"], frames=4), conditions(["d", "l"], frames=4)]
+    release = run(RealtimeEngine.from_pretrained(v2_folders / "small"), make_spec(), chunks)
+    repackaged = run(RealtimeEngine.from_pretrained(v2_folders / "small-diffusers"), make_spec(), chunks)
+    assert all(np.array_equal(a, b) for a, b in zip(release, repackaged, strict=True))
+
+
+def test_a_v2_14b_native_session_streams_with_the_reference_geometry(v2_folders, make_spec):
+    from lingbot_ray.engine import RealtimeEngine
+
+    engine = RealtimeEngine.from_pretrained(v2_folders / "native")
+    geometry = engine.geometry
+    assert (geometry.num_frames_per_block, geometry.default_sink_size, geometry.default_window_frames) == (3, 9, 18)
+    frames = run(engine, make_spec(), [conditions(["w"]), conditions(["i"])])
+    assert [f.shape[0] for f in frames] == [9, 12]

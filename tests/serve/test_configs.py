@@ -9,6 +9,7 @@ of ``docs/MODEL.md``, so raising a capacity or a size limit without re-doing it 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,15 @@ WINDOW_FRAMES = 18  # the checkpoint's default sliding window (latent frames)
 BF16_BYTES = 2
 DIT_WEIGHTS_GB = 37.5  # 18.54 B parameters in bf16, time embedding/projection kept in fp32
 TEXT_ENCODER_GB = 11.4  # UMT5-XXL encoder, 5.68 B parameters in bf16
-DIT_WORKSPACE_GB = 2.5  # activations, CUDA context, NCCL buffers
-VAE_FIXED_GB = 5.25  # weights (fp32 + a bf16 copy), decode workspace, CUDA context
-VAE_SESSION_GB_AT_832x480 = 3.8  # StreamingWanVAE decode cache of one session (fp32), measured
+DIT_WORKSPACE_GB = 2.5  # activations (1.0 at 832x480), CUDA context, NCCL buffers
+VAE_FIXED_GB = 1.26  # weights 0.76 (fp32 + a bf16 copy), CUDA context 0.5
+# The VAE's figures at 832x480, fp32, as lingbot_ray/engine/memory.py plans them (and traces them on the
+# meta device): a session's streaming decode cache, and what a chunk's decode needs while it runs (its
+# new decode cache, built beside the session's until the chunk commits, + activations).
+VAE_SESSION_GB_AT_832x480 = 3.78
+VAE_DECODE_GB_AT_832x480 = 3.78 + 4.05
 TOKENS_AT_832x480 = (832 // PIXELS_PER_TOKEN) * (480 // PIXELS_PER_TOKEN)
-GPU_GB = 80.0
+GPU_GB = 81_559 * 2**20 / 1e9  # an "80 GB" card: 79.6 GiB = 85.5 GB (the H100's 81,559 MiB, the least of them)
 
 
 # -- reading the files -------------------------------------------------------------------------------
@@ -96,7 +101,30 @@ def total(options: dict[str, dict[str, Any]], per_replica) -> float:
 # -- GPU memory arithmetic (the configs' comments, executable) ---------------------------------------
 
 
-def busiest_gpu_gb(config: ServeConfig, sessions: int | None = None, vae_sessions: int | None = None) -> float:
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a DiT's memory depends on (docs/MODEL.md; the v2 1.3B: its "LingBot World 2.0" section)."""
+
+    num_layers: int
+    hidden: int
+    num_heads: int
+    frames_per_block: int
+    window_frames: int
+    dit_weights_gb: float
+    text_encoder_gb: float  # when on the GPU
+
+
+# LingBot World fast and v2 14B: the same architecture and sizes
+FOURTEEN_B = ModelFacts(NUM_LAYERS, HIDDEN, NUM_HEADS, FRAMES_PER_BLOCK, WINDOW_FRAMES, DIT_WEIGHTS_GB, TEXT_ENCODER_GB)
+# v2 1.3B: 30 layers, 1536 wide (12 heads assumed), blocks of 4, window 18; 1,709,502,016 parameters
+# in bf16 + fp32 time embedding/projection; the text encoder on its GPU with its CUDA context
+V2_1P3B = ModelFacts(30, 1536, 12, 4, 18, 3.45, TEXT_ENCODER_GB + 0.5)
+MODEL_OF_FILE = {"lingbot-world-v2-1.3b-1gpu.yaml": V2_1P3B}
+
+
+def busiest_gpu_gb(
+    config: ServeConfig, sessions: int | None = None, vae_sessions: int | None = None, model: ModelFacts = FOURTEEN_B
+) -> float:
     """Peak memory of the GPU that carries a DiT rank plus every stage placed beside it.
 
     A stage with less than one GPU of its own shares a DiT rank's GPU (the VAE at 0.1 in the 1-GPU
@@ -106,14 +134,14 @@ def busiest_gpu_gb(config: ServeConfig, sessions: int | None = None, vae_session
     vae_sessions = config.vae.sessions_per_replica if vae_sessions is None else vae_sessions
     ranks = config.dit.sequence_parallel_degree
     tokens = (config.limits.max_width // PIXELS_PER_TOKEN) * (config.limits.max_height // PIXELS_PER_TOKEN)
-    kv_per_frame = tokens * NUM_LAYERS * 2 * HIDDEN * BF16_BYTES / ranks  # K and V, heads split over ranks
-    text_kv = NUM_LAYERS * 2 * TEXT_TOKENS * HIDDEN * BF16_BYTES  # every rank holds all of it
-    camera = NUM_LAYERS * 2 * FRAMES_PER_BLOCK * tokens * HIDDEN * BF16_BYTES / ranks
-    gb = DIT_WEIGHTS_GB + DIT_WORKSPACE_GB + (camera + sessions * (WINDOW_FRAMES * kv_per_frame + text_kv)) / 1e9
+    kv_per_frame = tokens * model.num_layers * 2 * model.hidden * BF16_BYTES / ranks  # K and V, heads split over ranks
+    text_kv = model.num_layers * 2 * TEXT_TOKENS * model.hidden * BF16_BYTES  # every rank holds all of it
+    camera = model.num_layers * 2 * model.frames_per_block * tokens * model.hidden * BF16_BYTES / ranks
+    gb = model.dit_weights_gb + DIT_WORKSPACE_GB + (camera + sessions * (model.window_frames * kv_per_frame + text_kv)) / 1e9
     if config.vae.num_gpus < 1:
-        gb += VAE_FIXED_GB + vae_sessions * VAE_SESSION_GB_AT_832x480 * tokens / TOKENS_AT_832x480
+        gb += VAE_FIXED_GB + (VAE_DECODE_GB_AT_832x480 + vae_sessions * VAE_SESSION_GB_AT_832x480) * tokens / TOKENS_AT_832x480
     if not config.text_encoder.cpu_offload and config.text_encoder.num_gpus < 1:
-        gb += TEXT_ENCODER_GB
+        gb += model.text_encoder_gb
     return gb
 
 
@@ -186,7 +214,85 @@ EXPECTATIONS = {
     "lingbot-world-fast-4gpu-ulysses4.yaml": expect_four_gpu_ulysses,
     "kuberay-rayservice.yaml": expect_four_gpu_ulysses,
 }
+
+
+# -- LingBot World 2.0 (docs/MODEL.md, "LingBot World 2.0") -----------------------------------------
+
+V2_14B_PATH = "/models/lingbot-world-v2-14b-causal-fast-diffusers"
+V2_1P3B_PATH = "/models/lingbot-world-v2-1.3b-causal-fast"
+# each v2 14B file and the v1 file whose application it is (same architecture, sizes and KV window)
+V2_14B_FILES = {
+    "lingbot-world-v2-14b-1gpu.yaml": "lingbot-world-fast-1gpu.yaml",
+    "lingbot-world-v2-14b-4gpu-ulysses4.yaml": "lingbot-world-fast-4gpu-ulysses4.yaml",
+}
+V2_FILES = (*V2_14B_FILES, "lingbot-world-v2-1.3b-1gpu.yaml")
+
+
+def expect_as_v1(v1_expectation):
+    """A v2 14B file: its checkpoint, then everything the v1 file it mirrors promises."""
+
+    def expect(config: ServeConfig, options: dict[str, dict[str, Any]]) -> None:
+        import msgspec
+
+        assert config.model.path == V2_14B_PATH
+        as_v1 = msgspec.structs.replace(config, model=msgspec.structs.replace(config.model, path=REAL_MODEL_PATH))
+        v1_expectation(as_v1, options)
+
+    return expect
+
+
+def expect_v2_1p3b_one_gpu(config: ServeConfig, options: dict[str, dict[str, Any]]) -> None:
+    assert config.model.path == V2_1P3B_PATH
+    assert not config.model.build_tiny_if_missing, "a missing real checkpoint must fail, not be replaced"
+    assert config.model.device == "cuda"
+    assert (config.model.dit_dtype, config.model.text_encoder_dtype) == ("bfloat16", "bfloat16")
+    assert not config.dit.cpu_offload
+    assert (config.limits.max_width, config.limits.max_height) == (832, 480), "the memory budget is at 832x480"
+    dit = options["DiTGroup"]
+    assert dit["num_replicas"] == 1 and config.dit.sequence_parallel_degree == 1
+    assert "placement_group_bundles" not in dit
+    # DiT 0.8 + VAE 0.1 + text encoder 0.1: all three pinned to the one GPU, which the budget fits
+    assert dit["ray_actor_options"]["num_gpus"] == pytest.approx(0.8)
+    assert options["VAEDecoder"]["ray_actor_options"]["num_gpus"] == pytest.approx(0.1)
+    assert not config.text_encoder.cpu_offload
+    assert options["TextEncoder"]["ray_actor_options"]["num_gpus"] == pytest.approx(0.1)
+    assert total(options, replica_gpus) == pytest.approx(1.0)
+
+
+EXPECTATIONS.update(
+    {
+        "lingbot-world-v2-14b-1gpu.yaml": expect_as_v1(expect_one_gpu),
+        "lingbot-world-v2-14b-4gpu-ulysses4.yaml": expect_as_v1(expect_four_gpu_ulysses),
+        "lingbot-world-v2-1.3b-1gpu.yaml": expect_v2_1p3b_one_gpu,
+    }
+)
 GPU_FILES = [path for path in CONFIG_FILES if EXPECTATIONS.get(path.name) is not expect_cpu_default]
+
+
+@pytest.mark.parametrize("name", sorted(V2_14B_FILES))
+def test_a_v2_14b_application_is_its_v1_files_but_for_the_checkpoint(name):
+    """v2 14B is v1's architecture at v1's sizes: when a v1 file changes, its v2 copy must follow."""
+    configs = ROOT / "lingbot_ray" / "configs"
+    v2, v1 = copy.deepcopy(the_application(configs / name)), copy.deepcopy(the_application(configs / V2_14B_FILES[name]))
+    assert (v2["args"]["model"].pop("path"), v1["args"]["model"].pop("path")) == (V2_14B_PATH, REAL_MODEL_PATH)
+    assert v2 == v1
+
+    def arithmetic(path: Path) -> str:
+        """The comment from the memory (or placement) arithmetic on, the other configs named as v2's."""
+        head = path.read_text().split("\nproxy_location:")[0]
+        start = min(head.index(marker) for marker in ("# GPU memory at", "# Placement.") if marker in head)
+        return head[start:].replace("lingbot-world-fast-", "lingbot-world-v2-14b-")
+
+    assert arithmetic(configs / name) == arithmetic(configs / V2_14B_FILES[name])
+
+
+def test_the_1p3b_arithmetic_reproduces_its_config_comment():
+    config = config_of(ROOT / "lingbot_ray" / "configs" / "lingbot-world-v2-1.3b-1gpu.yaml")
+    one = busiest_gpu_gb(config, 1, 0, model=V2_1P3B) - busiest_gpu_gb(config, 0, 0, model=V2_1P3B)
+    assert one == pytest.approx(18 * 0.2875 + 0.094, abs=0.005)  # KV 0.288 GB per latent frame, text K/V
+    assert busiest_gpu_gb(config, 0, 0, model=V2_1P3B) == pytest.approx(28.1, abs=0.05)
+    assert busiest_gpu_gb(config, model=V2_1P3B) == pytest.approx(82.4, abs=0.05)
+    assert busiest_gpu_gb(config, 7, 7, model=V2_1P3B) == pytest.approx(91.4, abs=0.05)
 
 
 def test_every_config_file_has_an_expectation():
@@ -229,15 +335,47 @@ def test_capacities_are_consistent(path):
     assert config.vae.num_replicas * config.vae.sessions_per_replica >= dit_capacity
     assert config.ingress.num_replicas * config.ingress.max_sessions >= dit_capacity
     # Ulysses gives every rank whole attention heads.
-    assert NUM_HEADS % config.dit.sequence_parallel_degree == 0
+    assert MODEL_OF_FILE.get(path.name, FOURTEEN_B).num_heads % config.dit.sequence_parallel_degree == 0
 
 
 @pytest.mark.parametrize("path", GPU_FILES, ids=lambda p: p.name)
 def test_sessions_per_group_is_the_most_that_fits_in_gpu_memory(path):
     config = config_of(path)
+    model = MODEL_OF_FILE.get(path.name, FOURTEEN_B)
     sessions, vae_sessions = config.dit.sessions_per_group, config.vae.sessions_per_replica
-    assert busiest_gpu_gb(config) <= GPU_GB, busiest_gpu_gb(config)
-    assert busiest_gpu_gb(config, sessions + 1, vae_sessions + 1) > GPU_GB
+    assert busiest_gpu_gb(config, model=model) <= GPU_GB, busiest_gpu_gb(config, model=model)
+    assert busiest_gpu_gb(config, sessions + 1, vae_sessions + 1, model=model) > GPU_GB
+
+
+def test_the_engines_memory_plan_agrees_with_the_configs_arithmetic():
+    """lingbot_ray/engine/memory.py computes what the comments add up, from the model's configs; and
+    every GPU config places the text encoder where the budget allows: on the busiest GPU only if it
+    fits there beside everything the file puts there, else on the CPU (the rule the engine applies,
+    with one session, in RealtimeEngine.from_pretrained)."""
+    import msgspec
+    import torch
+
+    from lingbot_ray.engine.memory import GB, ModelMemory
+    from tests.engine.test_memory import V1_TRANSFORMER, V1_VAE
+
+    v1 = ModelMemory.from_configs(V1_TRANSFORMER, V1_VAE, torch.bfloat16)
+    session = v1.session(832, 480)
+    # the DiT's GPU alone: the VAE on a GPU of its own, the text encoder on the CPU
+    alone = {"vae": {"num_gpus": 1}, "text_encoder": {"cpu_offload": True, "num_gpus": 0}}
+    config = load_config({**alone, "limits": {"max_width": 832, "max_height": 480}})
+    empty = busiest_gpu_gb(config, sessions=0, vae_sessions=0)
+    per_session = busiest_gpu_gb(config, sessions=1, vae_sessions=0) - empty
+    assert per_session == pytest.approx((session.kv + session.text_kv) / GB, abs=1e-6)
+    camera = empty - DIT_WEIGHTS_GB - DIT_WORKSPACE_GB
+    assert camera == pytest.approx(session.camera / GB, abs=1e-6)
+    assert session.dit_activations / GB < DIT_WORKSPACE_GB
+    assert session.vae_cache / GB == pytest.approx(VAE_SESSION_GB_AT_832x480, abs=0.005)
+    assert session.vae_decode / GB == pytest.approx(VAE_DECODE_GB_AT_832x480, abs=0.005)
+    for path in GPU_FILES:
+        config, model = config_of(path), MODEL_OF_FILE.get(path.name, FOURTEEN_B)
+        on_gpu = msgspec.structs.replace(config, text_encoder=msgspec.structs.replace(config.text_encoder, cpu_offload=False))
+        fits = busiest_gpu_gb(on_gpu, model=model) <= GPU_GB
+        assert config.text_encoder.cpu_offload == (not fits), (path.name, busiest_gpu_gb(on_gpu, model=model))
 
 
 def test_the_memory_budget_covers_every_gpu_config():
@@ -245,6 +383,7 @@ def test_the_memory_budget_covers_every_gpu_config():
         "lingbot-world-fast-1gpu.yaml",
         "lingbot-world-fast-4gpu-ulysses4.yaml",
         "kuberay-rayservice.yaml",
+        *V2_FILES,
     }
 
 
