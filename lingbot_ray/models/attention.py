@@ -20,7 +20,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 if TYPE_CHECKING:
     from diffusers.models.transformers.transformer_wan import WanAttention
 
-    from .kv_cache import BlockPlan, KVCache
+    from .kv_cache import BlockPlan, LayerKV
     from .sequence_parallel import SequenceParallel
 
 
@@ -204,9 +204,8 @@ class LingBotSelfAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         *,
-        kv_cache: "KVCache | None" = None,
+        kv_cache: "LayerKV | None" = None,
         plan: "BlockPlan | None" = None,
-        layer_idx: int | None = None,
         sequence_parallel: "SequenceParallel | None" = None,
     ) -> torch.Tensor:
         """`hidden_states [B, S, dim]` → `[B, S, dim]` (with `sequence_parallel`, S is this rank's shard length).
@@ -229,7 +228,7 @@ class LingBotSelfAttnProcessor:
         key = apply_rope(key, *rotary_emb)
 
         out = self.core(
-            query, key, value, attention_mask=attention_mask, kv_cache=kv_cache, plan=plan, layer_idx=layer_idx
+            query, key, value, attention_mask=attention_mask, kv_cache=kv_cache, plan=plan
         )
         if sequence_parallel is not None:
             out = sequence_parallel.heads_to_sequence(out)
@@ -243,15 +242,14 @@ class LingBotSelfAttnProcessor:
         value: torch.Tensor,
         *,
         attention_mask: torch.Tensor | None = None,
-        kv_cache: "KVCache | None" = None,
+        kv_cache: "LayerKV | None" = None,
         plan: "BlockPlan | None" = None,
-        layer_idx: int | None = None,
     ) -> torch.Tensor:
         """Rotated `query/key/value [B, S, H, D]` → `[B, S, H, D]`; with a cache, keys/values go through it."""
         if kv_cache is not None:
             if attention_mask is not None:
                 raise ValueError("attention_mask is not supported together with a KV cache")
-            key, value = kv_cache.write_and_read(layer_idx, plan, key.to(kv_cache.dtype), value.to(kv_cache.dtype))
+            key, value = kv_cache.write_and_read(plan, key.to(kv_cache.dtype), value.to(kv_cache.dtype))
             query = query.to(kv_cache.dtype)
         if isinstance(attention_mask, FrameMask):
             return attention_mask.attend(query, key, value, self.attention_fn, self._attention_backend)

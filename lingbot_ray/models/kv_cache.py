@@ -40,6 +40,30 @@ class BlockPlan:
     write_end: int
 
 
+@dataclass(frozen=True, eq=False)
+class LayerKV:
+    """One layer's key/value buffers of a :class:`KVCache`. A transformer block is handed its layer's
+    view rather than the cache and a layer index, so that every block runs the same code on tensors
+    (a compiled block then serves every layer with one graph: docs/MODEL.md, "Compiled DiT")."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys.dtype
+
+    def write_and_read(self, plan: BlockPlan, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put the block's keys/values `[B, tokens, heads, head_dim]` in its slot; return what it attends to.
+
+        Writing the slot does not commit it: until `KVCache.commit(plan)` the slot lies past the
+        committed frames and is overwritten by the next call.
+        """
+        self.keys[:, plan.write_start : plan.write_end] = key
+        self.values[:, plan.write_start : plan.write_end] = value
+        return self.keys[:, : plan.write_end], self.values[:, : plan.write_end]
+
+
 class KVCache:
     r"""
     Preallocated per-layer self-attention keys/values of one session.
@@ -196,18 +220,9 @@ class KVCache:
         assert self.num_frames + num_frames <= self.window_frames, "visibility rule exceeded the capacity"
         return BlockPlan(start_frame, num_frames, write_start, write_end)
 
-    def write_and_read(
-        self, layer_idx: int, plan: BlockPlan, key: torch.Tensor, value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Put the block's keys/values `[B, tokens, heads, head_dim]` in its slot; return what it attends to.
-
-        Writing the slot does not commit it: until `commit(plan)` the slot lies past the committed
-        frames and is overwritten by the next call.
-        """
-        k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
-        k_buf[:, plan.write_start : plan.write_end] = key
-        v_buf[:, plan.write_start : plan.write_end] = value
-        return k_buf[:, : plan.write_end], v_buf[:, : plan.write_end]
+    def layer(self, layer_idx: int) -> LayerKV:
+        """One layer's buffers, what that layer's attention reads and writes."""
+        return LayerKV(self.keys[layer_idx], self.values[layer_idx])
 
     def commit(self, plan: BlockPlan) -> None:
         """Make the block's slot part of the cache (the clean context forward)."""

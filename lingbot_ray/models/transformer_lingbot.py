@@ -40,7 +40,7 @@ from .attention import (
     PositionLimitError,
     rope_cos_sin,
 )
-from .kv_cache import BlockPlan, KVCache
+from .kv_cache import BlockPlan, KVCache, LayerKV
 from .sequence_parallel import SequenceParallel
 
 
@@ -151,9 +151,8 @@ class LingBotWorldTransformerBlock(nn.Module):
         rotary_emb: tuple[torch.Tensor, torch.Tensor],
         camera_modulation: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: LayerKV | None = None,
         plan: BlockPlan | None = None,
-        layer_idx: int | None = None,
         sequence_parallel: SequenceParallel | None = None,
     ) -> torch.Tensor:
         r"""
@@ -164,7 +163,7 @@ class LingBotWorldTransformerBlock(nn.Module):
             rotary_emb: `(cos, sin)` from `rope_cos_sin`.
             camera_modulation: `(scale, shift)` `[B, S, dim]` of this layer, or None to skip the camera path.
             attention_mask (`FrameMask` or `torch.Tensor` `[1, 1, S, S]` bool, *optional*): Full-sequence path only.
-            kv_cache, plan, layer_idx: Causal path only.
+            kv_cache, plan: Causal path only: this layer's view of the session's KV cache, and the block's plan.
             sequence_parallel (`SequenceParallel`, *optional*): Every `S` above is this rank's token shard,
                 except in `rotary_emb`, `attention_mask` and the KV cache, which cover the full sequence.
 
@@ -185,7 +184,6 @@ class LingBotWorldTransformerBlock(nn.Module):
             rotary_emb,
             kv_cache=kv_cache,
             plan=plan,
-            layer_idx=layer_idx,
             sequence_parallel=sequence_parallel,
         )
         hidden_states = hidden_states + attn_out.float() * gate
@@ -765,7 +763,7 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
             camera_modulation = None if camera_modulations is None else camera_modulations[index]
             text_kv = (text_cache.keys[index], text_cache.values[index])
             if torch.is_grad_enabled() and self.gradient_checkpointing and kv_cache is None:
-                no_cache = (None, None, None)
+                no_cache = (None, None)
                 hidden_states = self._gradient_checkpointing_func(
                     block, hidden_states, timestep_proj, text_kv, rotary_emb, camera_modulation, attention_mask,
                     *no_cache, sp,
@@ -778,9 +776,8 @@ class CausalLingBotWorldTransformer3DModel(ModelMixin, ConfigMixin):
                     rotary_emb,
                     camera_modulation,
                     attention_mask,
-                    kv_cache,
+                    None if kv_cache is None else kv_cache.layer(index),
                     plan,
-                    index,
                     sp,
                 )
 

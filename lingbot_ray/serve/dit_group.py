@@ -19,7 +19,8 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from lingbot_ray.engine.fastpath import use_attention_backend
+from lingbot_ray.checkpoint import read_serving_defaults
+from lingbot_ray.engine.fastpath import compile_dit, use_attention_backend, warm_up
 from lingbot_ray.engine.hosts import DiTHost
 from lingbot_ray.engine.messages import ChunkRequest, DiTChunk, PromptEmbeds, SessionOpened
 from lingbot_ray.engine.session import SessionSpec
@@ -44,6 +45,9 @@ class DiTRank(DiTHost):
         self.rank, self.world_size = rank, world_size
         if config.model.attention_backend:
             use_attention_backend(self.stage, config.model.attention_backend)
+        self.compile = config.dit.compile
+        compile_dit(self.stage, self.compile)
+        self.defaults = read_serving_defaults(folder)
         # dit.cpu_offload: weights wait in host memory and visit the device for each chunk's work;
         # per-session state (KV caches, camera) stays on the device.
         self.offload = config.dit.cpu_offload and self.stage.device.type != "cpu"
@@ -66,6 +70,13 @@ class DiTRank(DiTHost):
 
     def step(self, sid: str, request: ChunkRequest) -> DiTChunk:
         return self._on_device(super().step, sid, request)
+
+    def warm_up(self) -> int:
+        """Compile now, before the replica reports ready: a throwaway session at the checkpoint's
+        default size (every rank at once under sequence parallelism). Returns the chunks run."""
+        if self.compile == "none":
+            return 0
+        return self._on_device(warm_up, self.stage, self.defaults.width, self.defaults.height)
 
     def join(self, address: str, port: int) -> int:
         """Join the group's process group; the DiT then runs sequence-parallel over it."""
@@ -101,6 +112,7 @@ class RankGroup:
         self._run_local = run_local
         self.workers: list[Any] = []
         if self.size == 1:
+            self.local.warm_up()
             return
         import ray
         from ray.util import get_current_placement_group
@@ -132,6 +144,9 @@ class RankGroup:
         self.local.join(address, port)  # returns once every rank has joined
         ray.get(joined)
         logger.info("DiT rank group of %d joined at %s:%d", self.size, address, port)
+        warming = [w.warm_up.remote() for w in self.workers]
+        self.local.warm_up()
+        ray.get(warming)
 
     async def call(self, method: Callable[..., Result], *args) -> Result:
         """Run ``method`` (a :class:`DiTRank` method) on every rank with the same arguments; returns

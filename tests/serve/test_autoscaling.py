@@ -202,6 +202,7 @@ def cluster():
         "dit": {
             "sessions_per_group": 2,
             "num_cpus_per_rank": 0.5,
+            "compile": "default",  # each new group compiles and warms up before it is ready
             "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_free_slots": 1, "drain_s": 1, "health_check_period_s": 1},
         },
         "vae": {"num_cpus": 0.5, "sessions_per_replica": 8},
