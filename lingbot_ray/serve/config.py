@@ -105,6 +105,10 @@ class DiTConfig(_Section):
     # A session no call has touched for this long is released (its ingress died without closing it).
     # Keep it above the longest pause a client may take: a client that stops reading stalls its calls.
     session_idle_timeout_s: float = 600.0
+    # torch.compile of the transformer blocks: none | default | max-autotune-no-cudagraphs |
+    # max-autotune | reduce-overhead (CUDA graphs). The replica warms up (compiles) at the
+    # checkpoint's default size before it reports ready (lingbot_ray/engine/fastpath.py).
+    compile: str = "none"
     # Groups from session slots (min_replicas..max_replicas groups) instead of num_groups.
     autoscaling: ScalingConfig | None = None
 
@@ -138,6 +142,14 @@ class PostProcessConfig(StageConfig):
         return bool(self.rife_model_path or self.esrgan_model_path or self.model_dirs)
 
 
+class IceServer(_Section):
+    """A STUN or TURN server of the server's peer connections (the fields of WebRTC's RTCIceServer)."""
+
+    urls: str | list[str]  # stun:host:port, turn:host:port?transport=udp|tcp, turns:host:port
+    username: str | None = None
+    credential: str | None = None
+
+
 class IngressConfig(_Section):
     num_replicas: int = 1
     num_cpus: float = 0.5
@@ -163,6 +175,29 @@ class IngressConfig(_Section):
     max_clip_chunks: int = 64
     # How long a rollout or downscale lets this replica's sessions go on before they are cut.
     graceful_shutdown_timeout_s: float = 60.0
+    # POST /v1/realtime_video/webrtc (docs/PROTOCOL.md "WebRTC", docs/DEPLOYING.md "WebRTC media
+    # ports"). The UDP ports this replica's peer connections bind for media, inclusive (0, 0: any
+    # port the OS picks). Each session binds one port per host address.
+    webrtc_port_min: int = 0
+    webrtc_port_max: int = 0
+    # The addresses host candidates are offered on (empty: every interface but loopback).
+    webrtc_host_addresses: list[str] = msgspec.field(default_factory=list)
+    # STUN/TURN servers of the server side; none by default (no outside lookups).
+    webrtc_ice_servers: list[IceServer] = msgspec.field(default_factory=list)
+    # The video a session gets unless its offer asks otherwise, and the most bitrate it may ask.
+    webrtc_codec: Literal["VP8", "H264"] = "VP8"
+    webrtc_bitrate: int = 1_500_000
+    webrtc_max_bitrate: int = 20_000_000
+    webrtc_keyframe_interval_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        ports = (self.webrtc_port_min, self.webrtc_port_max)
+        if ports != (0, 0) and not 1 <= self.webrtc_port_min <= self.webrtc_port_max <= 65535:
+            raise ValueError(f"ingress.webrtc_port_min/max={ports}: need 1 <= min <= max <= 65535, or both 0 (any port)")
+        if not 50_000 <= self.webrtc_bitrate <= self.webrtc_max_bitrate:
+            raise ValueError(f"ingress.webrtc_bitrate={self.webrtc_bitrate}: need 50000 <= it <= webrtc_max_bitrate={self.webrtc_max_bitrate}")
+        if not 0.1 <= self.webrtc_keyframe_interval_s <= 60:
+            raise ValueError(f"ingress.webrtc_keyframe_interval_s={self.webrtc_keyframe_interval_s}: need 0.1 ... 60 s")
 
     def resolved_api_key(self) -> str | None:
         if self.api_key:
@@ -222,6 +257,10 @@ class ServeConfig(_Section):
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key}={value!r}: must be >= 1")
+        from lingbot_ray.engine.fastpath import COMPILE_MODES
+
+        if self.dit.compile not in COMPILE_MODES:
+            raise ValueError(f"dit.compile={self.dit.compile!r}: must be one of {list(COMPILE_MODES)}")
         if self.text_encoder.autoscaling is not None:
             raise ValueError(
                 "text_encoder.autoscaling: the text encoder holds no sessions; scale it with Serve's own "
