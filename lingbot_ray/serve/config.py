@@ -25,7 +25,8 @@ EMBEDDED_PREFIX = "embedded:"
 
 
 class ModelConfig(_Section):
-    # Where the diffusers-style LingBot checkpoint (model_index.json at its root) comes from:
+    # Where the LingBot checkpoint comes from (a diffusers folder, a native release, or a DiT-only 1.3B
+    # folder with shared_components: docs/MODEL.md, "Checkpoint folder" and "Detecting the version"):
     # - ``embedded:NAME``: a checkpoint shipped in the package (lingbot_ray/checkpoints/NAME); by
     #   default the embedded world model, so build_app({}) serves something without any file;
     # - a Hugging Face hub repo id, ``ORG/NAME`` (e.g. robbyant/lingbot-world-fast-diffusers) or
