@@ -3,6 +3,9 @@
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the model card (docs/PROTOCOL.md), CORS-readable.
 - ``WS /v1/realtime_video/generate``: one :class:`SessionDriver` per socket.
 - ``POST /v1/videos``: a whole clip from a script, as one MP4 (:mod:`.videos`).
+- ``POST /v1/realtime_video/webrtc``: a realtime session whose frames go as WebRTC video
+  (:mod:`.webrtc`; its module is imported on the first offer, so an ingress without aiortc serves
+  everything else).
 - ``/``: the static WebUI folder, when one is configured or shipped.
 
 Every endpoint checks the optional API key: ``Authorization: Bearer <key>``, ``x-api-key: <key>``,
@@ -36,7 +39,7 @@ from lingbot_ray.protocol import ACTIONS, AuthError, ModelCard, ModelList, model
 from .backend import StageBackend, replica_tag
 from .config import ServeConfig
 from .media import MediaPolicy
-from .session import SessionDriver, SessionSettings, Slots
+from .session import SessionDriver, SessionSettings, Slots, StreamingSession
 from .videos import ClipRunner
 
 logger = logging.getLogger("ray.serve")
@@ -70,7 +73,8 @@ class Ingress:
         self.replica_id = replica_tag()
         self.sessions = Slots(config.ingress.max_sessions, f"ingress {self.replica_id} carries sessions")
         self.waiting = Slots(config.ingress.max_pending_inits, f"ingress {self.replica_id} has sockets waiting for init")
-        self.drivers: set[SessionDriver] = set()  # every open socket's driver, for shut_down_sessions
+        # every running session (WebSocket or WebRTC), for shut_down_sessions
+        self.drivers: set[StreamingSession] = set()
         self.closing: str | None = None  # why this replica ends its sockets and takes no new ones
         self._apply(config)
         self.asgi = self._build_app()
@@ -187,8 +191,9 @@ class Ingress:
             self.drivers.discard(driver)
 
     async def shut_down_sessions(self, reason: str = "the service is stopping", timeout_s: float = 10.0) -> dict[str, Any]:
-        """End every socket of this replica with close 1001 and ``reason``, and take no new one
-        (docs/DEPLOYING.md, "Stopping"); returns once they are closed, or after ``timeout_s``."""
+        """End every session of this replica (sockets with close 1001, WebRTC sessions with the same
+        error) with ``reason``, and take no new one (docs/DEPLOYING.md, "Stopping"); returns once
+        they are closed, or after ``timeout_s``."""
         self.closing = reason
         ended = len(self.drivers)
         for driver in list(self.drivers):
@@ -203,12 +208,28 @@ class Ingress:
         """A whole clip as one MP4 (:mod:`.videos`), on this replica's session slots."""
         return await ClipRunner(self.backend, self.settings, self.sessions, self.config.ingress.max_clip_chunks)(request)
 
+    async def webrtc(self, request: Request) -> Response:
+        """An SDP offer and an init in, the answer out; the session then streams over the peer
+        connection (:mod:`.webrtc`), on this replica's session slots."""
+        try:
+            from .webrtc import WebRTCSignalling
+        except ImportError as exc:
+            logger.warning("POST /v1/realtime_video/webrtc: %s", exc)
+            error = {"message": f"WebRTC is not available on this server: {exc}", "type": "server_error"}
+            return _json({"error": error}, 501)
+        signalling = WebRTCSignalling(
+            self.backend, self.settings, self.sessions, self.config.ingress,
+            metrics=self.metrics, sessions_open=self.drivers, closing=lambda: self.closing,
+        )
+        return await signalling(request)
+
     def _build_app(self):
         routes = [
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/actions", lambda request: _json(ACTIONS.describe()), methods=["GET"]),  # the camera action table
             Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
             Route("/v1/videos", self.videos, methods=["POST"]),
+            Route("/v1/realtime_video/webrtc", self.webrtc, methods=["POST"]),
             WebSocketRoute("/v1/realtime_video/generate", self.generate),
         ]
         webui = pathlib.Path(self.config.ingress.webui_dir) if self.config.ingress.webui_dir else _PACKAGED_WEBUI

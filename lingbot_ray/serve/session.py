@@ -1,8 +1,12 @@
-"""One realtime session per WebSocket: the protocol's lifecycle on top of a :class:`StageBackend`.
+"""One realtime session: the protocol's lifecycle on top of a :class:`StageBackend`, whatever carries
+it. :class:`StreamingSession` is the lifecycle; :class:`SessionDriver` carries it over a WebSocket,
+and :mod:`.webrtc` over a WebRTC peer connection (frames as a video track, messages on a data
+channel). Both run the same steps, producer and event reader:
 
-1. Read messages until one validates as ``init`` (each invalid one gets ``invalid generate
-   request``; the socket stays open), for at most ``ingress.init_timeout_s``. A socket that has not
-   sent a valid init holds no session slot: it counts only against ``ingress.max_pending_inits``.
+1. A valid ``init``. On a WebSocket: messages are read until one validates (each invalid one gets
+   ``invalid generate request``; the socket stays open), for at most ``ingress.init_timeout_s``; a
+   socket that has not sent a valid init holds no session slot, it counts only against
+   ``ingress.max_pending_inits``. Over WebRTC the init came with the offer and was validated there.
 2. Admission before any model work: a slot of this ingress, then a slot on every sticky stage
    (refused with 1013 when none has room).
 3. From here the event reader runs, and it is also how a disconnect is noticed: while the stages
@@ -11,7 +15,8 @@
 4. The generation loop is pipelined: chunk N+1's conditions are sampled and its DiT work submitted
    as soon as chunk N's DiT work ends, while chunk N decodes and chunk N-1 is encoded and sent. At
    most ``max_chunks_in_flight`` chunks are between "submitted" and "sent", so a slow client pauses
-   generation instead of growing queues; nothing the session keeps grows with its length.
+   generation instead of growing queues; nothing the session keeps grows with its length. Where the
+   frames go is the transport's :class:`FrameOutput`; the rest of the loop is shared.
 5. Whatever ends the session (``max_chunks``, disconnect, error, shutdown), the slots are given back
    before anything else (synchronously, so a cancelled handler cannot skip it), every stage frees
    its state, and one log line records the session's figures.
@@ -25,6 +30,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -189,35 +195,54 @@ def apply_event(queue: ConditionQueue, event: ClientEvent) -> None:
     )
 
 
-class _Closed(Exception):
-    """The client went away."""
+class Closed(Exception):
+    """The client went away (its socket, peer connection or data channel closed)."""
 
 
 def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1e3))
 
 
-class SessionDriver:
-    def __init__(
-        self,
-        websocket: WebSocket,
-        backend: StageBackend,
-        settings: SessionSettings,
-        metrics=None,
-        *,
-        sessions: Slots,
-        waiting: Slots,
-    ):
-        """``sessions``/``waiting``: the ingress replica's slots, shared by all its sockets."""
-        self.ws = websocket
+@dataclass(frozen=True)
+class Delivery:
+    """How one chunk's frames went out: the transport's share of the chunk's ``chunk_stats``."""
+
+    num_batches: int  # frame_batch messages (0 when frames travel as video)
+    payload_bytes: int
+    encode_s: float
+    pace_wait_s: float  # held back so that frames leave at the session's fps
+    write_s: float
+    sent_at: float  # time.perf_counter() when the chunk's last frame left
+
+
+class FrameOutput(Protocol):
+    """Where a session's frames go: frame batches on a WebSocket, or a WebRTC video track.
+    ``deliver`` returns once the chunk's frames have left (paced, if the output paces)."""
+
+    content_type: str
+
+    async def deliver(self, frames: np.ndarray, *, chunk_index: int, event_id: int | None, fps: float) -> Delivery: ...
+
+
+class StreamingSession:
+    """One session's lifecycle (the module docstring's steps), shared by the transports.
+
+    A transport says how a message goes out (:meth:`_send`), comes in (:meth:`_receive`) and how
+    the client is let go (:meth:`_close`); how the init arrives (:meth:`_admit`); what happens once
+    the stages hold the session (:meth:`_opened`); and where frames go (:meth:`_frame_output`).
+    """
+
+    # end reason of a session that never got past step 1
+    unstarted_reason = "client left before init"
+
+    def __init__(self, backend: StageBackend, settings: SessionSettings, metrics=None, *, sessions: Slots):
+        """``sessions``: the ingress replica's session slots, shared by all its sessions."""
         self.backend = backend
         self.settings = settings
         # this session's view of the ingress's metrics: it keeps the session's init and event times
         self.metrics = metrics.for_session() if metrics is not None else None
         self.sessions = sessions
-        self.waiting = waiting
         self.session_id = uuid.uuid4().hex
-        self._send_lock = asyncio.Lock()
         self._chunk_ms = QuantileSketch()
         self._frames_sent = 0
         self._bytes_sent = 0
@@ -226,63 +251,51 @@ class SessionDriver:
         self._going_away: str | None = None
 
     def go_away(self, reason: str) -> None:
-        """End this socket now with close 1001 and ``reason`` (the server is stopping), whatever
+        """End this session now with close 1001 and ``reason`` (the server is stopping), whatever
         phase it is in: chunks not yet sent are dropped, and a chunk whose frames were partly sent
         ends without its ``chunk_stats``."""
         if self._task is not None and self._going_away is None:
             self._going_away = reason
             self._task.cancel()
 
-    # -- wire ------------------------------------------------------------------------------------
+    # -- transport -------------------------------------------------------------------------------
 
     async def _send(self, message) -> int:
-        data = encode_server_message(message)
-        async with self._send_lock:
-            if self.ws.application_state != WebSocketState.CONNECTED:
-                raise _Closed()
-            await self.ws.send_bytes(data)
-        return len(data)
+        """Send one server message; raises :class:`Closed` once the client is gone."""
+        raise NotImplementedError
 
     async def _receive(self) -> bytes:
-        message = await self.ws.receive()
-        if message["type"] == "websocket.disconnect":
-            raise _Closed()
-        data = message.get("bytes")
-        if data is None:  # a text frame: the protocol is binary MessagePack only
-            data = (message.get("text") or "").encode()
-        limit = self.settings.max_message_bytes
-        if len(data) > limit:
-            raise MessageTooBig(f"{len(data)} bytes > {limit} (ingress.max_message_bytes)")
-        return data
+        """The next client message; raises :class:`Closed` once the client is gone."""
+        raise NotImplementedError
 
     async def _close(self, code: int, reason: str) -> None:
-        if self.ws.application_state == WebSocketState.CONNECTED:
-            try:
-                await self.ws.close(code=code, reason=reason)
-            except Exception:  # already gone
-                pass
+        raise NotImplementedError
+
+    async def _admit(self) -> tuple[InitRequest, SessionSpec, PostOptions | None]:
+        """Step 1: a valid init, its engine spec and post-processing."""
+        raise NotImplementedError
+
+    async def _opened(self) -> None:
+        """The stages hold the session (step 3 done); the transport may now tell the client."""
+
+    def _frame_output(self, init: InitRequest) -> FrameOutput:
+        raise NotImplementedError
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def run(self) -> None:
         self._task = asyncio.current_task()
         started = time.perf_counter()
-        end_reason, admitted, opened = "client left before init", False, False
+        end_reason, admitted, opened = self.unstarted_reason, False, False
         tasks: list[asyncio.Task] = []  # cancelled at the end
         opening: asyncio.Task | None = None
         try:
-            # Step 1: a valid init, in time; the socket holds no session slot yet
-            self.waiting.take()
-            try:
-                init, spec, post = await asyncio.wait_for(self._read_init(), self.settings.init_timeout_s)
-            except asyncio.TimeoutError:
-                raise InitTimeout(f"no valid init within {self.settings.init_timeout_s:g} s (ingress.init_timeout_s)") from None
-            finally:
-                self.waiting.give()
+            # Step 1: a valid init; the session holds no session slot yet
+            init, spec, post = await self._admit()
             # Step 2: this ingress's slot; the stages' slots are reserved first thing in open
             self.sessions.take()
             admitted = True
-            # Step 3: the reader watches the socket while the stages open the session
+            # Step 3: the reader watches the client while the stages open the session
             queue = ConditionQueue(init.camera_script, max_pending=self.settings.limits.max_script_entries)
             reader = asyncio.create_task(self._read_events(queue))
             tasks.append(reader)
@@ -293,6 +306,7 @@ class SessionDriver:
             self._log_start(init, spec)
             if self.metrics:
                 self.metrics.session_started()
+            await self._opened()
             # Step 4: stream until max_chunks, a disconnect or a failure
             generator = asyncio.create_task(self._generate(init, queue, info.latent_frames_per_chunk))
             tasks.append(generator)
@@ -303,7 +317,7 @@ class SessionDriver:
                 await self._end(None)
             else:
                 reader.result()  # raises why the reader stopped: the client left, or broke a limit
-        except (_Closed, WebSocketDisconnect):
+        except (Closed, WebSocketDisconnect):
             end_reason = "client disconnected"
         except asyncio.CancelledError:
             if self._going_away is None:
@@ -371,22 +385,6 @@ class SessionDriver:
         if outcome.close_code is not None:
             await self._close(int(outcome.close_code), outcome.close_reason)
 
-    async def _read_init(self) -> tuple[InitRequest, SessionSpec, PostOptions | None]:
-        s = self.settings
-        while True:
-            data = await self._receive()
-            received = time.perf_counter()
-            try:
-                init = decode_init(data, served_model=s.served_model, defaults=s.defaults, limits=s.limits)
-                post = s.post_options(init)
-                spec = await asyncio.to_thread(s.spec_for, init)
-                if self.metrics:
-                    self.metrics.init_received(received)
-                return init, spec, post
-            except ProtocolError as exc:
-                logger.info("session %s: invalid init: %s", self.session_id, exc)
-                await self._send(outcome_for(exc).error)
-
     async def _read_events(self, queue: ConditionQueue) -> None:
         while True:
             data = await self._receive()
@@ -437,15 +435,9 @@ class SessionDriver:
         await ready.put(None)
 
     async def _send_chunks(self, init: InitRequest, ready: asyncio.Queue, slots: asyncio.Semaphore, in_flight: set) -> None:
-        encoder = make_encoder(
-            init.realtime_output_format,
-            quality=init.preview_quality,
-            preview_max_width=init.realtime_preview_max_width,
-            max_message_bytes=self.settings.max_message_bytes,
-        )
+        output = self._frame_output(init)
         # interpolation multiplies the frames: they play at fps · 2^exp
         fps = float(init.fps) * (2**init.frame_interpolation_exp if init.enable_frame_interpolation else 1)
-        playback_start: float | None = None
         while True:
             item = await ready.get()
             if item is None:
@@ -455,26 +447,7 @@ class SessionDriver:
             forward_end = time.perf_counter()
             frames: np.ndarray = result.frames
 
-            encode_start = time.perf_counter()
-            batches = await asyncio.to_thread(
-                encoder.encode_chunk, frames, request_id=self.session_id, chunk_index=chunk_index, event_id=event_id, fps=fps
-            )
-            encode_end = time.perf_counter()
-
-            pace_wait = 0.0
-            if init.realtime_output_pacing:
-                if playback_start is None:
-                    playback_start = encode_end
-                due = playback_start + self._frames_sent / fps
-                pace_wait = max(0.0, due - time.perf_counter())
-                if pace_wait:
-                    await asyncio.sleep(pace_wait)
-
-            write_start = time.perf_counter()
-            payload_bytes = 0
-            for batch in batches:
-                payload_bytes += await self._send(batch)
-            write_end = time.perf_counter()
+            delivery = await output.deliver(frames, chunk_index=chunk_index, event_id=event_id, fps=fps)
             in_flight.discard(future)
             slots.release()
 
@@ -486,18 +459,18 @@ class SessionDriver:
                 chunk_index=chunk_index,
                 event_id=event_id,
                 num_frames=int(frames.shape[0]),
-                num_batches=len(batches),
-                content_type=encoder.content_type,
+                num_batches=delivery.num_batches,
+                content_type=output.content_type,
                 raw_bytes=int(frames.nbytes),
-                ws_payload_bytes=payload_bytes,
+                ws_payload_bytes=delivery.payload_bytes,
                 request_prepare_ms=_ms(submit_time - prepare_start),
                 scheduler_forward_ms=_ms(forward_s),
-                pace_wait_ms=_ms(pace_wait),
+                pace_wait_ms=_ms(delivery.pace_wait_s),
                 # Frame headers travel inside each frame_batch message: there is no separate write.
                 header_write_ms=0,
-                raw_payload_build_ms=_ms(encode_end - encode_start),
-                raw_write_ms=_ms(write_end - write_start),
-                ws_write_ms=_ms(write_end - write_start),
+                raw_payload_build_ms=_ms(delivery.encode_s),
+                raw_write_ms=_ms(delivery.write_s),
+                ws_write_ms=_ms(delivery.write_s),
                 chunk_total_ms=_ms(time.perf_counter() - prepare_start),
                 text_encoder_ms=round(timings.text_encoder_ms),
                 dit_ms=round(timings.dit_ms),
@@ -513,9 +486,9 @@ class SessionDriver:
             await self._send(stats)
             self._chunk_ms.add(stats.chunk_total_ms)
             self._frames_sent += int(frames.shape[0])
-            self._bytes_sent += payload_bytes
+            self._bytes_sent += delivery.payload_bytes
             if self.metrics:
-                self.metrics.chunk_sent(stats, timings, sampled_at=prepare_start, sent_at=write_end)
+                self.metrics.chunk_sent(stats, timings, sampled_at=prepare_start, sent_at=delivery.sent_at)
 
     # -- logging ---------------------------------------------------------------------------------
 
@@ -528,10 +501,13 @@ class SessionDriver:
             spec.num_frames,
             spec.num_inference_steps,
             spec.seed,
-            init.realtime_output_format or "delta-gzip",
+            self._format_name(init),
             init.max_chunks,
             self._dit_replica,
         )
+
+    def _format_name(self, init: InitRequest) -> str:
+        return init.realtime_output_format or "delta-gzip"
 
     def _log_end(self, started: float, reason: str) -> None:
         duration = time.perf_counter() - started
@@ -549,3 +525,122 @@ class SessionDriver:
             self._bytes_sent,
             self._dit_replica,
         )
+
+
+class WebSocketFrames:
+    """Frames as ``frame_batch`` messages in the init's output format, paced at fps when the init
+    asks for ``realtime_output_pacing`` (counted from the first chunk, so a late chunk catches up)."""
+
+    def __init__(self, send, init: InitRequest, *, request_id: str, max_message_bytes: int):
+        self._send = send
+        self._request_id = request_id
+        self._pacing = init.realtime_output_pacing
+        self._encoder = make_encoder(
+            init.realtime_output_format,
+            quality=init.preview_quality,
+            preview_max_width=init.realtime_preview_max_width,
+            max_message_bytes=max_message_bytes,
+        )
+        self.content_type = self._encoder.content_type
+        self._playback_start: float | None = None
+        self._frames_sent = 0
+
+    async def deliver(self, frames: np.ndarray, *, chunk_index: int, event_id: int | None, fps: float) -> Delivery:
+        encode_start = time.perf_counter()
+        batches = await asyncio.to_thread(
+            self._encoder.encode_chunk, frames, request_id=self._request_id, chunk_index=chunk_index, event_id=event_id, fps=fps
+        )
+        encode_end = time.perf_counter()
+
+        pace_wait = 0.0
+        if self._pacing:
+            if self._playback_start is None:
+                self._playback_start = encode_end
+            due = self._playback_start + self._frames_sent / fps
+            pace_wait = max(0.0, due - time.perf_counter())
+            if pace_wait:
+                await asyncio.sleep(pace_wait)
+
+        write_start = time.perf_counter()
+        payload_bytes = 0
+        for batch in batches:
+            payload_bytes += await self._send(batch)
+        write_end = time.perf_counter()
+        self._frames_sent += int(frames.shape[0])
+        return Delivery(len(batches), payload_bytes, encode_end - encode_start, pace_wait, write_end - write_start, write_end)
+
+
+class SessionDriver(StreamingSession):
+    """One realtime session per WebSocket (``WS /v1/realtime_video/generate``)."""
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        backend: StageBackend,
+        settings: SessionSettings,
+        metrics=None,
+        *,
+        sessions: Slots,
+        waiting: Slots,
+    ):
+        """``sessions``/``waiting``: the ingress replica's slots, shared by all its sockets."""
+        super().__init__(backend, settings, metrics, sessions=sessions)
+        self.ws = websocket
+        self.waiting = waiting
+        self._send_lock = asyncio.Lock()
+
+    async def _send(self, message) -> int:
+        data = encode_server_message(message)
+        async with self._send_lock:
+            if self.ws.application_state != WebSocketState.CONNECTED:
+                raise Closed()
+            await self.ws.send_bytes(data)
+        return len(data)
+
+    async def _receive(self) -> bytes:
+        message = await self.ws.receive()
+        if message["type"] == "websocket.disconnect":
+            raise Closed()
+        data = message.get("bytes")
+        if data is None:  # a text frame: the protocol is binary MessagePack only
+            data = (message.get("text") or "").encode()
+        limit = self.settings.max_message_bytes
+        if len(data) > limit:
+            raise MessageTooBig(f"{len(data)} bytes > {limit} (ingress.max_message_bytes)")
+        return data
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.ws.application_state == WebSocketState.CONNECTED:
+            try:
+                await self.ws.close(code=code, reason=reason)
+            except Exception:  # already gone
+                pass
+
+    def _frame_output(self, init: InitRequest) -> FrameOutput:
+        return WebSocketFrames(self._send, init, request_id=self.session_id, max_message_bytes=self.settings.max_message_bytes)
+
+    async def _admit(self) -> tuple[InitRequest, SessionSpec, PostOptions | None]:
+        # the socket counts against max_pending_inits until it has sent a valid init, in time
+        self.waiting.take()
+        try:
+            return await asyncio.wait_for(self._read_init(), self.settings.init_timeout_s)
+        except asyncio.TimeoutError:
+            raise InitTimeout(f"no valid init within {self.settings.init_timeout_s:g} s (ingress.init_timeout_s)") from None
+        finally:
+            self.waiting.give()
+
+    async def _read_init(self) -> tuple[InitRequest, SessionSpec, PostOptions | None]:
+        s = self.settings
+        while True:
+            data = await self._receive()
+            received = time.perf_counter()
+            try:
+                init = decode_init(data, served_model=s.served_model, defaults=s.defaults, limits=s.limits)
+                post = s.post_options(init)
+                spec = await asyncio.to_thread(s.spec_for, init)
+                if self.metrics:
+                    self.metrics.init_received(received)
+                return init, spec, post
+            except ProtocolError as exc:
+                logger.info("session %s: invalid init: %s", self.session_id, exc)
+                await self._send(outcome_for(exc).error)

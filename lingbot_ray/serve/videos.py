@@ -37,7 +37,7 @@ SPOOL_BYTES = 16 * 2**20  # an MP4 larger than this is spooled to a temporary fi
 _BOUNDARY = "lingbot-clip"
 
 
-def _error(status: int, message: str, *, field: str | None = None, detail: str | None = None, headers=None) -> Response:
+def http_error(status: int, message: str, *, field: str | None = None, detail: str | None = None, headers=None) -> Response:
     error = {"message": message, "type": "invalid_request_error" if status < 500 else "server_error"}
     if field is not None:
         error["param"] = field
@@ -54,7 +54,10 @@ class ClipRequest(msgspec.Struct, forbid_unknown_fields=True):
     lossless: bool = False
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_request_map(request: Request, limit: int, shape: str) -> dict[str, Any]:
+    """An HTTP request's body, at most ``limit`` bytes, decoded by its content type (JSON or
+    MessagePack) into a map; raises InvalidInit naming ``body`` or ``content-type``. ``shape`` says
+    what the map should be, for the error."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise InvalidInit("body", f"<{declared} bytes>", f"larger than {limit} bytes (ingress.max_message_bytes)")
@@ -63,20 +66,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
         body += part
         if len(body) > limit:
             raise InvalidInit("body", f"<over {limit} bytes>", f"larger than {limit} bytes (ingress.max_message_bytes)")
-    return bytes(body)
-
-
-def _parse(request: Request, body: bytes, settings: SessionSettings, max_chunks: int):
-    """The clip's init, its events by chunk and its options; raises InvalidInit naming the field."""
     media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if media_type not in MEDIA_TYPES:
         raise InvalidInit("content-type", media_type, f"must be one of {sorted(MEDIA_TYPES)}")
     try:
-        message = MEDIA_TYPES[media_type](body)
+        message = MEDIA_TYPES[media_type](bytes(body))
     except (msgspec.DecodeError, RecursionError) as exc:
         raise InvalidInit("body", f"<{len(body)} bytes>", f"not {media_type}: {exc}") from None
     if not isinstance(message, dict):
-        raise InvalidInit("body", type(message).__name__, "must be a map of init fields")
+        raise InvalidInit("body", type(message).__name__, f"must be {shape}")
+    return message
+
+
+def _parse(message: dict[str, Any], settings: SessionSettings, max_chunks: int):
+    """The clip's init, its events by chunk and its options; raises InvalidInit naming the field."""
     extra = {key: message.pop(key) for key in ClipRequest.__struct_fields__ if key in message}
     try:
         options = msgspec.convert(extra, ClipRequest)
@@ -110,16 +113,16 @@ class ClipRunner:
     async def __call__(self, request: Request) -> Response:
         s = self.settings
         try:
-            body = await _read_body(request, s.max_message_bytes)
-            init, events, options = _parse(request, body, s, self.max_clip_chunks)
+            message = await read_request_map(request, s.max_message_bytes, "a map of init fields")
+            init, events, options = _parse(message, s, self.max_clip_chunks)
             post = s.post_options(init)
             spec = await asyncio.to_thread(s.spec_for, init)
         except ProtocolError as exc:
-            return _error(400, "invalid generate request", field=exc.field, detail=str(exc))
+            return http_error(400, "invalid generate request", field=exc.field, detail=str(exc))
         try:
             self.sessions.take()
         except CapacityError as exc:
-            return _error(503, f"no capacity: {exc}", headers={"Retry-After": "5"})
+            return http_error(503, f"no capacity: {exc}", headers={"Retry-After": "5"})
         sid = uuid.uuid4().hex
         started = time.perf_counter()
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
@@ -157,14 +160,14 @@ class ClipRunner:
             await asyncio.to_thread(writer.close)
         except CapacityError as exc:
             end = f"refused: {exc}"
-            return _error(503, f"no capacity: {exc}", headers={"Retry-After": "5"})
+            return http_error(503, f"no capacity: {exc}", headers={"Retry-After": "5"})
         except ProtocolError as exc:
             end = f"invalid: {exc}"
-            return _error(400, "invalid generate request", field=exc.field, detail=str(exc))
+            return http_error(400, "invalid generate request", field=exc.field, detail=str(exc))
         except Exception as exc:
             end = f"{type(exc).__name__}: {exc}"
             logger.warning("clip %s failed: %r", sid, exc)
-            return _error(500, f"error during generate loop: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            return http_error(500, f"error during generate loop: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         finally:
             self.sessions.give()
             await asyncio.shield(self.backend.close(sid))

@@ -1,10 +1,14 @@
 /* lingbot_ray realtime WebUI: init form, camera controls, playback, stats, log, recording.
- * Protocol: docs/PROTOCOL.md of this repository (every message is a binary MessagePack map).
+ * Protocol: docs/PROTOCOL.md of this repository (every message is a binary MessagePack map). Frames
+ * come as WebSocket messages drawn on the canvas, or (transport "webrtc") as a WebRTC video track
+ * shown by a <video> element, with the same events and chunk_stats on a data channel.
  */
 (function () {
   "use strict";
   const $ = (id) => document.getElementById(id);
   const WS_PATH = "/v1/realtime_video/generate";
+  const WEBRTC_PATH = "/v1/realtime_video/webrtc";
+  const ICE_GATHERING_WAIT_MS = 2000;
   // The camera pads: which pad a motion kind goes on, and where a motion sits on it, by axis and
   // sign ([+1 slot, -1 slot]). The tokens, labels and keys come from the server (GET /v1/actions).
   const PADS = { translate: { id: "move-pad", title: "move" }, rotate: { id: "look-pad", title: "look" } };
@@ -33,6 +37,7 @@
     continuous: $("continuous"), maxChunks: $("max-chunks"), start: $("start"), stop: $("stop"),
     record: $("record"), download: $("download"), status: $("status"), screen: $("screen"), plot: $("plot"),
     log: $("log"), livePrompt: $("live-prompt"), sendPrompt: $("send-prompt"), held: $("held"),
+    video: $("video"), videoCodec: $("video-codec"), videoKbps: $("video-kbps"),
   };
   const ctx = ui.screen.getContext("2d");
 
@@ -48,7 +53,13 @@
     keyActions: new Map(), // KeyboardEvent.key (lower case) -> token
     eventId: 0,
     sessionT0: 0,
-    pendingEvents: [], // [{id, t, kind}]
+    pendingEvents: [], // [{id, t, kind}]: sent, no message has echoed them yet
+    unshown: [], // [{id, t}]: sent, no frame generated with them has been on screen yet
+    rtc: null, // the WebRTC session: {pc, channel, statsTimer}
+    rtcFramesBefore: 0, // frames of the video's earlier chunks: where the next chunk starts
+    rtcShownAt: new Map(), // presented frame number (1, 2, ...) -> when
+    rtcAwaiting: [], // [{frame, eventId}]: chunks whose first frame has not been presented yet
+    glassSamples: [], // [{id, ms}]: event sent -> the first frame of its chunk on screen
     queue: [], // [{image, chunk, eventId}]
     dropped: 0,
     fps: 16,
@@ -70,9 +81,10 @@
   function freshStats() {
     return {
       chunks: 0, framesReceived: 0, renderFps: 0, generatedFps: null, chunkMs: null, forwardMs: null,
-      eventLatencyMs: null, lastEventId: null, bytesThisChunk: 0, bytesPerChunk: null, wsPayloadBytes: null,
+      eventLatencyMs: null, lastEventId: null, glassMs: null, glassEventId: null,
+      bytesThisChunk: 0, bytesPerChunk: null, wsPayloadBytes: null,
       decodeMs: null, decodeMsSum: 0, decodeBatches: 0, lastStatsAt: null, width: 0, height: 0, errors: 0,
-      closeCode: null, closeReason: "",
+      closeCode: null, closeReason: "", lastError: null,
     };
   }
   state.stats = freshStats();
@@ -286,11 +298,17 @@
     const still = ui.transport.value === "webp" || ui.transport.value === "jpeg";
     ui.compression.disabled = !still;
     if (still) ui.compression.value = ui.transport.value === "jpeg" ? 95 : 90;
+    ui.videoCodec.disabled = ui.videoKbps.disabled = ui.transport.value !== "webrtc";
   });
 
   // ------------------------------------------------------------------------------ session
 
   function send(message) {
+    if (state.rtc) {
+      if (state.rtc.channel.readyState !== "open") return false;
+      state.rtc.channel.send(MsgPack.encode(message));
+      return true;
+    }
     if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return false;
     state.ws.send(MsgPack.encode(message));
     return true;
@@ -313,7 +331,7 @@
 
   function startSession(event) {
     if (event) event.preventDefault();
-    if (state.ws) return;
+    if (state.ws || state.rtc) return;
     let init;
     try {
       init = buildInit();
@@ -328,11 +346,20 @@
     state.dropped = 0;
     state.eventId = 0;
     state.pendingEvents = [];
+    state.unshown = [];
+    state.glassSamples = [];
     state.framesDrawn = 0;
     state.drawTimes = [];
     state.fps = init.fps || 16;
     state.decodeChain = Promise.resolve();
     ensureWorker().postMessage({ op: "reset" });
+    const webrtc = ui.transport.value === "webrtc";
+    ui.screen.hidden = webrtc;
+    ui.video.hidden = !webrtc;
+    if (webrtc) {
+      startWebRTC(init);
+      return;
+    }
     const url = wsUrl();
     log(`connecting ${url.replace(/api_key=[^&]*/, "api_key=…")}`);
     setStatus("connecting", "connecting");
@@ -372,14 +399,162 @@
   }
 
   function stopSession() {
+    if (state.rtc) {
+      log("closing session (client stop)");
+      endWebRTC(state.rtc, "client stop");
+    }
     if (state.ws) {
       log("closing session (client stop)");
       state.ws.close(1000, "client stop");
     }
   }
 
+  // ------------------------------------------------------------------------------ WebRTC
+
+  // The offer goes out with the init (POST /v1/realtime_video/webrtc) and the answer comes back once
+  // the server holds the session; frames then arrive as a video track, messages on the data channel.
+  async function startWebRTC(init) {
+    const pc = new RTCPeerConnection();
+    const channel = pc.createDataChannel("lingbot");
+    channel.binaryType = "arraybuffer";
+    const rtc = { pc, channel, statsTimer: null, ended: false };
+    state.rtc = rtc;
+    state.rtcFramesBefore = 0;
+    state.rtcShownAt = new Map();
+    state.rtcAwaiting = [];
+    const generation = state.generation;
+    pc.addTransceiver("video", { direction: "recvonly" });
+    pc.ontrack = (event) => {
+      ui.video.srcObject = event.streams[0] || new MediaStream([event.track]);
+      watchVideo(rtc);
+    };
+    channel.onopen = () => {
+      state.sessionT0 = performance.now();
+      state.live = true;
+      setStatus("live", "live");
+      setButtons();
+      if (state.held.size) sendHeld(); // keys already held when the session starts
+    };
+    channel.onmessage = (message) => {
+      if (generation === state.generation) handleMessage(message.data);
+    };
+    channel.onclose = () => endWebRTC(rtc, "data channel closed");
+    pc.onconnectionstatechange = () => {
+      if (pc.connectionState === "failed" || pc.connectionState === "closed") endWebRTC(rtc, `peer connection ${pc.connectionState}`);
+    };
+    setStatus("connecting", "connecting");
+    setButtons();
+    try {
+      const video = videoOptions();
+      await pc.setLocalDescription(await pc.createOffer());
+      await iceGathered(pc);
+      const fields = { ...init }; // the init's fields; the offer has its own type
+      delete fields.type;
+      const url = httpBase() + WEBRTC_PATH + keyQuery();
+      log(`offering ${url.replace(/api_key=[^&]*/, "api_key=…")} (${video.codec})`);
+      const offer = { type: "offer", sdp: pc.localDescription.sdp, init: fields, video };
+      const response = await fetch(url, { method: "POST", headers: { "content-type": "application/msgpack" }, body: MsgPack.encode(offer) });
+      const answer = await response.json().catch(() => ({}));
+      if (!response.ok) {
+        const error = answer.error || {};
+        state.stats.errors += 1;
+        log(`server error: HTTP ${response.status} ${error.message || ""}${error.detail ? ` (${error.detail})` : ""}`, "error");
+        if (response.status === 401) showKeyField("401 on the offer");
+        endWebRTC(rtc, `offer refused (HTTP ${response.status})`, response.status);
+        if (response.status === 400) setStatus("init rejected", "error");
+        return;
+      }
+      if (rtc.ended) return;
+      const v = answer.video;
+      log(`answer: session ${answer.session_id}, ${v.codec} ${Math.round(v.bitrate / 1000)} kbps, keyframe every ${v.keyframe_interval_s} s`, "event");
+      await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
+      rtc.statsTimer = setInterval(() => readRtcStats(rtc), 1000);
+    } catch (err) {
+      log(`webrtc: ${err.message}`, "error");
+      endWebRTC(rtc, err.message, 0);
+    }
+  }
+
+  function videoOptions() {
+    const kbps = numField(ui.videoKbps);
+    return { codec: ui.videoCodec.value, bitrate: kbps === undefined ? undefined : Math.round(kbps * 1000) };
+  }
+
+  // The offer carries the browser's candidates when gathering ends in time; if not, the server
+  // still learns the browser's address from its connectivity checks.
+  function iceGathered(pc) {
+    if (pc.iceGatheringState === "complete") return Promise.resolve();
+    return new Promise((resolve) => {
+      pc.addEventListener("icegatheringstatechange", () => { if (pc.iceGatheringState === "complete") resolve(); });
+      setTimeout(resolve, ICE_GATHERING_WAIT_MS);
+    });
+  }
+
+  function endWebRTC(rtc, why, code) {
+    if (rtc.ended) return;
+    rtc.ended = true;
+    clearInterval(rtc.statsTimer);
+    rtc.channel.close();
+    rtc.pc.close();
+    if (state.rtc === rtc) {
+      state.rtc = null;
+      state.live = false;
+    }
+    // A data channel has no close code: a refused offer reports its HTTP status, a session that
+    // ends after a server error 1011, any other end 1000.
+    state.stats.closeCode = code !== undefined ? code : state.stats.lastError ? 1011 : 1000;
+    state.stats.closeReason = why;
+    log(`closed: ${why}`, "close");
+    setStatus(`closed (${why})`, state.stats.closeCode === 1000 ? "idle" : "error");
+    setButtons();
+  }
+
+  // Every frame the <video> presents: the render rate, the size, and when each frame number was
+  // presented, which tells when a chunk's first frame reached the screen.
+  function watchVideo(rtc) {
+    const video = ui.video;
+    if (!video.requestVideoFrameCallback) return;
+    let last = 0;
+    const onFrame = (now, meta) => {
+      if (state.rtc !== rtc) return;
+      for (let n = last + 1; n <= meta.presentedFrames; n += 1) state.rtcShownAt.set(n, meta.presentationTime);
+      state.framesDrawn += Math.max(0, meta.presentedFrames - last);
+      last = Math.max(last, meta.presentedFrames);
+      state.drawTimes.push(now);
+      state.stats.width = meta.width;
+      state.stats.height = meta.height;
+      settleShown();
+      video.requestVideoFrameCallback(onFrame);
+    };
+    video.requestVideoFrameCallback(onFrame);
+  }
+
+  function settleShown() {
+    while (state.rtcAwaiting.length && state.rtcShownAt.has(state.rtcAwaiting[0].frame)) {
+      const { frame, eventId } = state.rtcAwaiting.shift();
+      if (eventId != null) onEventShown(eventId, state.rtcShownAt.get(frame));
+    }
+    const keep = state.rtcAwaiting.length ? state.rtcAwaiting[0].frame : state.rtcFramesBefore + 1;
+    for (const n of state.rtcShownAt.keys()) {
+      if (n >= keep) break;
+      state.rtcShownAt.delete(n);
+    }
+  }
+
+  async function readRtcStats(rtc) {
+    if (rtc.ended) return;
+    const report = await rtc.pc.getStats();
+    report.forEach((entry) => {
+      if (entry.type !== "inbound-rtp" || entry.kind !== "video" || !entry.framesDecoded) return;
+      const s = state.stats;
+      s.decodeMsSum = 1000 * entry.totalDecodeTime;
+      s.decodeBatches = entry.framesDecoded;
+      s.decodeMs = s.decodeMsSum / s.decodeBatches;
+    });
+  }
+
   function setButtons() {
-    const open = !!state.ws;
+    const open = !!(state.ws || state.rtc);
     ui.start.disabled = open;
     ui.stop.disabled = !open;
     ui.sendPrompt.disabled = !state.live;
@@ -400,6 +575,7 @@
     if (msg.type === "chunk_stats") return onChunkStats(msg);
     if (msg.type === "error") {
       state.stats.errors += 1;
+      state.stats.lastError = msg.content;
       log(`server error: ${msg.content}${msg.detail ? ` (${msg.detail})` : ""}`, "error");
       if (/api key/i.test(msg.content || "")) showKeyField("server error");
       if (msg.content === "invalid generate request" && !state.stats.chunks && !state.stats.framesReceived && state.ws) {
@@ -481,7 +657,17 @@
     const interval = stats.lastStatsAt == null ? msg.chunk_total_ms : now - stats.lastStatsAt;
     if (interval > 0) stats.generatedFps = (msg.num_frames * 1000) / interval;
     stats.lastStatsAt = now;
+    stats.lastError = null;
     if (msg.fps) state.fps = msg.fps;
+    if (state.rtc) {
+      // the frames went as video: the chunk's size is the server's count; its first frame is the
+      // one presented after every frame of the earlier chunks
+      stats.bytesPerChunk = msg.ws_payload_bytes;
+      stats.framesReceived += msg.num_frames;
+      state.rtcAwaiting.push({ frame: state.rtcFramesBefore + 1, eventId: msg.event_id });
+      state.rtcFramesBefore += msg.num_frames;
+      settleShown();
+    }
     state.plot.push(msg.chunk_total_ms);
     if (state.plot.length > PLOT_POINTS) state.plot.shift();
     drawPlot();
@@ -497,6 +683,17 @@
     state.stats.eventLatencyMs = now - latest.t;
     state.stats.lastEventId = latest.id;
     log(`event ${latest.id} (${latest.kind}) visible after ${Math.round(now - latest.t)} ms`, "event");
+  }
+
+  // ``t``: when the first frame generated with ``eventId`` (or a later event) was put on screen
+  function onEventShown(eventId, t) {
+    const shown = state.unshown.filter((e) => e.id <= eventId);
+    if (!shown.length) return;
+    state.unshown = state.unshown.filter((e) => e.id > eventId);
+    const latest = shown[shown.length - 1];
+    state.stats.glassMs = t - latest.t;
+    state.stats.glassEventId = latest.id;
+    state.glassSamples.push({ id: latest.id, ms: t - latest.t });
   }
 
   // ------------------------------------------------------------------------------ playback
@@ -530,6 +727,7 @@
     if (image instanceof ImageData) ctx.putImageData(image, 0, 0);
     else ctx.drawImage(image, 0, 0);
     release(frame);
+    if (frame.eventId != null) onEventShown(frame.eventId, performance.now());
     state.framesDrawn += 1;
     state.drawTimes.push(performance.now());
   }
@@ -571,6 +769,7 @@
     $("st-chunk-ms").textContent = fmt(s.chunkMs, 0, " ms");
     $("st-forward-ms").textContent = fmt(s.forwardMs, 0, " ms");
     $("st-event-ms").textContent = s.eventLatencyMs == null ? "—" : `${Math.round(s.eventLatencyMs)} ms (#${s.lastEventId})`;
+    $("st-glass-ms").textContent = s.glassMs == null ? "—" : `${Math.round(s.glassMs)} ms (#${s.glassEventId})`;
     $("st-queue").textContent = `${state.queue.length}/${capacity()} · ${state.dropped} dropped`;
     $("st-bytes").textContent = bytes(s.bytesPerChunk);
     $("st-bytes").title = `messages on the wire; payload ${bytes(s.wsPayloadBytes)} (server's ws_payload_bytes)`;
@@ -630,7 +829,9 @@
       payload: { mode: "state", transitions: [{ actions, client_ts_ms: Math.max(0, Math.round(performance.now() - state.sessionT0)) }] },
     });
     if (ok) {
-      state.pendingEvents.push({ id, t: performance.now(), kind: `camera [${actions.join("")}]` });
+      const t = performance.now();
+      state.pendingEvents.push({ id, t, kind: `camera [${actions.join("")}]` });
+      state.unshown.push({ id, t });
       log(`event ${id}: camera state [${actions.join(",")}]`, "event");
     }
   }
@@ -698,7 +899,9 @@
     if (!text || !state.live) return;
     const id = ++state.eventId;
     if (send({ type: "event", kind: "prompt", payload: text, event_id: id })) {
-      state.pendingEvents.push({ id, t: performance.now(), kind: "prompt" });
+      const t = performance.now();
+      state.pendingEvents.push({ id, t, kind: "prompt" });
+      state.unshown.push({ id, t });
       log(`event ${id}: prompt "${text}"`, "event");
     }
   });
@@ -710,7 +913,7 @@
       state.recorder.stop();
       return;
     }
-    const stream = ui.screen.captureStream(Math.max(1, Math.round(state.fps)));
+    const stream = state.rtc && ui.video.srcObject ? ui.video.srcObject : ui.screen.captureStream(Math.max(1, Math.round(state.fps)));
     const type = ["video/webm;codecs=vp9", "video/webm;codecs=vp8", "video/webm"].find((t) => MediaRecorder.isTypeSupported(t));
     const recorder = new MediaRecorder(stream, type ? { mimeType: type } : undefined);
     state.recordChunks = [];
