@@ -81,7 +81,8 @@ def cluster():
         "dit": {"num_groups": 2, "sessions_per_group": 1, "num_cpus_per_rank": 0.5},
         "vae": {"num_replicas": 1, "num_cpus": 0.5, "sessions_per_replica": 8},
         "text_encoder": {"num_cpus": 0.1},
-        "ingress": {"num_cpus": 0.1, "stage_timeout_s": STAGE_TIMEOUT_S},
+        # WebRTC media on loopback only, as the test's peer (tests/serve/test_webrtc.py)
+        "ingress": {"num_cpus": 0.1, "stage_timeout_s": STAGE_TIMEOUT_S, "webrtc_host_addresses": ["127.0.0.1"]},
         "postprocess": {
             "num_cpus": 0.1,
             "rife_model_path": os.path.join(models, "flownet.pkl"),
@@ -590,3 +591,32 @@ def test_an_offline_clip_through_the_graph(cluster):
     assert summary["chunks"] == 2 and len(clip) == summary["frames"]
     assert np.array_equal(np.concatenate(frames), clip)
     assert not any(describe_all("DiTGroup", 2).values())
+
+
+def test_a_webrtc_session_through_the_graph(cluster):
+    """POST /v1/realtime_video/webrtc through Serve's proxy to the ingress replica, whose peer
+    connection sends the video track and the data channel's chunk_stats straight to the client."""
+    pytest.importorskip("aiortc")
+    from types import SimpleNamespace
+
+    from tests.serve.test_webrtc import Peer
+
+    server = SimpleNamespace(address=f"127.0.0.1:{cluster['port']}")
+
+    async def scenario():
+        peer = Peer()
+        try:
+            await peer.start(server, {"prompt": "a quiet street", "first_frame": png(), "seed": 3, "max_chunks": 2})
+            await peer.until(lambda: len(peer.stats()) >= 2 and peer.frames, timeout=STAGE_TIMEOUT_S)
+            await peer.until(peer.closed.is_set, timeout=60)  # the server closes after max_chunks
+        finally:
+            await peer.pc.close()
+        return peer
+
+    peer = run(scenario())
+    assert [s["chunk_index"] for s in peer.stats()] == [0, 1]
+    assert peer.frames[0].shape[2] == 3 and any(frame.std() > 0 for frame in peer.frames)
+    deadline = time.monotonic() + 30  # the server releases the stages once its peer connection closed
+    while any(describe_all("DiTGroup", 2).values()):
+        assert time.monotonic() < deadline, "the WebRTC session's DiT slot was not freed"
+        time.sleep(0.2)
