@@ -13,7 +13,7 @@ import statistics
 import pytest
 
 pytest.importorskip("aiortc", reason="WebRTC needs aiortc (pip install aiortc)")
-from tests.webui.test_webui import ARGS, CHROMIUM, log_text, open_ui, stat, sync_api  # noqa: E402
+from tests.webui.test_webui import browser, log_text, open_ui, page, stat  # noqa: E402,F401 (browser, page: the shared fixtures)
 
 from lingbot_ray.serve.local import serve_locally  # noqa: E402
 
@@ -35,23 +35,6 @@ def server():
         yield f"http://{srv.address}"
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture()
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 960})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.page_errors = errors
-    yield page
-    context.close()
 
 
 def video_digest(page) -> list[int]:
