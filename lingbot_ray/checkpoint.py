@@ -869,9 +869,54 @@ def checkpoint_folder(path: str, *, revision: str | None = None, weights: bool =
     return hub.snapshot(path, revision=revision, weights=weights)
 
 
+def with_settings(folder: Path, settings: dict[str, Any] | None) -> Path:
+    """``folder`` with ``settings`` laid over its ``lingbot_ray.json`` (serve config
+    ``model.checkpoint_settings``), for a folder one cannot write to: a hub snapshot, a shared
+    volume. The result is an overlay folder of links to ``folder``'s entries plus the merged
+    ``lingbot_ray.json``, under ``$LINGBOT_RAY_CACHE`` (default ``~/.cache/lingbot_ray``)/overlays,
+    one per folder and settings; links are re-made on each call, so weights fetched into ``folder``
+    later show through. The merged file is checked like any ``lingbot_ray.json``."""
+    if not settings:
+        return folder
+    import hashlib
+    import os
+
+    folder = folder.resolve()
+    merged = _read_json_object(folder / SERVING_DEFAULTS_FILE, SERVING_DEFAULTS_FILE) if (folder / SERVING_DEFAULTS_FILE).is_file() else {}
+    merged.update(settings)
+    key = hashlib.sha256(json.dumps([str(folder), merged], sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("LINGBOT_RAY_CACHE") or Path.home() / ".cache" / "lingbot_ray")
+    overlay = cache / "overlays" / f"{folder.name}-{key}"
+    overlay.mkdir(parents=True, exist_ok=True)
+    for entry in folder.iterdir():
+        link = overlay / entry.name
+        if entry.name != SERVING_DEFAULTS_FILE and not link.exists():
+            try:
+                link.symlink_to(entry, target_is_directory=entry.is_dir())
+            except FileExistsError:  # another replica made it meanwhile
+                pass
+    written = overlay / f".{SERVING_DEFAULTS_FILE}.{os.getpid()}"
+    written.write_text(json.dumps(merged, indent=2, sort_keys=True))
+    written.replace(overlay / SERVING_DEFAULTS_FILE)  # atomic: replicas racing write the same text
+    _read_settings(overlay)  # every key checked, by name
+    return overlay
+
+
 def ensure_checkpoint(
-    path: str, *, build_tiny_if_missing: bool = False, revision: str | None = None, weights: bool = True
+    path: str,
+    *,
+    build_tiny_if_missing: bool = False,
+    revision: str | None = None,
+    weights: bool = True,
+    settings: dict[str, Any] | None = None,
 ) -> Path:
+    """:func:`_ensure_folder`, with ``settings`` laid over the folder's ``lingbot_ray.json``
+    (:func:`with_settings`)."""
+    folder = _ensure_folder(path, build_tiny_if_missing=build_tiny_if_missing, revision=revision, weights=weights)
+    return with_settings(folder, settings)
+
+
+def _ensure_folder(path: str, *, build_tiny_if_missing: bool, revision: str | None, weights: bool) -> Path:
     """The checkpoint folder of ``model.path`` (see :func:`checkpoint_folder`), of any layout
     :func:`read_checkpoint_layout` knows; with
     ``build_tiny_if_missing`` ``path`` is always a local folder, and an absent one is built first (a

@@ -40,7 +40,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None):
     # a missing folder is built once, here, before replicas race for it; a hub model is fetched by
     # the nodes that load it (this build task may run on a head node without it)
     if hub_repo_id(config.model.path) is None:
-        ensure_checkpoint(config.model.path, build_tiny_if_missing=config.model.build_tiny_if_missing)
+        ensure_checkpoint(config.model.path, build_tiny_if_missing=config.model.build_tiny_if_missing, settings=config.model.checkpoint_settings)
     options = deployment_options(config)
 
     def deploy(cls, name: str):

@@ -40,6 +40,10 @@ class ModelConfig(_Section):
     # Hub repos only: the branch, tag or commit to fetch (None: the repo's main branch). A branch is
     # resolved by each process when it starts; pin a commit so every replica serves the same weights.
     revision: str | None = None
+    # Keys of the checkpoint's lingbot_ray.json laid over the folder's own (docs/MODEL.md,
+    # "lingbot_ray.json"), for folders one cannot write to: e.g. {model_version: v2-14b} for the v2
+    # 14B diffusers repo, whose files match v1's. Served through an overlay folder of links.
+    checkpoint_settings: dict[str, Any] = msgspec.field(default_factory=dict)
     # Build a random-weights tiny checkpoint at ``path`` on first start when the folder is absent
     # (``path`` is then always a local folder, never a hub repo id).
     build_tiny_if_missing: bool = False

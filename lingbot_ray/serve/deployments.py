@@ -50,7 +50,7 @@ def apply_threads(model: ModelConfig) -> None:
 def load_folder(model: ModelConfig):
     """Apply the model section's thread count and return its checkpoint folder."""
     apply_threads(model)
-    return ensure_checkpoint(model.path, build_tiny_if_missing=model.build_tiny_if_missing, revision=model.revision)
+    return ensure_checkpoint(model.path, build_tiny_if_missing=model.build_tiny_if_missing, revision=model.revision, settings=model.checkpoint_settings)
 
 
 class _StageReplica:

@@ -62,7 +62,7 @@ class Ingress:
         self.metrics = metrics
         # the checkpoint's facts come from its JSON files: this process never imports torch
         model = config.model
-        folder = ensure_checkpoint(model.path, build_tiny_if_missing=model.build_tiny_if_missing, revision=model.revision, weights=False)
+        folder = ensure_checkpoint(model.path, build_tiny_if_missing=model.build_tiny_if_missing, revision=model.revision, settings=model.checkpoint_settings, weights=False)
         self.checkpoint = CheckpointFacts.read(folder)
         self.model_name = config.served_name(self.checkpoint.defaults.served_model_name)
         self.card = ModelCard(

@@ -217,7 +217,7 @@ def served_model(config) -> str:
         from lingbot_ray.checkpoint import CheckpointFacts, ensure_checkpoint
 
         model = config.model
-        folder = ensure_checkpoint(model.path, build_tiny_if_missing=model.build_tiny_if_missing, revision=model.revision, weights=False)
+        folder = ensure_checkpoint(model.path, build_tiny_if_missing=model.build_tiny_if_missing, revision=model.revision, settings=model.checkpoint_settings, weights=False)
         return config.served_name(CheckpointFacts.read(folder).defaults.served_model_name)
     except Exception:  # the tag is a label, not worth failing a replica for
         return config.served_model_name

@@ -235,7 +235,10 @@ def expect_as_v1(v1_expectation):
         import msgspec
 
         assert config.model.path == V2_14B_PATH
-        as_v1 = msgspec.structs.replace(config, model=msgspec.structs.replace(config.model, path=REAL_MODEL_PATH))
+        assert config.model.checkpoint_settings == {"model_version": "v2-14b"}  # its files are v1's
+        as_v1 = msgspec.structs.replace(
+            config, model=msgspec.structs.replace(config.model, path=REAL_MODEL_PATH, checkpoint_settings={})
+        )
         v1_expectation(as_v1, options)
 
     return expect
@@ -275,6 +278,7 @@ def test_a_v2_14b_application_is_its_v1_files_but_for_the_checkpoint(name):
     configs = ROOT / "lingbot_ray" / "configs"
     v2, v1 = copy.deepcopy(the_application(configs / name)), copy.deepcopy(the_application(configs / V2_14B_FILES[name]))
     assert (v2["args"]["model"].pop("path"), v1["args"]["model"].pop("path")) == (V2_14B_PATH, REAL_MODEL_PATH)
+    assert v2["args"]["model"].pop("checkpoint_settings") == {"model_version": "v2-14b"}
     assert v2 == v1
 
     def arithmetic(path: Path) -> str:
