@@ -199,6 +199,11 @@ class Closed(Exception):
     """The client went away (its socket, peer connection or data channel closed)."""
 
 
+def playback_fps(init: InitRequest) -> float:
+    """The rate a session's frames play at: its ``fps``, times 2^exp with interpolation."""
+    return float(init.fps) * (2**init.frame_interpolation_exp if init.enable_frame_interpolation else 1)
+
+
 def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1e3))
 
@@ -437,7 +442,7 @@ class StreamingSession:
     async def _send_chunks(self, init: InitRequest, ready: asyncio.Queue, slots: asyncio.Semaphore, in_flight: set) -> None:
         output = self._frame_output(init)
         # interpolation multiplies the frames: they play at fps · 2^exp
-        fps = float(init.fps) * (2**init.frame_interpolation_exp if init.enable_frame_interpolation else 1)
+        fps = playback_fps(init)
         while True:
             item = await ready.get()
             if item is None:

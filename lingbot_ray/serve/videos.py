@@ -28,7 +28,7 @@ from lingbot_ray.protocol import CapacityError, InvalidInit, ProtocolError, deco
 from lingbot_ray.transport.mp4 import Mp4Writer
 
 from .backend import StageBackend
-from .session import SessionSettings, Slots, apply_event
+from .session import SessionSettings, Slots, apply_event, playback_fps
 
 logger = logging.getLogger("ray.serve")
 
@@ -132,7 +132,7 @@ class ClipRunner:
         try:
             opened = await asyncio.wait_for(self.backend.open(sid, spec, post), s.stage_timeout_s)
             queue = ConditionQueue(init.camera_script, max_pending=s.limits.max_script_entries)
-            fps = float(init.fps) * (2**init.frame_interpolation_exp if init.enable_frame_interpolation else 1)
+            fps = playback_fps(init)
             for index in range(init.max_chunks):
                 if await request.is_disconnected():
                     end = "client went away"

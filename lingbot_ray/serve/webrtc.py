@@ -52,7 +52,7 @@ from lingbot_ray.protocol import (
 
 from .backend import StageBackend
 from .config import IngressConfig
-from .session import Closed, Delivery, FrameOutput, SessionSettings, Slots, StreamingSession
+from .session import Closed, Delivery, FrameOutput, SessionSettings, Slots, StreamingSession, playback_fps
 from .videos import http_error, read_request_map
 
 logger = logging.getLogger("ray.serve")
@@ -396,7 +396,7 @@ class WebRTCSession(StreamingSession):
         super().__init__(backend, settings, metrics, sessions=sessions)
         self.offer = offer
         self.config = config
-        self.fps = float(offer.init.fps) * (2**offer.init.frame_interpolation_exp if offer.init.enable_frame_interpolation else 1)
+        self.fps = playback_fps(offer.init)
         self.track = PacedTrack(self.fps)
         loop = asyncio.get_running_loop()
         self.answer: asyncio.Future = loop.create_future()  # the answer SDP, or why there is none

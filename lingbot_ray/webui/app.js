@@ -674,12 +674,17 @@
     if (msg.event_id != null) onEventVisible(msg.event_id);
   }
 
+  // Remove the events up to ``eventId`` from ``state[key]``; the latest of them, or null
+  function takeUpTo(key, eventId) {
+    const taken = state[key].filter((e) => e.id <= eventId);
+    state[key] = state[key].filter((e) => e.id > eventId);
+    return taken.length ? taken[taken.length - 1] : null;
+  }
+
   function onEventVisible(eventId) {
     const now = performance.now();
-    const seen = state.pendingEvents.filter((e) => e.id <= eventId);
-    if (!seen.length) return;
-    state.pendingEvents = state.pendingEvents.filter((e) => e.id > eventId);
-    const latest = seen[seen.length - 1];
+    const latest = takeUpTo("pendingEvents", eventId);
+    if (!latest) return;
     state.stats.eventLatencyMs = now - latest.t;
     state.stats.lastEventId = latest.id;
     log(`event ${latest.id} (${latest.kind}) visible after ${Math.round(now - latest.t)} ms`, "event");
@@ -687,10 +692,8 @@
 
   // ``t``: when the first frame generated with ``eventId`` (or a later event) was put on screen
   function onEventShown(eventId, t) {
-    const shown = state.unshown.filter((e) => e.id <= eventId);
-    if (!shown.length) return;
-    state.unshown = state.unshown.filter((e) => e.id > eventId);
-    const latest = shown[shown.length - 1];
+    const latest = takeUpTo("unshown", eventId);
+    if (!latest) return;
     state.stats.glassMs = t - latest.t;
     state.stats.glassEventId = latest.id;
     state.glassSamples.push({ id: latest.id, ms: t - latest.t });

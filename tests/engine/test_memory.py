@@ -3,7 +3,7 @@ LingBot World fast v1, against what the tiny checkpoint's sessions really alloca
 live tensor bytes of the real v1 configs traced on the meta device; the text encoder's placement on
 fake devices; and sessions refused before they allocate, in-process and by the served DiT group.
 
-v1's facts are docs/MODEL.md's (and /work/shared/spec/MODEL.md's): 40 layers of width 5120 (40 heads
+v1's facts are docs/MODEL.md's: 40 layers of width 5120 (40 heads
 x 128), FFN 13824, patch (1, 2, 2), blocks of 3 latent frames, window 18 latent frames, the Wan2.1 VAE
 (base_dim 96, dim_mult [1, 2, 4, 4], 2 residual blocks), UMT5-XXL (d_model 4096, 24 layers, 64 heads,
 d_ff 10240, vocab 256384). Tolerances are stated where a figure is an estimate.
