@@ -1,5 +1,6 @@
 """Opt-in speed settings of the DiT stage, applied by explicit calls after loading (never at import):
-the attention kernel, and ``torch.compile`` of the transformer blocks with a warm-up session.
+the attention kernel, FP8 matmuls, and ``torch.compile`` of the transformer blocks with a warm-up
+session. Apply them in that order: compile last, so it traces the converted layers.
 
 ``use_attention_backend`` picks the attention kernel through diffusers' dispatcher
 (``ModelMixin.set_attention_backend``): ``native`` (torch SDPA, the default), ``flash``, ``_flash_3``,
@@ -19,6 +20,20 @@ def use_attention_backend(stage: Any, name: str) -> None:
         stage.model.set_attention_backend(name)
     except (ValueError, RuntimeError, ImportError) as exc:
         raise ValueError(f"model.attention_backend={name!r}: {exc}") from None
+
+
+def use_fp8(stage: Any, mode: str) -> int:
+    """Convert ``stage``'s DiT block matmuls to FP8 (``dit.fp8``: none | rowwise | tensorwise;
+    lingbot_ray/models/fp8.py); a device without FP8 matmuls is an error naming the setting.
+    Returns the layers converted."""
+    from lingbot_ray.models.fp8 import FP8_MODES, check_fp8_device, convert_to_fp8
+
+    if mode not in FP8_MODES:
+        raise ValueError(f"dit.fp8={mode!r}: must be one of {list(FP8_MODES)}")
+    if mode == "none":
+        return 0
+    check_fp8_device(stage.device, mode)
+    return convert_to_fp8(stage.model, mode)
 
 
 # dit.compile: what torch.compile does with the DiT's transformer blocks ("none": eager)

@@ -14,7 +14,6 @@ which carry their own lifecycle: ``reset()`` (back to the session's first chunk,
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import logging
@@ -398,23 +397,55 @@ class VAESessionState:
         _check_open(self.closed, "VAE session state")
 
 
-class VAEStage:
-    """First-frame encoding (fp32) and per-session streaming decode (fp32 or bf16 by quality)."""
+# vae.decoder: what turns a session's latents into frames (docs/MODEL.md, "Tiny decoder")
+DECODERS = ("wan", "tiny")
 
-    def __init__(self, vae, geometry: ModelGeometry, *, device: str | torch.device = "cpu"):
+
+class VAEStage:
+    """First-frame encoding (the checkpoint's VAE, fp32) and per-session streaming decode (fp32 or
+    bf16 by quality) by that VAE's decoder or, with ``decoder``, a tiny temporal one."""
+
+    def __init__(self, vae, geometry: ModelGeometry, *, device: str | torch.device = "cpu", decoder=None):
+        """``decoder``: a :class:`~lingbot_ray.models.tiny_decoder.StreamingTinyDecoder` to decode
+        with instead of ``vae`` (None: ``vae`` decodes)."""
         self.vae = vae
         self.geometry = geometry
         self.device = torch.device(device)
-        self._by_dtype = {torch.float32: vae}
+        self.decoder_name = "wan" if decoder is None else "tiny"
+        self._by_dtype = {torch.float32: vae if decoder is None else decoder}
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu") -> VAEStage:
-        return cls(loading.load_vae(folder, device=device, dtype=torch.float32), read_geometry(folder), device=device)
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        decoder: str = "wan",
+        tiny_decoder_path: str | Path | None = None,
+    ) -> VAEStage:
+        """``decoder`` "tiny" reads ``tiny_decoder_path`` (a published taew2_1 file or the project's
+        folder; None: the checkpoint's ``tiny_decoder/``), checked against the checkpoint's latents."""
+        if decoder not in DECODERS:
+            raise ValueError(f"vae.decoder={decoder!r}: must be one of {list(DECODERS)}")
+        geometry = read_geometry(folder)
+        tiny = None
+        if decoder == "tiny":
+            from ..models.tiny_decoder import StreamingTinyDecoder
+
+            path = Path(tiny_decoder_path) if tiny_decoder_path is not None else Path(folder) / "tiny_decoder"
+            if not path.exists():
+                raise ValueError(
+                    f"vae.tiny_decoder_path={str(path)!r}: not found (vae.decoder: tiny needs a taew2_1 file or a "
+                    "tiny_decoder folder; docs/MODEL.md, 'Tiny decoder')"
+                )
+            tiny = StreamingTinyDecoder.from_pretrained(path, device=device)
+            _check_tiny_decoder(tiny, geometry, path)
+        return cls(loading.load_vae(folder, device=device, dtype=torch.float32), geometry, device=device, decoder=tiny)
 
     def vae_for(self, dtype: torch.dtype):
         """The decoder in ``dtype``; the bf16 copy is made on first use ("high" quality sessions)."""
         if dtype not in self._by_dtype:
-            self._by_dtype[dtype] = type(self.vae)(copy.deepcopy(self.vae.vae).to(dtype=dtype))
+            self._by_dtype[dtype] = self._by_dtype[torch.float32].with_dtype(dtype)
         return self._by_dtype[dtype]
 
     def new_session(self, resolved: ResolvedSpec) -> VAESessionState:
@@ -439,6 +470,17 @@ class VAEStage:
         vae = self.vae_for(state.dtype)
         frames, state.decode_cache = vae.decode_chunk(latents.to(self.device), state.decode_cache)
         return frames_to_uint8(frames)
+
+
+def _check_tiny_decoder(tiny, geometry: ModelGeometry, path: Path) -> None:
+    config = tiny.model.config
+    found = (config.latent_channels, config.spatial_scale, config.t_upscale)
+    wanted = (geometry.latent_channels, geometry.vae_scale_spatial, geometry.vae_scale_temporal)
+    if found != wanted:
+        raise ValueError(
+            f"vae.tiny_decoder_path={str(path)!r}: decodes {found[0]} latent channels at {found[1]}x space and "
+            f"{found[2]}x time, but the checkpoint's latents have {wanted[0]} channels at {wanted[1]}x and {wanted[2]}x"
+        )
 
 
 def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:

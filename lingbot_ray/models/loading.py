@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -468,6 +470,35 @@ def load_dit(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu
         read_checkpoint_layout(checkpoint).describe(), files.folder, dtype, device,
     )
     model = _load_files(CausalLingBotWorldTransformer3DModel, files, dtype=dtype, device=device)
+    return model.eval().requires_grad_(False)
+
+
+def random_dit(
+    config: Mapping[str, Any], *, device: str | torch.device = "cpu", dtype: torch.dtype, seed: int = 0
+) -> CausalLingBotWorldTransformer3DModel:
+    """A causal DiT of ``config`` with random weights, made on ``device`` without a host copy (the
+    full-size model in seconds on a GPU): the load path's meta skeleton and dtype rule
+    (``_keep_in_fp32_modules``), then every matrix drawn N(0, 1/fan_in), the modulation tables
+    N(0, 1/dim), norm scales 1 and biases 0. For speed and memory checks, never for pictures."""
+    with torch.device("meta"):
+        model = CausalLingBotWorldTransformer3DModel.from_config(dict(config))
+    fp32_patterns = model._keep_in_fp32_modules
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.data = param.data.to(torch.float32 if keeps_fp32(name, fp32_patterns) else dtype)
+            if name.endswith("scale_shift_table"):
+                param.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
+            elif param.ndim >= 2:
+                param.normal_(0.0, math.prod(param.shape[1:]) ** -0.5, generator=generator)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.fill_(1.0)
+    still_meta = [name for name, t in model.named_buffers() if t.is_meta]
+    if still_meta:
+        raise ValueError(f"random_dit left buffers on the meta device: {', '.join(still_meta)}")
     return model.eval().requires_grad_(False)
 
 

@@ -172,7 +172,8 @@ class LingBotWorldTransformerBlock(nn.Module):
         """
         # The residual stays fp32 and the modulation is fp32, as in the original Wan (where the fp32
         # modulation promotes the residual); matmuls run in the weights' dtype.
-        compute_dtype = self.attn1.to_q.weight.dtype
+        # read from a layer FP8 conversion keeps (lingbot_ray/models/fp8.py)
+        compute_dtype = self.cam_scale_layer.weight.dtype
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.float() + timestep_proj).unbind(-2)
 
         # 1. Self-attention

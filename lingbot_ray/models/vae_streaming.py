@@ -12,6 +12,7 @@ Every detail of diffusers' cache protocol is confined to `_run_decoder_frame` an
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -220,6 +221,10 @@ class StreamingWanVAE:
         path = os.path.join(os.fspath(folder), subfolder) if subfolder else os.fspath(folder)
         vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype)
         return cls(vae.to(device), max_condition_frames=max_condition_frames)
+
+    def with_dtype(self, dtype: torch.dtype) -> StreamingWanVAE:
+        """A copy of this VAE in ``dtype`` (the weights copied, this one unchanged)."""
+        return type(self)(copy.deepcopy(self.vae).to(dtype=dtype), max_condition_frames=self.max_condition_frames)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -114,6 +114,9 @@ class DiTConfig(_Section):
     # max-autotune | reduce-overhead (CUDA graphs). The replica warms up (compiles) at the
     # checkpoint's default size before it reports ready (lingbot_ray/engine/fastpath.py).
     compile: str = "none"
+    # FP8 matmuls in the transformer blocks: none | rowwise | tensorwise (lingbot_ray/models/fp8.py).
+    # On a GPU it needs compute capability 8.9+ (Ada, Hopper, Blackwell); checked at replica start.
+    fp8: str = "none"
     # Groups from session slots (min_replicas..max_replicas groups) instead of num_groups.
     autoscaling: ScalingConfig | None = None
 
@@ -130,6 +133,20 @@ class StageConfig(_Section):
     session_idle_timeout_s: float = 600.0
     # Sticky stages: replicas from session slots instead of num_replicas (see DiTConfig).
     autoscaling: ScalingConfig | None = None
+
+
+class VAEConfig(StageConfig):
+    # What decodes the DiT's latents: wan (the checkpoint's VAE decoder) | tiny (a TAEHV-style tiny
+    # temporal decoder: far cheaper, a preview-grade picture; docs/MODEL.md "Tiny decoder"). The
+    # first frame is always encoded by the checkpoint's VAE encoder.
+    decoder: Literal["wan", "tiny"] = "wan"
+    # The tiny decoder's weights: a taew2_1 .pth/.safetensors file in the published layout, or a
+    # folder of config.json + model.safetensors (None: the checkpoint's own tiny_decoder/ folder).
+    tiny_decoder_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tiny_decoder_path is not None and self.decoder != "tiny":
+            raise ValueError(f"vae.tiny_decoder_path={self.tiny_decoder_path!r}: only read with vae.decoder: tiny")
 
 
 class PostProcessConfig(StageConfig):
@@ -236,7 +253,7 @@ class MediaConfig(_Section):
 class ServeConfig(_Section):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     dit: DiTConfig = msgspec.field(default_factory=DiTConfig)
-    vae: StageConfig = msgspec.field(default_factory=StageConfig)
+    vae: VAEConfig = msgspec.field(default_factory=VAEConfig)
     text_encoder: StageConfig = msgspec.field(default_factory=StageConfig)
     postprocess: PostProcessConfig = msgspec.field(default_factory=PostProcessConfig)
     ingress: IngressConfig = msgspec.field(default_factory=IngressConfig)
@@ -266,6 +283,10 @@ class ServeConfig(_Section):
 
         if self.dit.compile not in COMPILE_MODES:
             raise ValueError(f"dit.compile={self.dit.compile!r}: must be one of {list(COMPILE_MODES)}")
+        from lingbot_ray.models.fp8 import FP8_MODES
+
+        if self.dit.fp8 not in FP8_MODES:
+            raise ValueError(f"dit.fp8={self.dit.fp8!r}: must be one of {list(FP8_MODES)}")
         if self.text_encoder.autoscaling is not None:
             raise ValueError(
                 "text_encoder.autoscaling: the text encoder holds no sessions; scale it with Serve's own "

@@ -253,7 +253,10 @@ class VAEDecoder(_StageReplica):
     def __init__(self, config: ServeConfig):
         super().__init__(config.vae.sessions_per_replica, config.vae.session_idle_timeout_s)
         folder = load_folder(config.model)
-        self.host = VAEHost(VAEStage.from_pretrained(folder, device=config.model.device))
+        stage = VAEStage.from_pretrained(
+            folder, device=config.model.device, decoder=config.vae.decoder, tiny_decoder_path=config.vae.tiny_decoder_path
+        )
+        self.host = VAEHost(stage)
 
     async def start_session(self, sid: str, spec: SessionSpec) -> Any:
         """Set up the session's decode cache and return its condition latents (for the DiT)."""

@@ -20,7 +20,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from lingbot_ray.checkpoint import read_serving_defaults
-from lingbot_ray.engine.fastpath import compile_dit, use_attention_backend, warm_up
+from lingbot_ray.engine.fastpath import compile_dit, use_attention_backend, use_fp8, warm_up
 from lingbot_ray.engine.hosts import DiTHost
 from lingbot_ray.engine.messages import ChunkRequest, DiTChunk, PromptEmbeds, SessionOpened
 from lingbot_ray.engine.session import SessionSpec
@@ -45,6 +45,7 @@ class DiTRank(DiTHost):
         self.rank, self.world_size = rank, world_size
         if config.model.attention_backend:
             use_attention_backend(self.stage, config.model.attention_backend)
+        use_fp8(self.stage, config.dit.fp8)
         self.compile = config.dit.compile
         compile_dit(self.stage, self.compile)
         self.defaults = read_serving_defaults(folder)

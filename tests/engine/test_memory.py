@@ -35,34 +35,14 @@ from lingbot_ray.engine.memory import (
     weight_bytes,
 )
 from lingbot_ray.models import loading
+from lingbot_ray.models.architectures import LINGBOT_WORLD_FAST_TRANSFORMER, WAN21_VAE
 from lingbot_ray.protocol import CapacityError, CloseCode, outcome_for
 
 from .helpers import HEIGHT, WIDTH, conditions
 
-V1_TRANSFORMER = {
-    "attention_head_dim": 128,
-    "num_attention_heads": 40,
-    "num_layers": 40,
-    "ffn_dim": 13824,
-    "freq_dim": 256,
-    "in_channels": 36,
-    "out_channels": 16,
-    "patch_size": [1, 2, 2],
-    "text_dim": 4096,
-    "rope_max_seq_len": 1024,
-    "sink_size": 9,
-    "num_frames_per_block": 3,
-    "sliding_window_num_frames": 18,
-}
-V1_VAE = {
-    "base_dim": 96,
-    "z_dim": 16,
-    "dim_mult": [1, 2, 4, 4],
-    "num_res_blocks": 2,
-    "attn_scales": [],
-    "temperal_downsample": [False, True, True],
-    "dropout": 0.0,
-}
+# the released checkpoint's configs (lingbot_ray/models/architectures.py)
+V1_TRANSFORMER = LINGBOT_WORLD_FAST_TRANSFORMER
+V1_VAE = WAN21_VAE
 V1_UMT5 = {"vocab_size": 256384, "d_model": 4096, "num_layers": 24, "num_heads": 64, "d_ff": 10240, "d_kv": 64}
 BF16 = 2
 
