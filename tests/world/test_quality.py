@@ -1,5 +1,5 @@
-"""The quality script's two measurements, checked on generators whose answer is known: the renderer
-itself (perfect control, far above "repeat the first frame") and baselines that must fail."""
+"""The quality script's measures, checked on generators whose answer is known: the renderer itself
+(perfect control and picture, far above "repeat the first frame") and baselines that must fail."""
 
 import numpy as np
 import pytest
@@ -24,9 +24,18 @@ def mirrored_controls(world, first, actions, num_chunks, seed):
     return make_clip(world, [[swap[k] for k in keys] for keys in actions], W, H).frames
 
 
+def blurred(world, first, actions, num_chunks, seed):
+    """The renderer's frames under a 5x5 box blur: close in PSNR, not in sharpness."""
+    frames = make_clip(world, actions, W, H).frames.astype(np.float32)
+    padded = np.pad(frames, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="edge")
+    box = sum(padded[:, dy : dy + H, dx : dx + W] for dy in range(5) for dx in range(5)) / 25
+    return box.round().astype(np.uint8)
+
+
 @pytest.fixture(scope="module")
 def reports():
-    return {fn.__name__: quality.measure_generator(fn, W, H, worlds=2, progress=False) for fn in (renderer, repeat_first_frame, mirrored_controls)}
+    generators = (renderer, repeat_first_frame, mirrored_controls, blurred)
+    return {fn.__name__: quality.measure_generator(fn, W, H, worlds=2, progress=False) for fn in generators}
 
 
 def test_the_renderer_follows_every_control_and_beats_the_baseline(reports):
@@ -34,6 +43,7 @@ def test_the_renderer_follows_every_control_and_beats_the_baseline(reports):
     assert report["control_fidelity"] == 1.0
     assert all(row[a] == 2 for a, row in report["control_confusion"].items())
     assert report["psnr_gain_db"] >= quality.PSNR_GAIN_TARGET_DB and report["passed"]
+    assert report["psnr_chunk0_db"] == 99.0 and report["sharpness_kept"] == 1.0 and report["colour_kept"] == 1.0
     assert min(report["psnr_repeat_first_frame_db_per_chunk"][1:]) < 30  # the scripts keep the camera moving
 
 
@@ -50,9 +60,18 @@ def test_mirrored_controls_score_no_fidelity(reports):
     assert report["control_confusion"]["w"]["s"] + report["control_confusion"]["j"]["l"] >= 3
 
 
-def test_report_text_names_the_targets(reports):
+def test_a_blur_keeps_its_colour_and_some_psnr_but_not_its_sharpness(reports):
+    report = reports["blurred"]
+    assert report["sharpness_kept"] < quality.SHARPNESS_TARGET and not report["passed"]
+    assert report["colour_kept"] > 0.7 and report["control_fidelity"] == 1.0
+    assert report["psnr_chunk0_db"] > 20
+
+
+def test_report_text_is_one_table_of_measures_and_targets(reports):
     text = quality.format_report(reports["renderer"])
-    assert "PASSED" in text and "target ≥ 90 %" in text and "generator at 64x48" in text
+    assert "PASSED" in text and "generator at 64x48, 2 held-out worlds" in text
+    assert "control fidelity" in text and "≥ 95.0 %" in text and "sharpness kept" in text and "≥ 0.70" in text
+    assert "MISSED" in quality.format_report(reports["blurred"])
 
 
 def test_vae_ceiling_generator_round_trips_the_renderers_frames(tmp_path):
