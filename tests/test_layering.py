@@ -46,6 +46,16 @@ def test_the_ingress_and_the_chain_load_no_model_stack():
     _assert_import_leaves_out(modules, MODEL_STACK)
 
 
+def test_checking_a_serve_config_loads_no_model_stack():
+    """The ingress parses the whole config: the names of the speed settings must not pull torch in."""
+    code = (
+        "import sys; from lingbot_ray.serve.config import load_config; "
+        "load_config({'dit': {'fp8': 'rowwise', 'compile': 'default'}, 'vae': {'decoder': 'tiny'}}); "
+        f"bad = [m for m in {MODEL_STACK!r} if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)
+
+
 @pytest.mark.parametrize("layer", ["protocol", "transport", "control", "engine", "models"])
 def test_lower_layers_never_import_ray_or_serve(layer):
     for path in (PACKAGE / layer).rglob("*.py"):

@@ -1,6 +1,8 @@
-"""Opt-in speed settings of the DiT stage, applied by explicit calls after loading (never at import):
-the attention kernel, FP8 matmuls, and ``torch.compile`` of the transformer blocks with a warm-up
-session. Apply them in that order: compile last, so it traces the converted layers.
+"""Opt-in speed settings, applied by explicit calls after loading (never at import): the DiT's
+attention kernel, FP8 matmuls, and ``torch.compile`` of its transformer blocks with a warm-up
+session (apply them in that order: compile last, so it traces the converted layers); and the VAE
+stage's decoder (:data:`DECODERS`). The names of every setting live here, importable without torch,
+so a serve config is checked without loading the model stack.
 
 ``use_attention_backend`` picks the attention kernel through diffusers' dispatcher
 (``ModelMixin.set_attention_backend``): ``native`` (torch SDPA, the default), ``flash``, ``_flash_3``,
@@ -22,11 +24,17 @@ def use_attention_backend(stage: Any, name: str) -> None:
         raise ValueError(f"model.attention_backend={name!r}: {exc}") from None
 
 
+# dit.fp8: the scaling of the FP8 block matmuls ("none": the model's dtype; lingbot_ray/models/fp8.py)
+FP8_MODES = ("none", "rowwise", "tensorwise")
+# vae.decoder: what turns a session's latents into frames (docs/MODEL.md, "Tiny decoder")
+DECODERS = ("wan", "tiny")
+
+
 def use_fp8(stage: Any, mode: str) -> int:
     """Convert ``stage``'s DiT block matmuls to FP8 (``dit.fp8``: none | rowwise | tensorwise;
     lingbot_ray/models/fp8.py); a device without FP8 matmuls is an error naming the setting.
     Returns the layers converted."""
-    from lingbot_ray.models.fp8 import FP8_MODES, check_fp8_device, convert_to_fp8
+    from lingbot_ray.models.fp8 import check_fp8_device, convert_to_fp8
 
     if mode not in FP8_MODES:
         raise ValueError(f"dit.fp8={mode!r}: must be one of {list(FP8_MODES)}")

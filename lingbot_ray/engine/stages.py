@@ -397,10 +397,6 @@ class VAESessionState:
         _check_open(self.closed, "VAE session state")
 
 
-# vae.decoder: what turns a session's latents into frames (docs/MODEL.md, "Tiny decoder")
-DECODERS = ("wan", "tiny")
-
-
 class VAEStage:
     """First-frame encoding (the checkpoint's VAE, fp32) and per-session streaming decode (fp32 or
     bf16 by quality) by that VAE's decoder or, with ``decoder``, a tiny temporal one."""
@@ -411,7 +407,6 @@ class VAEStage:
         self.vae = vae
         self.geometry = geometry
         self.device = torch.device(device)
-        self.decoder_name = "wan" if decoder is None else "tiny"
         self._by_dtype = {torch.float32: vae if decoder is None else decoder}
 
     @classmethod
@@ -425,6 +420,8 @@ class VAEStage:
     ) -> VAEStage:
         """``decoder`` "tiny" reads ``tiny_decoder_path`` (a published taew2_1 file or the project's
         folder; None: the checkpoint's ``tiny_decoder/``), checked against the checkpoint's latents."""
+        from .fastpath import DECODERS
+
         if decoder not in DECODERS:
             raise ValueError(f"vae.decoder={decoder!r}: must be one of {list(DECODERS)}")
         geometry = read_geometry(folder)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FP8_MODES = ("none", "rowwise", "tensorwise")
+SCALINGS = ("rowwise", "tensorwise")  # dit.fp8's values other than "none" (lingbot_ray/engine/fastpath.py)
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 
@@ -60,8 +60,8 @@ class Float8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, scaling: str):
         super().__init__()
-        if scaling not in FP8_MODES[1:]:
-            raise ValueError(f"scaling={scaling!r}: must be one of {list(FP8_MODES[1:])}")
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling={scaling!r}: must be one of {list(SCALINGS)}")
         self.scaling = scaling
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.out_dtype = linear.weight.dtype
@@ -103,10 +103,10 @@ def convert_to_fp8(model: nn.Module, mode: str) -> int:
     """Swap the converted matmuls (:data:`CONVERTED_IN_BLOCK`) of every block of ``model`` (a
     ``CausalLingBotWorldTransformer3DModel``) for :class:`Float8Linear`, in place; returns how many.
     ``none`` converts nothing. Inference only: the model cannot be trained afterwards."""
-    if mode not in FP8_MODES:
-        raise ValueError(f"dit.fp8={mode!r}: must be one of {list(FP8_MODES)}")
     if mode == "none":
         return 0
+    if mode not in SCALINGS:
+        raise ValueError(f"dit.fp8={mode!r}: must be none or one of {list(SCALINGS)}")
     count = 0
     for block in model.blocks:
         for path in CONVERTED_IN_BLOCK:
@@ -126,4 +126,4 @@ def convert_to_fp8(model: nn.Module, mode: str) -> int:
     return count
 
 
-__all__ = ["CONVERTED_IN_BLOCK", "FP8_MODES", "Float8Linear", "check_fp8_device", "convert_to_fp8", "quantize"]
+__all__ = ["CONVERTED_IN_BLOCK", "SCALINGS", "Float8Linear", "check_fp8_device", "convert_to_fp8", "quantize"]

@@ -139,12 +139,16 @@ class VAEConfig(StageConfig):
     # What decodes the DiT's latents: wan (the checkpoint's VAE decoder) | tiny (a TAEHV-style tiny
     # temporal decoder: far cheaper, a preview-grade picture; docs/MODEL.md "Tiny decoder"). The
     # first frame is always encoded by the checkpoint's VAE encoder.
-    decoder: Literal["wan", "tiny"] = "wan"
+    decoder: str = "wan"
     # The tiny decoder's weights: a taew2_1 .pth/.safetensors file in the published layout, or a
     # folder of config.json + model.safetensors (None: the checkpoint's own tiny_decoder/ folder).
     tiny_decoder_path: str | None = None
 
     def __post_init__(self) -> None:
+        from lingbot_ray.engine.fastpath import DECODERS
+
+        if self.decoder not in DECODERS:
+            raise ValueError(f"vae.decoder={self.decoder!r}: must be one of {list(DECODERS)}")
         if self.tiny_decoder_path is not None and self.decoder != "tiny":
             raise ValueError(f"vae.tiny_decoder_path={self.tiny_decoder_path!r}: only read with vae.decoder: tiny")
 
@@ -283,7 +287,7 @@ class ServeConfig(_Section):
 
         if self.dit.compile not in COMPILE_MODES:
             raise ValueError(f"dit.compile={self.dit.compile!r}: must be one of {list(COMPILE_MODES)}")
-        from lingbot_ray.models.fp8 import FP8_MODES
+        from lingbot_ray.engine.fastpath import FP8_MODES
 
         if self.dit.fp8 not in FP8_MODES:
             raise ValueError(f"dit.fp8={self.dit.fp8!r}: must be one of {list(FP8_MODES)}")

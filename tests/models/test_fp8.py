@@ -102,7 +102,11 @@ def test_fp8_settings_are_checked_by_name(folder, monkeypatch):
 
 
 def test_the_serve_config_names_a_bad_fp8_setting():
+    from lingbot_ray.engine.fastpath import FP8_MODES
+    from lingbot_ray.models.fp8 import SCALINGS
     from lingbot_ray.serve.config import load_config
+
+    assert FP8_MODES == ("none", *SCALINGS)  # the setting's names, kept torch-free, match the module's
 
     with pytest.raises(ValueError, match=r"dit.fp8='fp4'"):
         load_config({"dit": {"fp8": "fp4"}})
