@@ -44,7 +44,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .strict_load import assign_strict
+from .vae_streaming import DecodeCache
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ __all__ = [
     "TGrow",
     "TPool",
     "TinyAutoencoder",
-    "TinyDecodeCache",
     "TinyDecoderConfig",
     "load_tiny_autoencoder",
     "save_tiny_autoencoder",
@@ -464,51 +464,12 @@ def save_tiny_autoencoder(model: TinyAutoencoder, folder: str | os.PathLike) -> 
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TinyDecodeCache:
-    """One session's tiny-decoder state: per MemBlock, its input frame at the last decoded step.
-
-    Created by `StreamingTinyDecoder.new_decode_cache()`; pass it to every `decode_chunk` of the
-    session, in order. Like the Wan `DecodeCache` it records the session's batch, latent size, dtype
-    and device so a chunk of another shape is rejected instead of mixing states.
-    """
-
-    memory: list[torch.Tensor | None]
-    t_upscale: int  # pixel frames per latent frame after the first
-    num_latent_frames: int = 0
-    latent_shape: tuple[int, int, int] | None = None  # (batch, height, width) of the session's latents
-    dtype: torch.dtype | None = None
-    device: torch.device | None = None
-    owner_id: int = field(default=0, repr=False)
-
-    @property
-    def num_pixel_frames(self) -> int:
-        """Pixel frames produced so far (1 for the first latent frame, `t_upscale` for each later one)."""
-        return 0 if self.num_latent_frames == 0 else 1 + self.t_upscale * (self.num_latent_frames - 1)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.memory if isinstance(t, torch.Tensor))
-
-    def reset(self) -> None:
-        """Forget the session's history: the next chunk starts a new video."""
-        self.memory = [None] * len(self.memory)
-        self.num_latent_frames = 0
-        self.latent_shape = None
-        self.dtype = None
-        self.device = None
-
-    def release(self) -> None:
-        """Drop the cached tensors so their memory can be freed (the same as `reset`)."""
-        self.reset()
-
-
 class StreamingTinyDecoder:
     """A `TinyAutoencoder`'s decoder with session-owned state, interchangeable with `StreamingWanVAE`'s
     decode side (lingbot_ray/models/vae_streaming.py): NCTHW latents in the DiT's normalised space in,
     NCTHW frames in [-1, 1] out, with the Wan VAE's frame counts.
 
-    Holds only the (shared, read-only) model; every session keeps its own `TinyDecodeCache`. Decoding
+    Holds only the (shared, read-only) model; every session keeps its own `DecodeCache`. Decoding
     runs in the model's parameter dtype.
     """
 
@@ -555,17 +516,18 @@ class StreamingTinyDecoder:
             return 1 + self.temporal_ratio * (num_latent_frames - 1)
         return self.temporal_ratio * num_latent_frames
 
-    def new_decode_cache(self) -> TinyDecodeCache:
-        return TinyDecodeCache(memory=[None] * self._slots, t_upscale=self.temporal_ratio, owner_id=self._number)
+    def new_decode_cache(self) -> DecodeCache:
+        """A new session's state: one slot per memory block, holding that block's last input frame."""
+        return DecodeCache(feat_map=[None] * self._slots, temporal_ratio=self.temporal_ratio, owner_id=self._number)
 
     # no_grad rather than inference_mode: callers may post-process the frames in place.
     @torch.no_grad()
-    def decode_chunk(self, latents: torch.Tensor, cache: TinyDecodeCache) -> tuple[torch.Tensor, TinyDecodeCache]:
+    def decode_chunk(self, latents: torch.Tensor, cache: DecodeCache) -> tuple[torch.Tensor, DecodeCache]:
         """Decode the session's next latent frames.
 
         Args:
             latents: [B, z_dim, F, h, w], normalised as the DiT produces them.
-            cache: the session's `TinyDecodeCache`; updated only if the whole chunk decodes.
+            cache: the session's `DecodeCache`; updated only if the whole chunk decodes.
 
         Returns:
             frames [B, 3, T, H, W] in [-1, 1] (model dtype), with T = 1 + 4(F-1) on the session's
@@ -576,24 +538,24 @@ class StreamingTinyDecoder:
         first_chunk = cache.num_latent_frames == 0
 
         x = latents.to(device=self.device, dtype=self.dtype).movedim(2, 1)  # NCTHW -> NTCHW
-        memory = None if first_chunk else cache.memory
+        memory = None if first_chunk else cache.feat_map
         frames, new_memory = self.model.decode_frames(x, memory)  # type: ignore[arg-type]
         if first_chunk:
             frames = frames[:, self.model.frames_to_trim :]
         frames = (frames * 2.0 - 1.0).movedim(1, 2).contiguous()  # [0, 1] NTCHW -> [-1, 1] NCTHW
 
         # Commit only now: a failure above leaves the session's state as it was.
-        cache.memory = list(new_memory)
+        cache.feat_map = list(new_memory)
         cache.num_latent_frames += num_frames
         cache.latent_shape = (batch, height, width)
         cache.dtype = self.dtype
         cache.device = self.device
         return frames, cache
 
-    def _check_decode_input(self, latents: torch.Tensor, cache: TinyDecodeCache) -> None:
-        if not isinstance(cache, TinyDecodeCache):
-            raise ValueError(f"cache must be a TinyDecodeCache, got {type(cache).__name__}")
-        if cache.owner_id != self._number or len(cache.memory) != self._slots:
+    def _check_decode_input(self, latents: torch.Tensor, cache: DecodeCache) -> None:
+        if not isinstance(cache, DecodeCache):
+            raise ValueError(f"cache must be a DecodeCache, got {type(cache).__name__}")
+        if cache.owner_id != self._number or len(cache.feat_map) != self._slots:
             raise ValueError(
                 "cache was created by another StreamingTinyDecoder; use this decoder's new_decode_cache()"
             )

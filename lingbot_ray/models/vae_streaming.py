@@ -90,9 +90,11 @@ def _same_state(previous: list[_FeatSlot], current: list[_FeatSlot]) -> bool:
 
 @dataclass
 class DecodeCache:
-    """One session's decoder state: the per-conv feature cache and how far the session has decoded.
+    """One session's decoder state: one slot per cached layer (the Wan decoder's causal convs, or the
+    tiny decoder's memory blocks, lingbot_ray/models/tiny_decoder.py) and how far the session has
+    decoded.
 
-    Created by `StreamingWanVAE.new_decode_cache()`; pass it to every `decode_chunk` of the session,
+    Created by the decoder's `new_decode_cache()`; pass it to every `decode_chunk` of the session,
     in order. It records the batch size, latent size, dtype and device of the first chunk so that a
     later chunk of another shape is rejected instead of silently mixing states.
     """

@@ -74,6 +74,23 @@ def generate_latents(checkpoint: Path, dataset_dir: Path, count: int, *, seed: i
     return torch.cat(latents)
 
 
+def warmup_cosine(lr: float, step: int, warmup: int, steps: int) -> float:
+    """The learning rate at ``step``: linear warm-up over ``warmup`` steps, then cosine to zero."""
+    return lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, *, what: str, step: int, state_file: Path, lr: float) -> float:
+    """One step on ``loss`` with gradients clipped to norm 1; a non-finite loss stops the run and
+    says how to resume it. Returns the loss."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what}: loss {loss.item()} at step {step + 1}; resume {state_file} with a lower lr (this run: {lr})")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    return loss.item()
+
+
 def train(
     checkpoint: Path,
     dataset_dir: Path,
@@ -133,20 +150,14 @@ def train(
     started = time.monotonic()
     while step < min(steps, until or steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = warmup_cosine(lr, step, warmup, steps)
         indices = torch.randint(len(generated), (batch,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
         z = generated[indices, :, :frames].float() * std + mean
         target = torch.stack([to_pixels(np.array(data[i][0][:pixel_frames])) for i in indices.tolist()])
         error = decode_frames(vae, z)[0] - target
         loss = error.abs().mean() + error.square().mean() + chroma_weight * chroma(error).abs().mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"train decoder: loss {loss.item()} at step {step + 1}; resume {state_file} with a lower lr (this run: {lr})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        losses.append(optimizer_step(loss, optimizer, params, what="train decoder", step=step, state_file=state_file, lr=lr))
         step += 1
-        losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         if step % checkpoint_every == 0:

@@ -41,7 +41,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -55,6 +54,7 @@ from ..checkpoint import read_geometry, read_serving_defaults
 from ..models.tiny_decoder import TinyAutoencoder, TinyDecoderConfig, save_tiny_autoencoder
 from .dataset import ClipDataset, generate_dataset
 from .progress import progress_bar
+from .train_decoder import optimizer_step, warmup_cosine
 from .train_dit import TRAIN_LATENT_FRAMES
 from .train_vae import chroma, to_pixels
 
@@ -220,18 +220,12 @@ def train(
     started, started_cpu = time.monotonic(), cpu_seconds()
     while step < min(steps, until or steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = warmup_cosine(lr, step, warmup, steps)
         indices = torch.randint(len(generated), (batch,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
         target = torch.stack([to_pixels(np.array(data[i][0][:pixel_frames])) for i in indices.tolist()])
         loss = loss_terms(decode(model, generated[indices].float()), target, chroma_weight=chroma_weight, edge_weight=edge_weight)["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"train tiny decoder: loss {loss.item()} at step {step + 1}; resume {state_file} with a lower lr (this run: {lr})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        losses.append(optimizer_step(loss, optimizer, params, what="train tiny decoder", step=step, state_file=state_file, lr=lr))
         step += 1
-        losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         if step % checkpoint_every == 0:

@@ -12,11 +12,11 @@ from lingbot_ray.models.tiny_decoder import (
     StreamingTinyDecoder,
     TGrow,
     TinyAutoencoder,
-    TinyDecodeCache,
     TinyDecoderConfig,
     load_tiny_autoencoder,
     save_tiny_autoencoder,
 )
+from lingbot_ray.models.vae_streaming import DecodeCache
 
 LATENT_HW = (4, 6)
 PIXEL_HW = (32, 48)
@@ -280,7 +280,7 @@ def test_batched_sessions_and_patch_size():
 
 def test_cache_size_is_constant(decoder):
     cache = decoder.new_decode_cache()
-    assert cache.nbytes == 0 and len(cache.memory) == 9
+    assert cache.nbytes == 0 and len(cache.feat_map) == 9
     sizes = []
     for i in range(8):
         _, cache = decoder.decode_chunk(_latents(10 + i, frames=CHUNK), cache)
@@ -332,9 +332,9 @@ def test_cache_of_another_decoder_is_refused(model, decoder):
     other = StreamingTinyDecoder(model)
     with pytest.raises(ValueError, match="another StreamingTinyDecoder"):
         decoder.decode_chunk(_latents(0, frames=1), other.new_decode_cache())
-    with pytest.raises(ValueError, match="TinyDecodeCache"):
+    with pytest.raises(ValueError, match="DecodeCache"):
         decoder.decode_chunk(_latents(0, frames=1), object())
-    assert isinstance(decoder.new_decode_cache(), TinyDecodeCache)
+    assert isinstance(decoder.new_decode_cache(), DecodeCache)
 
 
 def test_reset_starts_a_new_video(decoder):

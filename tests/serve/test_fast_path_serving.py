@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
-import msgspec
 import numpy as np
 import pytest
 import torch
@@ -30,18 +28,11 @@ from lingbot_ray.models.tiny import build_tiny_checkpoint  # noqa: E402
 from lingbot_ray.models.tiny_decoder import TinyAutoencoder, TinyDecoderConfig, save_tiny_autoencoder  # noqa: E402
 from lingbot_ray.serve.app import build_app  # noqa: E402
 from lingbot_ray.serve.media import MediaPolicy, load_first_frame  # noqa: E402
-from lingbot_ray.transport import FrameDecoder  # noqa: E402
-from tests.serve.test_v2_serving import png  # noqa: E402
+from tests.serve.test_v2_serving import _free_port, _stream, png  # noqa: E402
 
 APP = "lingbot-fast"
 WIDTH, HEIGHT = 64, 48
 TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -67,32 +58,14 @@ def cluster():
     shutil.rmtree(root, ignore_errors=True)
 
 
-async def _stream(url: str, init: dict):
-    stats, errors, frames = [], [], []
-    decoder = FrameDecoder()
-    async with websockets.connect(url, max_size=None) as ws:
-        await ws.send(msgspec.msgpack.encode(init))
-        try:
-            while True:
-                message = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), TIMEOUT_S))
-                if message["type"] == "frame_batch":
-                    frames.append(decoder.decode(message))
-                elif message["type"] == "chunk_stats":
-                    stats.append(message)
-                else:
-                    errors.append(message)
-        except websockets.ConnectionClosed as closed:
-            return stats, errors, frames, closed.rcvd.code if closed.rcvd else None
-
-
 def test_fp8_compiled_dit_and_tiny_decoder_serve_a_session_as_the_engine_runs_them(cluster):
     script = [["w"], ["w"], ["j"], ["l"], [], ["d"], ["i"], [], ["s"]]  # three chunks of 3 latent frames
     init = {
         "type": "init", "prompt": "a quiet street", "first_frame": png(), "max_chunks": 3, "seed": 5,
         "realtime_output_format": "raw", "condition_inputs": {"camera_actions": script},
     }  # fmt: skip
-    stats, errors, frames, code = asyncio.run(_stream(cluster["url"], init))
-    assert code == 1000 and not errors, errors
+    stats, errors, frames, code, reason = asyncio.run(_stream(cluster["url"], init))
+    assert (code, reason) == (1000, "generation complete") and not errors, errors
     assert [s["num_frames"] for s in stats] == [9, 12, 12]  # the tiny decoder keeps the Wan VAE's frame count
     served = np.concatenate(frames)
 
