@@ -54,7 +54,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .strict_load import assign_strict
-from .vae_streaming import DecodeCache
+from .vae_streaming import DecodeCache, check_decode_input
 
 logger = logging.getLogger(__name__)
 
@@ -534,7 +534,6 @@ class StreamingTinyDecoder:
             first chunk and 4F afterwards; and the same `cache`, advanced by F latent frames.
         """
         self._check_decode_input(latents, cache)
-        batch, _, num_frames, height, width = latents.shape
         first_chunk = cache.num_latent_frames == 0
 
         x = latents.to(device=self.device, dtype=self.dtype).movedim(2, 1)  # NCTHW -> NTCHW
@@ -545,36 +544,9 @@ class StreamingTinyDecoder:
         frames = (frames * 2.0 - 1.0).movedim(1, 2).contiguous()  # [0, 1] NTCHW -> [-1, 1] NCTHW
 
         # Commit only now: a failure above leaves the session's state as it was.
-        cache.feat_map = list(new_memory)
-        cache.num_latent_frames += num_frames
-        cache.latent_shape = (batch, height, width)
-        cache.dtype = self.dtype
-        cache.device = self.device
+        cache.commit(list(new_memory), latents, self.dtype, self.device)
         return frames, cache
 
     def _check_decode_input(self, latents: torch.Tensor, cache: DecodeCache) -> None:
-        if not isinstance(cache, DecodeCache):
-            raise ValueError(f"cache must be a DecodeCache, got {type(cache).__name__}")
-        if cache.owner_id != self._number or len(cache.feat_map) != self._slots:
-            raise ValueError(
-                "cache was created by another StreamingTinyDecoder; use this decoder's new_decode_cache()"
-            )
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
-            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"latents must be a [B, {self.z_dim}, F, h, w] tensor, got {shape}")
-        batch, channels, num_frames, height, width = latents.shape
-        if channels != self.z_dim:
-            raise ValueError(f"latents must have {self.z_dim} channels, got shape {tuple(latents.shape)}")
-        if num_frames < 1 or batch < 1 or height < 1 or width < 1:
-            raise ValueError(f"latents must be non-empty, got shape {tuple(latents.shape)}")
-        if not latents.is_floating_point():
-            raise ValueError(f"latents must be floating point, got {latents.dtype}")
-        if cache.latent_shape is not None and cache.latent_shape != (batch, height, width):
-            raise ValueError(
-                f"latents (batch, h, w) = {(batch, height, width)} differ from the session's "
-                f"{cache.latent_shape}; start a new cache for a new size"
-            )
-        if cache.num_latent_frames and (cache.dtype != self.dtype or cache.device != self.device):
-            raise ValueError(
-                f"cache holds {cache.dtype} on {cache.device} but the decoder now runs {self.dtype} on {self.device}"
-            )
+        check_decode_input(latents, cache, owner_id=self._number, slots=self._slots, z_dim=self.z_dim,
+                           dtype=self.dtype, device=self.device, decoder="StreamingTinyDecoder")  # fmt: skip

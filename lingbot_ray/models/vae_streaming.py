@@ -116,6 +116,14 @@ class DecodeCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.feat_map if isinstance(t, torch.Tensor))
 
+    def commit(self, feat_map: list, latents: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+        """Take a chunk's new state, once every latent frame of ``latents`` [B, C, F, h, w] decoded."""
+        self.feat_map = feat_map
+        self.num_latent_frames += latents.shape[2]
+        self.latent_shape = (latents.shape[0], latents.shape[3], latents.shape[4])
+        self.dtype = dtype
+        self.device = device
+
     def reset(self) -> None:
         """Forget the session's history: the next chunk starts a new video."""
         self.feat_map = [None] * len(self.feat_map)
@@ -127,6 +135,43 @@ class DecodeCache:
     def release(self) -> None:
         """Drop the cached tensors so their memory can be freed (the same as `reset`)."""
         self.reset()
+
+
+def check_decode_input(
+    latents: torch.Tensor,
+    cache: DecodeCache,
+    *,
+    owner_id: int,
+    slots: int,
+    z_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    decoder: str,
+) -> None:
+    """Refuse, by name, a chunk that cannot continue ``cache``'s session on this decoder: a cache of
+    another decoder, latents of the wrong rank, channels, size or kind, or a decoder whose dtype or
+    device changed mid-session."""
+    if not isinstance(cache, DecodeCache):
+        raise ValueError(f"cache must be a DecodeCache, got {type(cache).__name__}")
+    if cache.owner_id != owner_id or len(cache.feat_map) != slots:
+        raise ValueError(f"cache was created by another {decoder}; use this decoder's new_decode_cache()")
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
+        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must be a [B, {z_dim}, F, h, w] tensor, got {shape}")
+    batch, channels, num_frames, height, width = latents.shape
+    if channels != z_dim:
+        raise ValueError(f"latents must have {z_dim} channels, got shape {tuple(latents.shape)}")
+    if num_frames < 1 or batch < 1 or height < 1 or width < 1:
+        raise ValueError(f"latents must be non-empty, got shape {tuple(latents.shape)}")
+    if not latents.is_floating_point():
+        raise ValueError(f"latents must be floating point, got {latents.dtype}")
+    if cache.latent_shape is not None and cache.latent_shape != (batch, height, width):
+        raise ValueError(
+            f"latents (batch, h, w) = {(batch, height, width)} differ from the session's "
+            f"{cache.latent_shape}; start a new cache for a new size"
+        )
+    if cache.num_latent_frames and (cache.dtype != dtype or cache.device != device):
+        raise ValueError(f"cache holds {cache.dtype} on {cache.device} but the decoder now runs {dtype} on {device}")
 
 
 @dataclass(frozen=True)
@@ -266,7 +311,7 @@ class StreamingWanVAE:
         """
         # Step 1: validate against the VAE and the session's earlier chunks.
         self._check_decode_input(latents, cache)
-        batch, _, num_frames, height, width = latents.shape
+        num_frames = latents.shape[2]
 
         # Step 2: undo the DiT-space normalisation (float32, then the VAE's dtype).
         mean = self._latents_mean.to(latents.device)
@@ -285,37 +330,12 @@ class StreamingWanVAE:
         frames = frames.clamp(-1.0, 1.0)
 
         # Step 4: commit.
-        cache.feat_map = feat_map
-        cache.num_latent_frames += num_frames
-        cache.latent_shape = (batch, height, width)
-        cache.dtype = self.dtype
-        cache.device = self.device
+        cache.commit(feat_map, latents, self.dtype, self.device)
         return frames, cache
 
     def _check_decode_input(self, latents: torch.Tensor, cache: DecodeCache) -> None:
-        if not isinstance(cache, DecodeCache):
-            raise ValueError(f"cache must be a DecodeCache, got {type(cache).__name__}")
-        if cache.owner_id != id(self.vae) or len(cache.feat_map) != self._decoder_slots:
-            raise ValueError("cache was created by another StreamingWanVAE; use this VAE's new_decode_cache()")
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
-            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"latents must be a [B, {self.z_dim}, F, h, w] tensor, got {shape}")
-        batch, channels, num_frames, height, width = latents.shape
-        if channels != self.z_dim:
-            raise ValueError(f"latents must have {self.z_dim} channels, got shape {tuple(latents.shape)}")
-        if num_frames < 1 or batch < 1 or height < 1 or width < 1:
-            raise ValueError(f"latents must be non-empty, got shape {tuple(latents.shape)}")
-        if not latents.is_floating_point():
-            raise ValueError(f"latents must be floating point, got {latents.dtype}")
-        if cache.latent_shape is not None and cache.latent_shape != (batch, height, width):
-            raise ValueError(
-                f"latents (batch, h, w) = {(batch, height, width)} differ from the session's "
-                f"{cache.latent_shape}; start a new cache for a new size"
-            )
-        if cache.num_latent_frames and (cache.dtype != self.dtype or cache.device != self.device):
-            raise ValueError(
-                f"cache holds {cache.dtype} on {cache.device} but the VAE now runs {self.dtype} on {self.device}"
-            )
+        check_decode_input(latents, cache, owner_id=id(self.vae), slots=self._decoder_slots, z_dim=self.z_dim,
+                           dtype=self.dtype, device=self.device, decoder="StreamingWanVAE")  # fmt: skip
 
     # ---------------------------------------------------------------------------------- encode
 
