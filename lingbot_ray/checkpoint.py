@@ -67,6 +67,8 @@ TIMESTEP_FORMATS = ("float", "int")
 
 MODEL_INDEX_FILE = "model_index.json"
 SERVING_DEFAULTS_FILE = "lingbot_ray.json"
+# A checkpoint's own tiny decoder, optional (vae.decoder: tiny; docs/MODEL.md, "Tiny decoder")
+TINY_DECODER_FOLDER = "tiny_decoder"
 TRANSFORMER_CONFIG_FILE = "config.json"
 PIPELINE_CLASS_NAME = "LingBotWorldCausalDMDPipeline"
 

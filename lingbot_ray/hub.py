@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import EXPECTED_COMPONENTS, MODEL_INDEX_FILE, SERVING_DEFAULTS_FILE
+from .checkpoint import EXPECTED_COMPONENTS, MODEL_INDEX_FILE, SERVING_DEFAULTS_FILE, TINY_DECODER_FOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,10 @@ _NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
 _REPO_ID = re.compile(rf"{_NAME}/{_NAME}")
 _MAX_REPO_ID = 96
 
-COMPONENTS = tuple(EXPECTED_COMPONENTS)
+# The five component folders, and the optional tiny decoder a repo may carry
+COMPONENTS = (*EXPECTED_COMPONENTS, TINY_DECODER_FOLDER)
 TOP_LEVEL_FILES = (MODEL_INDEX_FILE, SERVING_DEFAULTS_FILE, "README.md")
-# What the pipeline uses: the index, the serving defaults, the model card and the five component folders
+# What the pipeline uses: the index, the serving defaults, the model card and the component folders
 WEIGHTS_PATTERNS = (*TOP_LEVEL_FILES, *(f"{c}/*" for c in COMPONENTS))
 # What a process that reads only the JSON facts needs (ingress, app builder): a few kB to a few MB
 CONFIG_PATTERNS = (*TOP_LEVEL_FILES, *(f"{c}/*.json" for c in COMPONENTS))

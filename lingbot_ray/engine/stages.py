@@ -27,7 +27,7 @@ import torch
 
 from ..control.camera import CameraTrajectory, Intrinsics
 from ..control.conditions import ChunkConditions
-from ..checkpoint import ModelGeometry, read_geometry, read_serving_defaults
+from ..checkpoint import TINY_DECODER_FOLDER, ModelGeometry, read_geometry, read_serving_defaults
 from ..models import loading
 from ..models.attention import PositionLimitError
 from ..models.transformer_lingbot import CAMERA_UNSHUFFLE
@@ -429,7 +429,7 @@ class VAEStage:
         if decoder == "tiny":
             from ..models.tiny_decoder import StreamingTinyDecoder
 
-            path = Path(tiny_decoder_path) if tiny_decoder_path is not None else Path(folder) / "tiny_decoder"
+            path = Path(tiny_decoder_path) if tiny_decoder_path is not None else Path(folder) / TINY_DECODER_FOLDER
             if not path.exists():
                 raise ValueError(
                     f"vae.tiny_decoder_path={str(path)!r}: not found (vae.decoder: tiny needs a taew2_1 file or a "

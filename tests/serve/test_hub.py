@@ -45,6 +45,7 @@ WEIGHT_FILES = {
     "transformer/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
+    "tiny_decoder/model.safetensors",  # the optional tiny decoder (vae.decoder: tiny) travels with the pipeline
 }
 PIPELINE_FILES = {p.relative_to(TINY).as_posix() for p in TINY.rglob("*") if p.is_file()}
 # in the repo, but never fetched: outside the pipeline's folders, or a weight format nothing here reads
