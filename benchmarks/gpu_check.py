@@ -33,7 +33,7 @@ from diffusers import AutoencoderKLWan
 from lingbot_ray.checkpoint import geometry_from_configs
 from lingbot_ray.control.conditions import ChunkConditions
 from lingbot_ray.engine import SessionSpec
-from lingbot_ray.engine.fastpath import compile_dit, use_fp8, warm_up
+from lingbot_ray.engine.fastpath import DECODERS, compile_dit, use_fp8, warm_up
 from lingbot_ray.engine.sampler import DMDSampler
 from lingbot_ray.engine.stages import DiTStage, VAEStage
 from lingbot_ray.models.architectures import LINGBOT_WORLD_FAST_TRANSFORMER, WAN21_VAE
@@ -45,7 +45,6 @@ from lingbot_ray.models.vae_streaming import StreamingWanVAE
 logger = logging.getLogger("gpu_check")
 
 SETTINGS = ("eager", "compiled", "compiled+fp8")
-DECODERS = ("wan", "tiny")
 TEXT_TOKENS = 512  # UMT5's max_length: the prompt embedding's length
 # --tiny: the test checkpoint's shapes (lingbot_ray/models/tiny_components.py) and narrow decoders
 TINY_VAE = {**WAN21_VAE, "base_dim": 8, "num_res_blocks": 1}

@@ -63,19 +63,19 @@ class Float8Linear(nn.Module):
         if scaling not in SCALINGS:
             raise ValueError(f"scaling={scaling!r}: must be one of {list(SCALINGS)}")
         self.scaling = scaling
+        self.rowwise = scaling == "rowwise"
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.out_dtype = linear.weight.dtype
-        weight, scale = quantize(linear.weight.detach(), rowwise=scaling == "rowwise")
+        weight, scale = quantize(linear.weight.detach(), rowwise=self.rowwise)
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rowwise = self.scaling == "rowwise"
         lead = x.shape[:-1]
-        q, x_scale = quantize(x.reshape(-1, self.in_features), rowwise)
+        q, x_scale = quantize(x.reshape(-1, self.in_features), self.rowwise)
         # rowwise: per-token scale [M, 1] times per-channel scale [1, N]; tensorwise: two scalars
-        w_scale = self.weight_scale.t() if rowwise else self.weight_scale
+        w_scale = self.weight_scale.t() if self.rowwise else self.weight_scale
         out = torch._scaled_mm(q, self.weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=self.out_dtype)
         if self.bias is not None:
             out = out + self.bias

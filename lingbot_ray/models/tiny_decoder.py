@@ -54,7 +54,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .strict_load import assign_strict
-from .vae_streaming import DecodeCache, check_decode_input
+from .vae_streaming import DecodeCache, check_decode_input, pixel_frames
 
 logger = logging.getLogger(__name__)
 
@@ -510,11 +510,7 @@ class StreamingTinyDecoder:
 
     def num_pixel_frames(self, num_latent_frames: int, *, first_chunk: bool) -> int:
         """Pixel frames that `decode_chunk` returns for a chunk of `num_latent_frames`."""
-        if num_latent_frames < 1:
-            return 0
-        if first_chunk:
-            return 1 + self.temporal_ratio * (num_latent_frames - 1)
-        return self.temporal_ratio * num_latent_frames
+        return pixel_frames(num_latent_frames, self.temporal_ratio, first_chunk=first_chunk)
 
     def new_decode_cache(self) -> DecodeCache:
         """A new session's state: one slot per memory block, holding that block's last input frame."""

@@ -88,6 +88,16 @@ def _same_state(previous: list[_FeatSlot], current: list[_FeatSlot]) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+def pixel_frames(num_latent_frames: int, temporal_ratio: int, *, first_chunk: bool) -> int:
+    """Pixel frames a causal decoder yields for ``num_latent_frames``: the session's very first latent
+    frame gives one, every other ``temporal_ratio`` (the Wan VAE's rule; the tiny decoder keeps it)."""
+    if num_latent_frames < 1:
+        return 0
+    if first_chunk:
+        return 1 + temporal_ratio * (num_latent_frames - 1)
+    return temporal_ratio * num_latent_frames
+
+
 @dataclass
 class DecodeCache:
     """One session's decoder state: one slot per cached layer (the Wan decoder's causal convs, or the
@@ -110,7 +120,7 @@ class DecodeCache:
     @property
     def num_pixel_frames(self) -> int:
         """Pixel frames produced so far (1 for the first latent frame, `temporal_ratio` for each later one)."""
-        return 0 if self.num_latent_frames == 0 else 1 + self.temporal_ratio * (self.num_latent_frames - 1)
+        return pixel_frames(self.num_latent_frames, self.temporal_ratio, first_chunk=True)
 
     @property
     def nbytes(self) -> int:
@@ -283,11 +293,7 @@ class StreamingWanVAE:
 
     def num_pixel_frames(self, num_latent_frames: int, *, first_chunk: bool) -> int:
         """Pixel frames that `decode_chunk` returns for a chunk of `num_latent_frames`."""
-        if num_latent_frames < 1:
-            return 0
-        if first_chunk:
-            return 1 + self.temporal_ratio * (num_latent_frames - 1)
-        return self.temporal_ratio * num_latent_frames
+        return pixel_frames(num_latent_frames, self.temporal_ratio, first_chunk=first_chunk)
 
     # ---------------------------------------------------------------------------------- decode
 
