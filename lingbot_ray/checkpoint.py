@@ -175,6 +175,9 @@ class ServingDefaults:
     num_frames_per_block: int | None = None
     sink_size: int | None = None
     window_frames: int | None = None
+    # What decodes the DiT's latents where vae.decoder is not set: one of engine.fastpath.DECODERS
+    # (tiny: the checkpoint's tiny_decoder/ folder); None: wan. docs/MODEL.md, "Tiny decoder".
+    decoder: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -249,6 +252,10 @@ def _read_settings(root: Path) -> dict[str, Any]:
     shared = values.get("shared_components")
     if shared is not None and (not isinstance(shared, str) or not shared.strip()):
         raise fail("shared_components", "must be a folder path or null")
+    from .engine.fastpath import DECODERS
+
+    if values.get("decoder") is not None and values["decoder"] not in DECODERS:
+        raise fail("decoder", f"must be one of {list(DECODERS)} or null")
     return values
 
 

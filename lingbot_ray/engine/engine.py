@@ -106,6 +106,7 @@ class RealtimeEngine:
         sampler: DMDSampler | None = None,
         text_device: str | torch.device | None = None,
         memory_budget: int | None = None,
+        decoder: str | None = None,
     ) -> RealtimeEngine:
         """Load a diffusers-style checkpoint folder (docs/MODEL.md, "Checkpoint folder").
 
@@ -118,7 +119,8 @@ class RealtimeEngine:
         chunk's work and one session at the checkpoint's default size still fit there, else on the
         CPU. ``memory_budget``: bytes the engine may use on ``device`` (default: what CUDA reports
         free; no limit on the CPU); a session beyond it is refused with
-        :class:`~.memory.InsufficientMemory`, as are weights that do not fit at all.
+        :class:`~.memory.InsufficientMemory`, as are weights that do not fit at all. ``decoder``: the
+        VAE stage's (:meth:`VAEStage.from_pretrained`; None: the checkpoint's own).
         """
         read_model_index(folder).check_folders()
         dtype = dtype or default_dtype(device)
@@ -133,7 +135,7 @@ class RealtimeEngine:
             logger.warning("no session at the default size fits beside the weights: %s", plan.summary())
         text = TextStage.from_pretrained(folder, device=plan.text_device, dtype=text_dtype)
         dit = DiTStage.from_pretrained(folder, device=device, dtype=dtype, sampler=sampler)
-        vae = VAEStage.from_pretrained(folder, device=device)
+        vae = VAEStage.from_pretrained(folder, device=device, decoder=decoder)
         engine = cls(text, dit, vae, defaults=read_serving_defaults(folder), memory=plan)
         logger.info("engine loaded from %s on %s (%s): %s", folder, device, dit.dtype, dit.sampler)
         return engine

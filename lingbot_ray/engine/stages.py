@@ -415,15 +415,20 @@ class VAEStage:
         folder: str | Path,
         *,
         device: str | torch.device = "cpu",
-        decoder: str = "wan",
+        decoder: str | None = None,
         tiny_decoder_path: str | Path | None = None,
     ) -> VAEStage:
-        """``decoder`` "tiny" reads ``tiny_decoder_path`` (a published taew2_1 file or the project's
-        folder; None: the checkpoint's ``tiny_decoder/``), checked against the checkpoint's latents."""
+        """``decoder`` None is the checkpoint's own (``decoder`` in its ``lingbot_ray.json``, else
+        "wan"). "tiny" reads ``tiny_decoder_path`` (a published taew2_1 file or the project's folder;
+        None: the checkpoint's ``tiny_decoder/``), checked against the checkpoint's latents."""
         from .fastpath import DECODERS
 
+        if decoder is None:
+            decoder = read_serving_defaults(folder).decoder or DECODERS[0]
         if decoder not in DECODERS:
             raise ValueError(f"vae.decoder={decoder!r}: must be one of {list(DECODERS)}")
+        if tiny_decoder_path is not None and decoder != "tiny":
+            raise ValueError(f"vae.tiny_decoder_path={str(tiny_decoder_path)!r}: only read with vae.decoder: tiny (this checkpoint decodes with {decoder})")
         geometry = read_geometry(folder)
         tiny = None
         if decoder == "tiny":

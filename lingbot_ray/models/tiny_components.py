@@ -254,10 +254,11 @@ def write_shared_components(
     served_model_name: str,
     comment: str,
     camera_focal: float | None = None,
+    decoder: str | None = None,
 ) -> None:
     """Everything of a tiny-class checkpoint folder but the transformer and the VAE: the tiny text
     encoder and tokenizer, the scheduler config, ``model_index.json`` naming the real classes, and
-    ``lingbot_ray.json`` (serving defaults; ``camera_focal`` only when given)."""
+    ``lingbot_ray.json`` (serving defaults; ``camera_focal`` and ``decoder`` only when given)."""
     build_tiny_text_encoder(root / "text_encoder", d_model=text_dim, seed=seed)
     build_tiny_tokenizer(root / "tokenizer")
 
@@ -289,6 +290,8 @@ def write_shared_components(
     }
     if camera_focal is not None:
         settings["camera_focal"] = camera_focal
+    if decoder is not None:
+        settings["decoder"] = decoder
     _write_json(root / checkpoint.SERVING_DEFAULTS_FILE, settings)
 
 

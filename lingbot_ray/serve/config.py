@@ -137,9 +137,10 @@ class StageConfig(_Section):
 
 class VAEConfig(StageConfig):
     # What decodes the DiT's latents: wan (the checkpoint's VAE decoder) | tiny (a TAEHV-style tiny
-    # temporal decoder: far cheaper, a preview-grade picture; docs/MODEL.md "Tiny decoder"). The
-    # first frame is always encoded by the checkpoint's VAE encoder.
-    decoder: str = "wan"
+    # temporal decoder: far cheaper; docs/MODEL.md "Tiny decoder"). None: the checkpoint's own choice
+    # (`decoder` in its lingbot_ray.json), else wan. The first frame is always encoded by the
+    # checkpoint's VAE encoder.
+    decoder: str | None = None
     # The tiny decoder's weights: a taew2_1 .pth/.safetensors file in the published layout, or a
     # folder of config.json + model.safetensors (None: the checkpoint's own tiny_decoder/ folder).
     tiny_decoder_path: str | None = None
@@ -147,9 +148,9 @@ class VAEConfig(StageConfig):
     def __post_init__(self) -> None:
         from lingbot_ray.engine.fastpath import DECODERS
 
-        if self.decoder not in DECODERS:
-            raise ValueError(f"vae.decoder={self.decoder!r}: must be one of {list(DECODERS)}")
-        if self.tiny_decoder_path is not None and self.decoder != "tiny":
+        if self.decoder is not None and self.decoder not in DECODERS:
+            raise ValueError(f"vae.decoder={self.decoder!r}: must be one of {list(DECODERS)} or null")
+        if self.tiny_decoder_path is not None and self.decoder == "wan":
             raise ValueError(f"vae.tiny_decoder_path={self.tiny_decoder_path!r}: only read with vae.decoder: tiny")
 
 

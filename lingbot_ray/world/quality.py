@@ -109,23 +109,32 @@ def generate(engine, first_frame: np.ndarray, actions: list[list[str]], num_chun
 Generator = Callable[[int, np.ndarray, list[list[str]], int, int], np.ndarray]
 
 
-def vae_round_trip(vae_dir: str | Path, width: int, height: int) -> Generator:
-    """The VAE's ceiling: the renderer's own frames for the script, encoded and decoded by the
-    checkpoint's VAE (the causal loops training and serving use). A DiT that predicted the latents
+def vae_round_trip(vae_dir: str | Path, width: int, height: int, tiny_decoder: str | Path | None = None) -> Generator:
+    """The VAE's ceiling: the renderer's own frames for the script, encoded by the checkpoint's VAE
+    (the causal loop training and serving use) and decoded chunk by chunk by the decoder sessions get:
+    the VAE's own, or the tiny decoder in the folder ``tiny_decoder``. A DiT that predicted the latents
     perfectly would score this; the gap between it and the model is the DiT's."""
     import torch
 
+    from ..engine.stages import frames_to_uint8
+    from ..models.tiny_decoder import StreamingTinyDecoder
     from ..models.vae_streaming import StreamingWanVAE
-    from .train_vae import decode_frames, encode_moments, to_pixels
+    from .train_vae import encode_moments, to_pixels
 
-    vae = StreamingWanVAE.from_pretrained(vae_dir, subfolder=None).vae  # the serving load path (fast norms)
+    streaming = StreamingWanVAE.from_pretrained(vae_dir, subfolder=None)  # the serving load path (fast norms)
+    vae = streaming.vae
+    decoder = streaming if tiny_decoder is None else StreamingTinyDecoder.from_pretrained(tiny_decoder)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (vae.config.latents_mean, vae.config.latents_std))
 
     @torch.no_grad()
     def generate_fn(world: int, first: np.ndarray, actions: list[list[str]], num_chunks: int, seed: int) -> np.ndarray:
         truth = make_clip(world, actions[: num_chunks * LATENT_PER_CHUNK], width, height).frames
-        mean, _, _ = encode_moments(vae, to_pixels(truth)[None])
-        pixels = decode_frames(vae, mean)[0][0].clamp(-1, 1)
-        return pixels.add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+        latents = (encode_moments(vae, to_pixels(truth)[None])[0] - mean) / std
+        cache, pieces = decoder.new_decode_cache(), []
+        for start in range(0, latents.shape[2], LATENT_PER_CHUNK):
+            frames, cache = decoder.decode_chunk(latents[:, :, start : start + LATENT_PER_CHUNK], cache)
+            pieces.append(frames_to_uint8(frames))
+        return np.concatenate(pieces)
 
     return generate_fn
 
@@ -164,13 +173,17 @@ def truth_history(checkpoint: str | Path) -> Generator:
     return generate_fn
 
 
-def measure(checkpoint: str | Path, *, worlds: int = DEFAULT_WORLDS, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Every measure of a checkpoint, its sessions run through ``RealtimeEngine``, and its VAE's
-    round trip of the same held-out frames."""
-    from ..checkpoint import read_model_index
+def measure(
+    checkpoint: str | Path, *, worlds: int = DEFAULT_WORLDS, seed: int = 0, decoder: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Every measure of a checkpoint, its sessions run through ``RealtimeEngine`` with ``decoder``
+    (``vae.decoder``; None: the checkpoint's own, as ``serve_config.yaml`` leaves it), and its VAE's
+    round trip of the same held-out frames through the same decoder."""
+    from ..checkpoint import TINY_DECODER_FOLDER, read_model_index, read_serving_defaults
     from ..engine import RealtimeEngine
 
-    engine = RealtimeEngine.from_pretrained(checkpoint)
+    decoder = decoder or read_serving_defaults(checkpoint).decoder or "wan"
+    engine = RealtimeEngine.from_pretrained(checkpoint, decoder=decoder)
     width, height = engine.defaults.width, engine.defaults.height
 
     def model(world: int, first: np.ndarray, actions: list[list[str]], num_chunks: int, session_seed: int) -> np.ndarray:
@@ -178,9 +191,11 @@ def measure(checkpoint: str | Path, *, worlds: int = DEFAULT_WORLDS, seed: int =
 
     report = measure_generator(model, width, height, worlds=worlds, seed=seed, progress=progress)
     vae_dir = read_model_index(checkpoint).component_folder("vae")
-    ceiling = measure_generator(vae_round_trip(vae_dir, width, height), width, height, worlds=worlds, seed=seed, progress=progress, fidelity=False)
+    tiny = Path(checkpoint) / TINY_DECODER_FOLDER if decoder == "tiny" else None
+    ceiling = measure_generator(vae_round_trip(vae_dir, width, height, tiny), width, height, worlds=worlds, seed=seed, progress=progress, fidelity=False)
     report = {
         "checkpoint": str(checkpoint),
+        "decoder": decoder,
         **report,
         "vae_psnr_db": round(float(np.mean(ceiling["psnr_model_db_per_chunk"])), 2),
         "vae_colour_kept": ceiling["colour_kept"],
@@ -267,7 +282,8 @@ def _value(key: str, value: float) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"{report.get('checkpoint', 'generator')} at {report['size']}, {len(report['world_seeds'])} held-out worlds {report['world_seeds'][0]}…"]
+    decoder = f", vae.decoder {report['decoder']}" if "decoder" in report else ""
+    lines = [f"{report.get('checkpoint', 'generator')} at {report['size']}{decoder}, {len(report['world_seeds'])} held-out worlds {report['world_seeds'][0]}…"]
     lines.append(f"{'measure':<48} {'value':>10} {'target':>10}  ")
     for key, (what, target, _) in TARGETS.items():
         if key in report:
@@ -289,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worlds", type=int, default=DEFAULT_WORLDS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--decoder", choices=("wan", "tiny"), default=None, help="vae.decoder (default: the checkpoint's own)")
     parser.add_argument("--truth-history", action="store_true", help="also measure the model with its KV cache written from the truth")
     args = parser.parse_args(argv)
-    report = measure(args.checkpoint, worlds=args.worlds, seed=args.seed)
+    report = measure(args.checkpoint, worlds=args.worlds, seed=args.seed, decoder=args.decoder)
     print(format_report(report))
     if args.truth_history:
         size = [int(v) for v in report["size"].split("x")]

@@ -393,9 +393,22 @@ def train(
 # ---------------------------------------------------------------------------------------- assemble
 
 
-def assemble(run_dir: Path, vae_dir: Path, out: Path, *, width: int, height: int, served_model_name: str = "lingbot-world-tiny") -> Path:
-    """The serving checkpoint folder from a training run and a trained VAE folder."""
+def assemble(
+    run_dir: Path,
+    vae_dir: Path,
+    out: Path,
+    *,
+    width: int,
+    height: int,
+    served_model_name: str = "lingbot-world-tiny",
+    tiny_decoder: Path | None = None,
+) -> Path:
+    """The serving checkpoint folder from a training run and a trained VAE folder; with
+    ``tiny_decoder`` (a tiny decoder folder) that decoder too, as the one sessions get
+    (``lingbot_ray.json`` ``"decoder": "tiny"``)."""
     import shutil
+
+    from ..checkpoint import TINY_DECODER_FOLDER
 
     from ..models import loading
     from ..models.tiny_components import write_shared_components
@@ -404,9 +417,12 @@ def assemble(run_dir: Path, vae_dir: Path, out: Path, *, width: int, height: int
     model.load_state_dict(state["model"])
     out.mkdir(parents=True, exist_ok=True)
     loading.save_transformer(model.eval(), out / "transformer", layout=loading.ORIGINAL)
-    if (out / "vae").exists():
-        shutil.rmtree(out / "vae")
-    shutil.copytree(vae_dir, out / "vae")
+    for source, target in ((vae_dir, out / "vae"), (tiny_decoder, out / TINY_DECODER_FOLDER)):
+        if source is None or target.resolve() == Path(source).resolve():
+            continue
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(source, target)
     write_shared_components(
         out,
         text_dim=model.config.text_dim,
@@ -416,6 +432,7 @@ def assemble(run_dir: Path, vae_dir: Path, out: Path, *, width: int, height: int
         served_model_name=served_model_name,
         comment=f"lingbot_ray serving defaults of the world model trained on the procedural world ({state['step']} steps)",
         camera_focal=camera_intrinsics(width, height, run_focal_per_width(state)).fx,
+        decoder="tiny" if tiny_decoder is not None else None,
     )
     return out
 

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import read_geometry, read_serving_defaults
-from ..models.tiny_decoder import TinyAutoencoder, TinyDecoderConfig, save_tiny_autoencoder
+from ..models.tiny_decoder import TinyAutoencoder, TinyDecoderConfig, load_tiny_autoencoder, save_tiny_autoencoder
 from .dataset import ClipDataset, generate_dataset
 from .progress import progress_bar
 from .train_decoder import optimizer_step, warmup_cosine
@@ -174,6 +174,7 @@ def train(
     lr: float = 2e-3,
     batch: int = 1,
     widths: tuple[int, int, int, int] = WIDTHS,
+    init: Path | None = None,
     chroma_weight: float = 0.5,
     edge_weight: float = 0.0,
     warmup: int = 50,
@@ -187,14 +188,19 @@ def train(
 ) -> Path:
     """Make the clips and the DiT's latents (stages 1-2), train the tiny decoder ``steps`` steps
     (``until`` stops earlier, as if interrupted), then write ``run_dir/tiny_decoder`` and
-    ``run_dir/report.json``; returns ``run_dir/tiny_decoder``."""
+    ``run_dir/report.json``; returns ``run_dir/tiny_decoder``. ``init``: fine-tune this tiny decoder
+    folder (its widths) instead of training a fresh one."""
     run_dir.mkdir(parents=True, exist_ok=True)
     state_file = run_dir / "state.pt"
     if not resume and state_file.is_file():
         raise FileExistsError(f"{state_file} exists: pass resume=True (--resume) to continue it, or use a fresh run folder")
     prepare(checkpoint, run_dir, clips=clips, eval_clips=eval_clips, latent_frames=latent_frames, seed=seed, progress=progress)
     generated = torch.load(run_dir / "latents.pt")
-    model = new_model(read_geometry(checkpoint).latent_channels, widths, seed).train()
+    if init is not None:
+        model = load_tiny_autoencoder(init).train()
+        widths = model.config.decoder_widths
+    else:
+        model = new_model(read_geometry(checkpoint).latent_channels, widths, seed).train()
     params = list(model.decoder.parameters())
     for p in model.encoder.parameters():
         p.requires_grad_(False)
@@ -257,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=200, help="training clips the DiT generates latents for")
     parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--edge-weight", type=float, default=0.0, help="weight of the L1 error of horizontal and vertical differences")
+    parser.add_argument("--init", type=Path, default=None, help="fine-tune this tiny decoder folder instead of a fresh one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -264,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(train(args.checkpoint, args.run, clips=args.clips, steps=args.steps, lr=args.lr, seed=args.seed, resume=args.resume))
+    print(train(args.checkpoint, args.run, clips=args.clips, steps=args.steps, lr=args.lr, edge_weight=args.edge_weight, init=args.init,
+                seed=args.seed, resume=args.resume))
     return 0
 
 

@@ -49,6 +49,7 @@ newest checkpoint in ``OUT_DIR``).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -66,6 +67,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..checkpoint import TINY_DECODER_FOLDER
 from ..control.camera import Intrinsics
 from ..models.wan_norm import use_fast_norms
 from .dataset import EVAL_SEED_START, make_clip, random_actions
@@ -118,6 +120,12 @@ class TrainConfig:
     log_every: int = 50
     workers: int = 1
     stats_clips: int = 32
+    # Decode the latents with a tiny temporal decoder of these widths (``vae.decoder: tiny``), trained
+    # with the encoder: it shapes the latent space, the Wan decoder is left for ``train_decoder``. None:
+    # the Wan decoder is trained with the encoder (the layout's own autoencoder).
+    tiny_widths: tuple[int, int, int, int] | None = None
+    decoder_base_dim: int | None = None  # the Wan decoder's width (None: base_dim)
+    stats_momentum: float = 0.01  # with tiny_widths: EMA rate of the latent statistics (see WorldAutoencoder)
     stats_latent_frames: int = 5
     eval_clips: int = 8
     eval_latent_frames: int = 12
@@ -137,6 +145,10 @@ class TrainConfig:
             raise ValueError("give --steps or --minutes")
         if self.batch < 1 or self.base_dim < 2 or self.base_dim % 2 or self.res_blocks < 1:
             raise ValueError("batch >= 1, even base_dim >= 2 and res_blocks >= 1 are required")
+        if self.decoder_base_dim is not None and (self.decoder_base_dim < 2 or self.decoder_base_dim % 2):
+            raise ValueError(f"decoder_base_dim={self.decoder_base_dim}: must be even and >= 2")
+        if self.tiny_widths is not None and (len(self.tiny_widths) != 4 or min(self.tiny_widths) < 1):
+            raise ValueError(f"tiny_widths={self.tiny_widths}: must be 4 positive widths")
         if self.data_dir is not None:
             from .dataset import ClipDataset
 
@@ -152,7 +164,7 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------------ model
 
 
-def build_vae(base_dim: int, res_blocks: int) -> AutoencoderKLWan:
+def build_vae(base_dim: int, res_blocks: int, decoder_base_dim: int | None = None) -> AutoencoderKLWan:
     """The Wan2.1 layout of :func:`~lingbot_ray.models.tiny_components.build_tiny_vae` (z_dim 16, 8×
     spatial, 4× temporal, no attention), initialised from the global torch RNG; latent statistics
     are placeholders (0 and 1) until :func:`latent_statistics` measures them.
@@ -167,6 +179,7 @@ def build_vae(base_dim: int, res_blocks: int) -> AutoencoderKLWan:
     """
     vae = AutoencoderKLWan(
         base_dim=base_dim,
+        decoder_base_dim=decoder_base_dim,
         z_dim=Z_DIM,
         dim_mult=list(DIM_MULT),
         num_res_blocks=res_blocks,
@@ -182,6 +195,57 @@ def build_vae(base_dim: int, res_blocks: int) -> AutoencoderKLWan:
         vae.quant_conv.bias[:Z_DIM].mul_(MU_INIT_GAIN)
         vae.quant_conv.bias[Z_DIM:].fill_(LOGVAR_INIT)
     return vae
+
+
+class WorldAutoencoder(torch.nn.Module):
+    """The Wan encoder (``vae``) trained with a tiny temporal decoder (``tiny``) of its latents.
+
+    The tiny decoder reads normalised latents ``(z − latents_mean) / latents_std``, as served. The
+    statistics are buffers, an exponential moving average (rate ``momentum``) of each training batch's
+    per-channel mean and std of the posterior means, updated before the batch is decoded: the decoder
+    is always trained behind the normalisation it will be served with, and at the end of training
+    (learning rate annealed, statistics settled) the buffers become the VAE config's
+    ``latents_mean``/``latents_std``. The Wan decoder inside ``vae`` is not trained here."""
+
+    def __init__(self, vae: AutoencoderKLWan, tiny: torch.nn.Module, momentum: float) -> None:
+        super().__init__()
+        self.vae, self.tiny, self.momentum = vae, tiny, momentum
+        self.register_buffer("latents_mean", torch.zeros(Z_DIM))
+        self.register_buffer("latents_std", torch.ones(Z_DIM))
+        self.register_buffer("observed", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def observe(self, mu: torch.Tensor) -> None:
+        """Fold a batch's posterior means ``[B, z, N, h, w]`` into the statistics (the first batch sets them)."""
+        flat = mu.detach().transpose(0, 1).reshape(Z_DIM, -1)
+        rate = 1.0 if int(self.observed) == 0 else self.momentum
+        self.latents_mean.lerp_(flat.mean(dim=1), rate)
+        self.latents_std.lerp_(flat.std(dim=1).clamp_min(1e-6), rate)
+        self.observed += 1
+
+    def decode(self, z: torch.Tensor, memory: list | None = None) -> tuple[torch.Tensor, list]:
+        """Pixels in [−1, 1] of raw latents ``[B, z, N, h, w]`` and the decoder's memory after them:
+        ``1 + 4(N−1)`` frames for a fresh stream (``memory`` None), ``4N`` for a continued one."""
+        shape = (1, -1, 1, 1, 1)
+        normalised = (z - self.latents_mean.view(shape)) / self.latents_std.view(shape)
+        frames, after = self.tiny.decode_frames(normalised.movedim(2, 1), memory)
+        if memory is None:  # the first latent frame stands for one video frame
+            frames = frames[:, self.tiny.frames_to_trim :]
+        return frames.movedim(1, 2) * 2 - 1, after
+
+
+def build_model(cfg: TrainConfig) -> AutoencoderKLWan | WorldAutoencoder:
+    """The model a run trains, initialised from the global torch RNG: the VAE alone, or with
+    ``cfg.tiny_widths`` a :class:`WorldAutoencoder` (its tiny decoder's output starting at mid-grey)."""
+    vae = build_vae(cfg.base_dim, cfg.res_blocks, cfg.decoder_base_dim)
+    if cfg.tiny_widths is None:
+        return vae
+    from .train_tiny_decoder import new_model
+
+    tiny = new_model(Z_DIM, tuple(cfg.tiny_widths), int(torch.randint(2**31, ())))
+    for p in [*vae.decoder.parameters(), *vae.post_quant_conv.parameters(), *tiny.encoder.parameters()]:
+        p.requires_grad_(False)
+    return WorldAutoencoder(vae, tiny, cfg.stats_momentum)
 
 
 def _num_cached_convs(module: torch.nn.Module) -> int:
@@ -243,8 +307,17 @@ def colour_kept(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(1 - chroma(pred.clamp(-1, 1) - target).abs().mean() / chroma(target).abs().mean().clamp_min(1e-8))
 
 
+def _encoder_of(model: AutoencoderKLWan | WorldAutoencoder) -> AutoencoderKLWan:
+    return model.vae if isinstance(model, WorldAutoencoder) else model
+
+
+def _decode(model: AutoencoderKLWan | WorldAutoencoder, z: torch.Tensor, cache: list | None) -> tuple[torch.Tensor, list]:
+    """Raw latents → pixels with the model's trained decoder (the tiny one of a :class:`WorldAutoencoder`)."""
+    return model.decode(z, cache) if isinstance(model, WorldAutoencoder) else decode_frames(model, z, cache)
+
+
 def loss_terms(
-    vae: AutoencoderKLWan,
+    vae: AutoencoderKLWan | WorldAutoencoder,
     clip: torch.Tensor,
     noise: torch.Generator | None,
     kl_weight: float,
@@ -256,17 +329,22 @@ def loss_terms(
     ``noise`` is None). The first ``context`` latent frames (``1 + 4(context−1)`` pixel frames) only
     fill the encoder's and decoder's caches, without gradients, as a long stream would have them; the
     rest is the target ``x``. Returns ``loss = l1 + mse + edge_weight·edge + kl_weight·kl``, the terms,
-    ``x`` and its decoded ``recon``."""
+    ``x`` and its decoded ``recon``. A training :class:`WorldAutoencoder` folds the batch's posterior
+    means into its latent statistics before decoding."""
+    encoder = _encoder_of(vae)
+    observe = isinstance(vae, WorldAutoencoder) and vae.training
     enc_cache = dec_cache = None
     x = clip
     if context:
         split = 1 + TEMPORAL_STRIDE * (context - 1)
         with torch.no_grad():
-            mu, logvar, enc_cache = encode_moments(vae, clip[:, :, :split])
-            _, dec_cache = decode_frames(vae, _sample(mu, logvar, noise))
+            mu, logvar, enc_cache = encode_moments(encoder, clip[:, :, :split])
+            _, dec_cache = _decode(vae, _sample(mu, logvar, noise), dec_cache)
         x = clip[:, :, split:]
-    mu, logvar, _ = encode_moments(vae, x, enc_cache)
-    recon, _ = decode_frames(vae, _sample(mu, logvar, noise), dec_cache)
+    mu, logvar, _ = encode_moments(encoder, x, enc_cache)
+    if observe:
+        vae.observe(mu)
+    recon, _ = _decode(vae, _sample(mu, logvar, noise), dec_cache)
     l1 = (recon - x).abs().mean()
     mse = (recon - x).square().mean()
     edge = ((recon.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (recon.diff(dim=-2) - x.diff(dim=-2)).abs().mean()) / 2
@@ -344,7 +422,9 @@ class CropDataset(Dataset):
 
 class ClipCropDataset(CropDataset):
     """:class:`CropDataset` cut from the clips of a ``dataset.generate_dataset`` folder: sample ``i``
-    is a random window of the first ``T`` frames of a random clip, a pure function of ``(seed, i)``."""
+    is a random window of ``T`` consecutive frames of a random clip, from a random frame on (a stream
+    may start anywhere in a world, and every frame of a clip is then seen, not only its first ``T``),
+    a pure function of ``(seed, i)``."""
 
     def __init__(self, data_dir: str | Path, seed: int, frames: int, crop: tuple[int, int], **kwargs) -> None:
         from .dataset import ClipDataset
@@ -358,7 +438,9 @@ class ClipCropDataset(CropDataset):
         length = 1 + TEMPORAL_STRIDE * (self.context(index) + trained_latent_frames(self.frames) - 1)
         x0 = int(rng.integers(0, self.frame_size[0] - self.crop[0] + 1))
         y0 = int(rng.integers(0, self.frame_size[1] - self.crop[1] + 1))
-        return to_pixels(self.clips[clip][0][:length, y0 : y0 + self.crop[1], x0 : x0 + self.crop[0]])
+        frames = self.clips[clip][0]
+        t0 = int(rng.integers(0, len(frames) - length + 1))
+        return to_pixels(frames[t0 : t0 + length, y0 : y0 + self.crop[1], x0 : x0 + self.crop[0]])
 
 
 class _FromIndex(Sampler[int]):
@@ -458,6 +540,8 @@ def config_from_checkpoint(path: Path, **overrides) -> TrainConfig:
         stored["steps"] = state["total_steps"]  # the schedule fixed from the measured speed, if it was
     stored.update(overrides)
     stored["crop"], stored["frame_size"] = tuple(stored["crop"]), tuple(stored["frame_size"])
+    if stored.get("tiny_widths") is not None:
+        stored["tiny_widths"] = tuple(stored["tiny_widths"])
     return TrainConfig(**stored)
 
 
@@ -493,8 +577,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     state = _load_checkpoint(checkpoint) if checkpoint else None
 
     torch.manual_seed(cfg.seed)
-    vae = build_vae(cfg.base_dim, cfg.res_blocks).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    vae = build_model(cfg).train()
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     noise = torch.Generator().manual_seed(cfg.seed + 1)
     step, total_steps = 0, cfg.steps
     if state is not None:
@@ -547,7 +632,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
                                      f"{_checkpoint_dir(cfg.out_dir)} keeps its last checkpoints: resume with a lower --lr (this run: {cfg.lr})")
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         step += 1
 
@@ -597,9 +682,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         return TrainResult(step, total_steps, None, None)
 
     vae.eval()
-    mean, std = latent_statistics(vae, cfg)
-    vae.register_to_config(latents_mean=mean, latents_std=std)
     vae_dir = out / "vae"
+    if isinstance(vae, WorldAutoencoder):
+        from ..models.tiny_decoder import save_tiny_autoencoder
+
+        mean, std = (np.round(t.double().numpy(), 6).tolist() for t in (vae.latents_mean, vae.latents_std))
+        save_tiny_autoencoder(copy.deepcopy(vae.tiny).half(), out / TINY_DECODER_FOLDER)
+        vae = vae.vae
+    else:
+        mean, std = latent_statistics(vae, cfg)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
     vae.save_pretrained(vae_dir)
     print(f"saved {vae_dir} (latents_mean {np.round(mean, 3).tolist()}, latents_std {np.round(std, 3).tolist()})")
     report = evaluate(vae_dir, cfg, out / "eval_side_by_side.png") if cfg.eval_clips else None
@@ -634,14 +726,19 @@ def latent_statistics(vae: AutoencoderKLWan, cfg: TrainConfig) -> tuple[list[flo
 @torch.no_grad()
 def evaluate(vae_dir: str | Path, cfg: TrainConfig, png_path: str | Path | None = None) -> dict:
     """Reconstruction PSNR on ``eval_clips`` full-frame clips of held-out worlds (seeds ≥
-    ``EVAL_SEED_START``): the posterior mean, normalised with the saved statistics, decoded through
-    :class:`~lingbot_ray.models.vae_streaming.StreamingWanVAE` in chunks of 3 latent frames, as served.
+    ``EVAL_SEED_START``): the posterior mean, normalised with the saved statistics, decoded in chunks of
+    3 latent frames as served, through :class:`~lingbot_ray.models.vae_streaming.StreamingWanVAE` or,
+    for a run with ``tiny_widths``, its tiny decoder (``TINY_DECODER_FOLDER`` beside ``vae_dir``).
     Also reports how much colour survives (:func:`colour_kept`), PSNR per latent-frame position and
     the normalised latents' statistics."""
     from ..models.vae_streaming import StreamingWanVAE
 
     streaming = StreamingWanVAE.from_pretrained(vae_dir, subfolder=None)
     vae = streaming.vae
+    if cfg.tiny_widths is not None:
+        from ..models.tiny_decoder import StreamingTinyDecoder
+
+        streaming = StreamingTinyDecoder.from_pretrained(Path(vae_dir).parent / TINY_DECODER_FOLDER)
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     scores, colour, per_position, norm_latents, sheet_rows = [], [], [], [], []
@@ -702,6 +799,15 @@ def _parse_size(text: str) -> tuple[int, int]:
     return int(width), int(height or width)
 
 
+def _parse_widths(text: str | None) -> tuple[int, int, int, int] | None:
+    if text is None:
+        return None
+    widths = tuple(int(w) for w in text.split(","))
+    if len(widths) != 4:
+        raise ValueError(f"--tiny-widths {text!r}: give 4 comma-separated widths")
+    return widths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the world model's small Wan2.1-layout VAE on rendered clips.")
     parser.add_argument("out_dir")
@@ -709,6 +815,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock limit of this invocation's training")
     parser.add_argument("--base-dim", type=int, default=TrainConfig.base_dim)
     parser.add_argument("--res-blocks", type=int, default=TrainConfig.res_blocks)
+    parser.add_argument("--decoder-base-dim", type=int, default=None, help="the Wan decoder's width (default: --base-dim)")
+    parser.add_argument("--tiny-widths", default=None, help="train a tiny decoder of these 4 widths, e.g. 96,48,32,32, instead of the Wan decoder")
     parser.add_argument("--crop", default="32", help="training crop, N or WxH (multiples of 8)")
     parser.add_argument("--frames", type=int, default=TrainConfig.frames, help="pixel frames per clip (1+4k)")
     parser.add_argument("--max-context", type=int, default=TrainConfig.max_context, help="warm-up latent frames, up to")
@@ -741,6 +849,8 @@ def main(argv: list[str] | None = None) -> None:
             minutes=args.minutes,
             base_dim=args.base_dim,
             res_blocks=args.res_blocks,
+            decoder_base_dim=args.decoder_base_dim,
+            tiny_widths=_parse_widths(args.tiny_widths),
             crop=_parse_size(args.crop),
             frames=args.frames,
             max_context=args.max_context,

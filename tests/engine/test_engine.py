@@ -379,3 +379,20 @@ def test_a_v2_14b_native_session_streams_with_the_reference_geometry(v2_folders,
     assert (geometry.num_frames_per_block, geometry.default_sink_size, geometry.default_window_frames) == (3, 9, 18)
     frames = run(engine, make_spec(), [conditions(["w"]), conditions(["i"])])
     assert [f.shape[0] for f in frames] == [9, 12]
+
+
+def test_the_checkpoint_names_the_decoder_sessions_get_unless_the_config_does(tiny_folder, tmp_path):
+    from lingbot_ray.engine.stages import VAEStage
+    from lingbot_ray.models.tiny_decoder import StreamingTinyDecoder, TinyAutoencoder, TinyDecoderConfig, save_tiny_autoencoder
+    from lingbot_ray.models.vae_streaming import StreamingWanVAE
+
+    assert isinstance(VAEStage.from_pretrained(tiny_folder).vae_for(torch.float32), StreamingWanVAE)  # no setting: wan
+    folder = _with_settings(tiny_folder, tmp_path, decoder="tiny")
+    save_tiny_autoencoder(TinyAutoencoder(TinyDecoderConfig(encoder_width=1, decoder_widths=(8, 8, 4, 4))), folder / "tiny_decoder")
+    assert isinstance(VAEStage.from_pretrained(folder).vae_for(torch.float32), StreamingTinyDecoder)
+    assert isinstance(VAEStage.from_pretrained(folder, decoder="wan").vae_for(torch.float32), StreamingWanVAE)
+    with pytest.raises(ValueError, match=r"vae.tiny_decoder_path='elsewhere': only read with vae.decoder: tiny \(this checkpoint decodes with wan\)"):
+        VAEStage.from_pretrained(tiny_folder, tiny_decoder_path="elsewhere")
+    folder = _with_settings(tiny_folder, tmp_path, decoder="taesd")
+    with pytest.raises(ValueError, match=r"lingbot_ray.json decoder='taesd': must be one of \['wan', 'tiny'\] or null"):
+        VAEStage.from_pretrained(folder)

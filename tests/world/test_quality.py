@@ -2,6 +2,7 @@
 (perfect control and picture, far above "repeat the first frame") and baselines that must fail."""
 
 import numpy as np
+import torch
 import pytest
 
 from lingbot_ray.world import quality
@@ -85,6 +86,13 @@ def test_vae_ceiling_generator_round_trips_the_renderers_frames(tmp_path):
     assert np.array_equal(frames, generate_fn(quality.EVAL_SEED_START, None, actions, 2, 0))  # deterministic
     truth = make_clip(quality.EVAL_SEED_START, actions, W, H).frames
     assert not np.array_equal(frames, truth)  # it went through the (random) VAE
+
+    from lingbot_ray.models.tiny_decoder import TinyAutoencoder, TinyDecoderConfig, save_tiny_autoencoder
+
+    torch.manual_seed(0)
+    tiny = save_tiny_autoencoder(TinyAutoencoder(TinyDecoderConfig(encoder_width=1, decoder_widths=(8, 8, 4, 4))), tmp_path / "tiny_decoder")
+    decoded = quality.vae_round_trip(tmp_path / "vae", W, H, tiny)(quality.EVAL_SEED_START, None, actions, 2, 0)
+    assert decoded.shape == frames.shape and not np.array_equal(decoded, frames)  # the tiny decoder decoded it
 
 
 def test_truth_history_writes_the_cache_from_the_truth_and_nothing_else():

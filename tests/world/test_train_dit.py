@@ -1,5 +1,7 @@
 """The DiT training pipeline on a few tiny clips: encode → train (resumable) → assemble → serve."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,21 @@ def test_assembled_checkpoint_streams_with_the_camera_input_it_was_trained_on(en
     queue = ConditionQueue([["w"]] * 6)
     shapes = [engine.step(state, queue.sample(3, i)).frames.shape for i in range(2)]
     assert shapes == [(9, H, W, 3), (12, H, W, 3)]
+
+
+def test_a_checkpoint_assembled_with_a_tiny_decoder_decodes_with_it(encoded):
+    from lingbot_ray.models.tiny_decoder import StreamingTinyDecoder, TinyAutoencoder, TinyDecoderConfig, save_tiny_autoencoder
+
+    tiny = save_tiny_autoencoder(TinyAutoencoder(TinyDecoderConfig(encoder_width=1, decoder_widths=(8, 8, 4, 4))), encoded / "tiny_decoder")
+    out = train_dit.assemble(encoded / "straight", encoded / "vae", encoded / "tiny_ckpt", width=W, height=H, tiny_decoder=tiny)
+    assert (out / "tiny_decoder" / "config.json").is_file()
+    assert json.loads((out / "lingbot_ray.json").read_text())["decoder"] == "tiny"
+    engine = RealtimeEngine.from_pretrained(out)
+    assert isinstance(engine.vae.vae_for(torch.float32), StreamingTinyDecoder)
+    state = engine.new_session(SessionSpec(prompt="anything", image=np.zeros((H, W, 3), np.uint8), width=W, height=H))
+    assert engine.step(state, ConditionQueue([["w"]] * 3).sample(3, 0)).frames.shape == (9, H, W, 3)
+    again = train_dit.assemble(encoded / "straight", encoded / "vae", out, width=W, height=H, tiny_decoder=out / "tiny_decoder")
+    assert (again / "tiny_decoder" / "config.json").is_file()  # assembling over itself keeps it
 
 
 def test_a_run_keeps_the_camera_focal_it_started_with(encoded):

@@ -71,6 +71,19 @@ def test_training_lowers_the_loss_resumes_exactly_and_reports_both_decoders(prep
     assert set(report["cpu_minutes"]) == {"train", "eval"}  # and the stages 1-2 that ran, none here
 
 
+def test_fine_tuning_starts_from_the_given_decoder_and_keeps_its_widths(prepared, tmp_path):
+    first = train_tiny_decoder.train(CHECKPOINT, _run_dir(prepared, tmp_path / "first"), steps=12, **COMMON)
+    settings = {**COMMON, "widths": (4, 4, 4, 4), "lr": 1e-3}  # widths come from the decoder given, not these
+    tuned = train_tiny_decoder.train(CHECKPOINT, _run_dir(prepared, tmp_path / "tuned"), steps=2, init=first, edge_weight=0.5, **settings)
+    start, end = load_tiny_autoencoder(first), load_tiny_autoencoder(tuned)
+    assert end.config.decoder_widths == (8, 8, 8, 8)
+    losses = torch.load(tuned.parent / "state.pt", weights_only=False)["losses"]
+    first_losses = torch.load(first.parent / "state.pt", weights_only=False)["losses"]
+    assert losses[0] < np.mean(first_losses[:3])  # it starts trained
+    moved = [not torch.equal(a, b) for a, b in zip(start.decoder.state_dict().values(), end.decoder.state_dict().values())]
+    assert any(moved)
+
+
 def test_the_shipped_tiny_decoder_decodes_the_checkpoints_latents():
     geometry = read_geometry(CHECKPOINT)
     model = load_tiny_autoencoder(CHECKPOINT / "tiny_decoder")
