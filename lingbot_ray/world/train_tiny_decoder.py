@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..checkpoint import read_geometry, read_serving_defaults
 from ..models.tiny_decoder import TinyAutoencoder, TinyDecoderConfig, load_tiny_autoencoder, save_tiny_autoencoder
@@ -64,6 +65,7 @@ WIDTHS = (32, 16, 16, 16)
 ENCODER_WIDTH = 1  # the folder format's encoder: never trained, never used, so as small as allowed
 EVAL_CLIPS = 16
 EVAL_SEED_OFFSET = 1_000  # session seeds of the held-out clips: apart from the training clips'
+ADVERSARIAL_LR = 2e-4  # the patch discriminator's (Adam, betas 0.5 / 0.99)
 
 
 def cpu_seconds() -> float:
@@ -100,6 +102,30 @@ def loss_terms(pred: torch.Tensor, target: torch.Tensor, *, chroma_weight: float
     colour = chroma(error).abs().mean()
     edge = (error.diff(dim=-1).abs().mean() + error.diff(dim=-2).abs().mean()) / 2
     return {"loss": l1 + mse + chroma_weight * colour + edge_weight * edge, "l1": l1, "mse": mse, "chroma": colour, "edge": edge}
+
+
+class PatchDiscriminator(torch.nn.Module):
+    """Scores overlapping patches (about 22 px across) of frames ``[N, 3, H, W]`` in [−1, 1]: above 0
+    for the renderer's, below 0 for decoded ones. Its hinge loss against the decoder is the term that
+    an average of plausible pictures (a blur) cannot satisfy, where L1/MSE reward one."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        act = lambda: torch.nn.LeakyReLU(0.2)  # noqa: E731
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, width, 4, 2, 1), act(),
+            torch.nn.Conv2d(width, 2 * width, 4, 2, 1), act(),
+            torch.nn.Conv2d(2 * width, 2 * width, 3, 1, 1), act(),
+            torch.nn.Conv2d(2 * width, 1, 3, 1, 1),
+        )  # fmt: skip
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.net(frames)
+
+
+def _frames_of(video: torch.Tensor, every: int) -> torch.Tensor:
+    """Every ``every``-th frame of ``[B, 3, T, H, W]`` as ``[B·T', 3, H, W]``."""
+    return video[:, :, ::every].transpose(1, 2).flatten(0, 1)
 
 
 def _record_cpu(run_dir: Path, stage: str, seconds: float) -> dict[str, float]:
@@ -175,6 +201,7 @@ def train(
     batch: int = 1,
     widths: tuple[int, int, int, int] = WIDTHS,
     init: Path | None = None,
+    adversarial_weight: float = 0.0,
     chroma_weight: float = 0.5,
     edge_weight: float = 0.0,
     warmup: int = 50,
@@ -189,7 +216,9 @@ def train(
     """Make the clips and the DiT's latents (stages 1-2), train the tiny decoder ``steps`` steps
     (``until`` stops earlier, as if interrupted), then write ``run_dir/tiny_decoder`` and
     ``run_dir/report.json``; returns ``run_dir/tiny_decoder``. ``init``: fine-tune this tiny decoder
-    folder (its widths) instead of training a fresh one."""
+    folder (its widths) instead of training a fresh one. ``adversarial_weight`` > 0 adds that weight ×
+    a :class:`PatchDiscriminator`'s hinge loss on every other decoded frame (the discriminator trained
+    beside it, at ``ADVERSARIAL_LR``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     state_file = run_dir / "state.pt"
     if not resume and state_file.is_file():
@@ -205,6 +234,12 @@ def train(
     for p in model.encoder.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
+    critic = critic_optimizer = None
+    if adversarial_weight > 0:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            critic = PatchDiscriminator()
+        critic_optimizer = torch.optim.Adam(critic.parameters(), lr=ADVERSARIAL_LR, betas=(0.5, 0.99))
     step, losses = 0, []
     if resume and state_file.is_file():
         state = torch.load(state_file, weights_only=False)
@@ -212,12 +247,17 @@ def train(
             raise ValueError(f"{state_file}: a run of widths {tuple(state['widths'])}, asked to continue with {tuple(widths)}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if critic is not None:
+            critic.load_state_dict(state["critic"])
+            critic_optimizer.load_state_dict(state["critic_optimizer"])
         step, losses = state["step"], state["losses"]
         logger.info("resumed the tiny decoder at step %d from %s", step, state_file)
 
     def save() -> None:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses, "widths": list(widths)},
-                   state_file.with_suffix(".tmp"))
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses, "widths": list(widths)}
+        if critic is not None:
+            state.update(critic=critic.state_dict(), critic_optimizer=critic_optimizer.state_dict())
+        torch.save(state, state_file.with_suffix(".tmp"))
         state_file.with_suffix(".tmp").replace(state_file)
 
     data = ClipDataset(run_dir / "data")
@@ -229,8 +269,19 @@ def train(
             group["lr"] = warmup_cosine(lr, step, warmup, steps)
         indices = torch.randint(len(generated), (batch,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
         target = torch.stack([to_pixels(np.array(data[i][0][:pixel_frames])) for i in indices.tolist()])
-        loss = loss_terms(decode(model, generated[indices].float()), target, chroma_weight=chroma_weight, edge_weight=edge_weight)["loss"]
+        decoded = decode(model, generated[indices].float())
+        loss = loss_terms(decoded, target, chroma_weight=chroma_weight, edge_weight=edge_weight)["loss"]
+        if critic is not None:
+            fake, real = _frames_of(decoded, 2), _frames_of(target, 2)
+            critic.requires_grad_(False)
+            loss = loss - adversarial_weight * critic(fake).mean()
+            critic.requires_grad_(True)
         losses.append(optimizer_step(loss, optimizer, params, what="train tiny decoder", step=step, state_file=state_file, lr=lr))
+        if critic is not None:
+            hinge = F.relu(1 - critic(real)).mean() + F.relu(1 + critic(fake.detach())).mean()
+            critic_optimizer.zero_grad(set_to_none=True)
+            hinge.backward()
+            critic_optimizer.step()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
@@ -264,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--edge-weight", type=float, default=0.0, help="weight of the L1 error of horizontal and vertical differences")
+    parser.add_argument("--adversarial-weight", type=float, default=0.0, help="weight of a patch discriminator's hinge loss (0: none)")
     parser.add_argument("--init", type=Path, default=None, help="fine-tune this tiny decoder folder instead of a fresh one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
@@ -273,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(train(args.checkpoint, args.run, clips=args.clips, steps=args.steps, lr=args.lr, edge_weight=args.edge_weight, init=args.init,
+                adversarial_weight=args.adversarial_weight,
                 seed=args.seed, resume=args.resume))
     return 0
 

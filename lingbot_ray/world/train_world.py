@@ -47,6 +47,7 @@ VAE = {
 }
 VAE_STEPS = 8000
 TINY_DECODER_LR = 5e-4  # fine-tuning a trained decoder, not training a fresh one (train_tiny_decoder's 2e-3)
+TINY_ADVERSARIAL_WEIGHT = 0.05  # the patch discriminator's term at the end of training (train_tiny_decoder)
 STAGES = ("data", "vae", "encode", "dit", "decoder", "quality")
 
 
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         tiny_run = args.out / "tiny_decoder_run"
         if not (tiny_run / TINY_DECODER_FOLDER / "config.json").is_file():
             train_tiny_decoder.train(checkpoint, tiny_run, clips=args.tiny_decoder_clips, steps=args.tiny_decoder_steps, lr=TINY_DECODER_LR,
-                                     init=tiny, edge_weight=VAE["edge_weight"], seed=args.seed, resume=args.resume)
+                                     init=tiny, edge_weight=VAE["edge_weight"], adversarial_weight=TINY_ADVERSARIAL_WEIGHT, seed=args.seed,
+                                     resume=args.resume)
         tiny = tiny_run / TINY_DECODER_FOLDER
     if args.decoder_steps:
         wan = train_decoder.train(checkpoint, data, args.out / "decoder_run", clips=args.decoder_clips, steps=args.decoder_steps, seed=args.seed,

@@ -84,6 +84,26 @@ def test_fine_tuning_starts_from_the_given_decoder_and_keeps_its_widths(prepared
     assert any(moved)
 
 
+def test_a_run_with_a_patch_discriminator_resumes_exactly_and_it_tells_truth_from_decoded(prepared, tmp_path):
+    settings = {**COMMON, "adversarial_weight": 0.1}
+    straight = train_tiny_decoder.train(CHECKPOINT, _run_dir(prepared, tmp_path / "straight"), steps=10, **settings)
+    parts = _run_dir(prepared, tmp_path / "parts")
+    train_tiny_decoder.train(CHECKPOINT, parts, steps=10, until=4, **settings)
+    resumed = train_tiny_decoder.train(CHECKPOINT, parts, steps=10, resume=True, **settings)
+    a, b = (torch.load(path.parent / "state.pt", weights_only=False) for path in (straight, resumed))
+    assert a["losses"] == b["losses"]
+    for part in ("model", "critic"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    critic = train_tiny_decoder.PatchDiscriminator()
+    critic.load_state_dict(a["critic"])
+    data = ClipDataset(prepared / "data")
+    real = to_pixels(np.array(data[0][0]))[None]
+    decoded = train_tiny_decoder.decode(load_tiny_autoencoder(straight), torch.load(prepared / "latents.pt")[:1].float())
+    with torch.no_grad():
+        scores = [critic(train_tiny_decoder._frames_of(v, 1)).mean().item() for v in (real, decoded)]
+    assert scores[0] > scores[1]
+
+
 def test_the_shipped_tiny_decoder_decodes_the_checkpoints_latents():
     geometry = read_geometry(CHECKPOINT)
     model = load_tiny_autoencoder(CHECKPOINT / "tiny_decoder")
