@@ -11,6 +11,10 @@ Conventions (the serving path's, see :mod:`lingbot_ray.models.vae_streaming`):
   after frame). So most batches first run a warm-up of 1 … ``max_context`` latent frames without
   gradients, filling the encoder's and decoder's caches as a long stream would, and train the next
   latent frames; the other batches (``first_frame_share``) start at frame 0 and train its path.
+* Decoder: the VAE's own (Wan) decoder, or with ``tiny_widths`` a tiny temporal decoder
+  (:class:`WorldAutoencoder`, ``vae.decoder: tiny``) trained with the encoder; it reads the
+  normalised latents and its output is clamped to [0, 1] as served. The Wan decoder is then left as
+  initialised, for ``train_decoder`` to train on the DiT's latents.
 * Latents: the encoder posterior ``N(mu, exp(logvar))``; training decodes a sample, everything
   downstream uses ``mu``. The DiT sees ``z_norm = (mu − latents_mean) / latents_std`` per channel;
   the final config carries ``latents_mean``/``latents_std`` measured on training clips, so
@@ -99,6 +103,12 @@ class TrainConfig:
     minutes: float | None = None  # wall-clock limit of the training loop of one invocation
     base_dim: int = 4
     res_blocks: int = 2
+    # Decode the latents with a tiny temporal decoder of these widths (``vae.decoder: tiny``), trained
+    # with the encoder: it shapes the latent space, the Wan decoder is left for ``train_decoder``. None:
+    # the Wan decoder is trained with the encoder (the layout's own autoencoder).
+    tiny_widths: tuple[int, int, int, int] | None = None
+    decoder_base_dim: int | None = None  # the Wan decoder's width (None: base_dim)
+    stats_momentum: float = 0.01  # with tiny_widths: EMA rate of the latent statistics (see WorldAutoencoder)
     crop: tuple[int, int] = (32, 32)  # (width, height), multiples of 8
     frames: int = 5  # trained pixel frames per clip from frame 0, 1 + 4k (4k after a warm-up)
     max_context: int = 10  # latent frames of no-gradient cache warm-up, up to
@@ -120,12 +130,6 @@ class TrainConfig:
     log_every: int = 50
     workers: int = 1
     stats_clips: int = 32
-    # Decode the latents with a tiny temporal decoder of these widths (``vae.decoder: tiny``), trained
-    # with the encoder: it shapes the latent space, the Wan decoder is left for ``train_decoder``. None:
-    # the Wan decoder is trained with the encoder (the layout's own autoencoder).
-    tiny_widths: tuple[int, int, int, int] | None = None
-    decoder_base_dim: int | None = None  # the Wan decoder's width (None: base_dim)
-    stats_momentum: float = 0.01  # with tiny_widths: EMA rate of the latent statistics (see WorldAutoencoder)
     stats_latent_frames: int = 5
     eval_clips: int = 8
     eval_latent_frames: int = 12
