@@ -32,7 +32,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# The VAE stage (docs/EMBEDDED_MODEL.md, "How it was trained"): the Wan encoder with a tiny temporal
+# The VAE stage (docs/EMBEDDED_MODEL.md, "The next recipe"): the Wan encoder with a tiny temporal
 # decoder of its latents, the decoder sessions get (lingbot_ray.json "decoder": "tiny"); its schedule
 # is a step count, so two runs of the command train the same model on any machine.
 VAE = {
