@@ -18,7 +18,8 @@ Stages in ``RUN_DIR`` (each kept, so ``--resume`` continues where a run stopped)
    frames of ``batch`` clips, decoded by ``decode_video``: the causal computation the streaming
    decoder runs, one-shot (tests/models/test_tiny_decoder.py shows the two equal). AdamW, linear
    warm-up then cosine to zero; batch ``s`` depends only on ``(seed, s)``, so ``--resume`` continues
-   a run exactly;
+   a run exactly. ``--adversarial-weight`` adds a patch discriminator's hinge loss (trained beside
+   the decoder, saved with it); ``--init`` fine-tunes an existing decoder instead of a fresh one;
 4. ``tiny_decoder/``: the trained decoder (``save_tiny_autoencoder``; weights stored in float16,
    ``load_tiny_autoencoder`` returns float32: measured, the same held-out PSNR as float32), and ``report.json``: held-out PSNR of it and of the
    checkpoint's Wan decoder against the renderer on the same DiT latents, both decoding chunk by
@@ -325,8 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(train(args.checkpoint, args.run, clips=args.clips, steps=args.steps, lr=args.lr, edge_weight=args.edge_weight, init=args.init,
-                adversarial_weight=args.adversarial_weight,
-                seed=args.seed, resume=args.resume))
+                adversarial_weight=args.adversarial_weight, seed=args.seed, resume=args.resume))
     return 0
 
 
