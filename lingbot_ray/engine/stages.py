@@ -397,6 +397,14 @@ class VAESessionState:
         _check_open(self.closed, "VAE session state")
 
 
+def served_decoder(folder: str | Path, decoder: str | None = None) -> str:
+    """The decoder a checkpoint's sessions get: ``decoder`` (``vae.decoder``) if set, else the
+    checkpoint's own (``decoder`` in its ``lingbot_ray.json``), else "wan"."""
+    from .fastpath import DECODERS
+
+    return decoder or read_serving_defaults(folder).decoder or DECODERS[0]
+
+
 class VAEStage:
     """First-frame encoding (the checkpoint's VAE, fp32) and per-session streaming decode (fp32 or
     bf16 by quality) by that VAE's decoder or, with ``decoder``, a tiny temporal one."""
@@ -423,8 +431,7 @@ class VAEStage:
         None: the checkpoint's ``tiny_decoder/``), checked against the checkpoint's latents."""
         from .fastpath import DECODERS
 
-        if decoder is None:
-            decoder = read_serving_defaults(folder).decoder or DECODERS[0]
+        decoder = served_decoder(folder, decoder)
         if decoder not in DECODERS:
             raise ValueError(f"vae.decoder={decoder!r}: must be one of {list(DECODERS)}")
         if tiny_decoder_path is not None and decoder != "tiny":

@@ -179,10 +179,11 @@ def measure(
     """Every measure of a checkpoint, its sessions run through ``RealtimeEngine`` with ``decoder``
     (``vae.decoder``; None: the checkpoint's own, as ``serve_config.yaml`` leaves it), and its VAE's
     round trip of the same held-out frames through the same decoder."""
-    from ..checkpoint import TINY_DECODER_FOLDER, read_model_index, read_serving_defaults
+    from ..checkpoint import TINY_DECODER_FOLDER, read_model_index
     from ..engine import RealtimeEngine
+    from ..engine.stages import served_decoder
 
-    decoder = decoder or read_serving_defaults(checkpoint).decoder or "wan"
+    decoder = served_decoder(checkpoint, decoder)
     engine = RealtimeEngine.from_pretrained(checkpoint, decoder=decoder)
     width, height = engine.defaults.width, engine.defaults.height
 
