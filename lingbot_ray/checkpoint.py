@@ -178,6 +178,10 @@ class ServingDefaults:
     # What decodes the DiT's latents where vae.decoder is not set: one of engine.fastpath.DECODERS
     # (tiny: the checkpoint's tiny_decoder/ folder); None: wan. docs/MODEL.md, "Tiny decoder".
     decoder: str | None = None
+    # Latent frames of the first-frame condition that are encoded; every later latent frame repeats the
+    # last one. None: until the VAE encoder's fixed point (the model's own rule). docs/MODEL.md,
+    # "First-frame condition".
+    condition_frames: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -239,7 +243,7 @@ def _read_settings(root: Path) -> dict[str, Any]:
     for name in ("width", "height", "num_frames"):
         if name in values and not (_is_int(values[name]) and values[name] >= 1):
             raise fail(name, "must be an integer >= 1")
-    for name, least in (("num_attention_heads", 1), ("num_frames_per_block", 1), ("window_frames", 1), ("sink_size", 0)):
+    for name, least in (("num_attention_heads", 1), ("num_frames_per_block", 1), ("window_frames", 1), ("sink_size", 0), ("condition_frames", 1)):
         if values.get(name) is not None and not (_is_int(values[name]) and values[name] >= least):
             raise fail(name, f"must be an integer >= {least} or null")
     if "timestep_format" in values and values["timestep_format"] not in TIMESTEP_FORMATS:

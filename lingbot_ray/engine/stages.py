@@ -409,10 +409,13 @@ class VAEStage:
     """First-frame encoding (the checkpoint's VAE, fp32) and per-session streaming decode (fp32 or
     bf16 by quality) by that VAE's decoder or, with ``decoder``, a tiny temporal one."""
 
-    def __init__(self, vae, geometry: ModelGeometry, *, device: str | torch.device = "cpu", decoder=None):
+    def __init__(self, vae, geometry: ModelGeometry, *, device: str | torch.device = "cpu", decoder=None, condition_frames: int | None = None):
         """``decoder``: a :class:`~lingbot_ray.models.tiny_decoder.StreamingTinyDecoder` to decode
-        with instead of ``vae`` (None: ``vae`` decodes)."""
+        with instead of ``vae`` (None: ``vae`` decodes). ``condition_frames``: the checkpoint's
+        (``lingbot_ray.json``): latent frames of the first-frame condition encoded, the last repeated
+        after them (None: until the encoder's fixed point)."""
         self.vae = vae
+        self.condition_frames = condition_frames
         self.geometry = geometry
         self.device = torch.device(device)
         self._by_dtype = {torch.float32: vae if decoder is None else decoder}
@@ -449,7 +452,8 @@ class VAEStage:
                 )
             tiny = StreamingTinyDecoder.from_pretrained(path, device=device)
             _check_tiny_decoder(tiny, geometry, path)
-        return cls(loading.load_vae(folder, device=device, dtype=torch.float32), geometry, device=device, decoder=tiny)
+        vae = loading.load_vae(folder, device=device, dtype=torch.float32)
+        return cls(vae, geometry, device=device, decoder=tiny, condition_frames=read_serving_defaults(folder).condition_frames)
 
     def vae_for(self, dtype: torch.dtype):
         """The decoder in ``dtype``; the bf16 copy is made on first use ("high" quality sessions)."""
@@ -462,14 +466,16 @@ class VAEStage:
 
     @torch.inference_mode()
     def encode_condition(self, image: np.ndarray, *, max_frames: int | None = None, on_step: Callable[[], None] | None = None):
-        """uint8 [H, W, 3] → the model's ConditionLatents (first frame, then black); ``max_frames``
-        stops the encoder after that many latent frames, ``on_step`` runs before each encoder step
-        and may raise to abandon it (see ``StreamingWanVAE.encode_condition``)."""
+        """uint8 [H, W, 3] → the model's ConditionLatents (first frame, then black); the encoder
+        stops after ``max_frames`` latent frames or the checkpoint's ``condition_frames``, whichever
+        is fewer (the condition's later frames repeat its last); ``on_step`` runs before each encoder
+        step and may raise to abandon it (see ``StreamingWanVAE.encode_condition``)."""
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image={getattr(image, 'shape', type(image))!r}: must be uint8 [H, W, 3]")
         pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
         pixels = pixels.permute(2, 0, 1).unsqueeze(0).float().div(127.5).sub(1.0)
-        return self.vae.encode_condition(pixels, max_frames=max_frames, on_step=on_step)
+        limits = [n for n in (max_frames, self.condition_frames) if n is not None]
+        return self.vae.encode_condition(pixels, max_frames=min(limits) if limits else None, on_step=on_step)
 
     @torch.inference_mode()
     def decode(self, state: VAESessionState, latents: torch.Tensor) -> np.ndarray:

@@ -255,10 +255,12 @@ def write_shared_components(
     comment: str,
     camera_focal: float | None = None,
     decoder: str | None = None,
+    condition_frames: int | None = None,
 ) -> None:
     """Everything of a tiny-class checkpoint folder but the transformer and the VAE: the tiny text
     encoder and tokenizer, the scheduler config, ``model_index.json`` naming the real classes, and
-    ``lingbot_ray.json`` (serving defaults; ``camera_focal`` and ``decoder`` only when given)."""
+    ``lingbot_ray.json`` (serving defaults; ``camera_focal``, ``decoder`` and ``condition_frames``
+    only when given)."""
     build_tiny_text_encoder(root / "text_encoder", d_model=text_dim, seed=seed)
     build_tiny_tokenizer(root / "tokenizer")
 
@@ -292,6 +294,8 @@ def write_shared_components(
         settings["camera_focal"] = camera_focal
     if decoder is not None:
         settings["decoder"] = decoder
+    if condition_frames is not None:
+        settings["condition_frames"] = condition_frames
     _write_json(root / checkpoint.SERVING_DEFAULTS_FILE, settings)
 
 

@@ -18,6 +18,9 @@ every conv is 3x3 padding 1 unless said; ``p`` is ``patch_size``):
   nk+1, no bias)] at indices 3-8, 9-14, 15-20, 21 ReLU, 22 conv(n3 → 3p²); the output is clamped
   to [0, 1]. A decode of T latent frames yields ``t_upscale``·T frames, and the first
   ``t_upscale - 1`` are dropped, so a video has 1 + 4(T-1) frames: the Wan VAE's count.
+- skip (only with ``linear_skip``, the project's addition; absent from published files): a linear
+  map of each latent to its pixels (`LinearSkip`, keys ``skip.first.*`` and ``skip.rest.*``), added to
+  the decoder's output before the clamp.
 - MemBlock(n_in, n_out): ``relu(conv(cat[x, past]) + skip(x))`` with conv = 3x3 → ReLU → 3x3 → ReLU
   → 3x3 and skip a bias-free 1x1 conv (identity when n_in == n_out); ``past`` is the same block's
   input one time step earlier (zeros at the first step).
@@ -104,6 +107,9 @@ class TinyDecoderConfig:
     encoder_time_downscale: tuple[bool, bool, bool] = (True, True, False)
     decoder_time_upscale: tuple[bool, bool, bool] = (False, True, True)
     decoder_space_upscale: tuple[bool, bool, bool] = (True, True, True)
+    # The project's addition, off in the published layout: a linear path from each latent straight to
+    # its pixels (`LinearSkip`), added to the decoder's output.
+    linear_skip: bool = False
 
     def __post_init__(self) -> None:
         for name in ("latent_channels", "image_channels", "patch_size", "encoder_width"):
@@ -117,6 +123,8 @@ class TinyDecoderConfig:
             flags = getattr(self, name)
             if not (isinstance(flags, tuple) and len(flags) == 3 and all(isinstance(f, bool) for f in flags)):
                 raise ValueError(f"{name}={flags!r}: must be 3 bools")
+        if not isinstance(self.linear_skip, bool):
+            raise ValueError(f"linear_skip={self.linear_skip!r}: must be a bool")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TinyDecoderConfig:
@@ -235,6 +243,32 @@ class TGrow(nn.Module):
         return grown.reshape(batch, steps * self.stride, channels, height, width)
 
 
+class LinearSkip(nn.Module):
+    """A linear map from each latent to the pixels it stands for: ``rest`` (a 1x1 conv to
+    ``t_upscale`` frames of ``scale``x``scale`` pixels, pixel-shuffled) for every latent frame, and
+    ``first`` (one frame) for the first latent frame of a video, which stands for one frame only. The
+    decoder's convolutions then learn what this linear decode misses. Training starts it at the
+    principal components of the pixel blocks (lingbot_ray/world/linear_code.py), so the decoder is a
+    working linear decoder from its first step. No temporal state: streaming needs nothing more."""
+
+    def __init__(self, latent_channels: int, t_upscale: int, scale: int) -> None:
+        super().__init__()
+        self.t_upscale, self.scale = t_upscale, scale
+        self.first = nn.Conv2d(latent_channels, 3 * scale * scale, 1)
+        self.rest = nn.Conv2d(latent_channels, t_upscale * 3 * scale * scale, 1)
+
+    def forward(self, latents: torch.Tensor, fresh: bool) -> torch.Tensor:
+        """[N, T, C, h, w] latents → [N, t_upscale·T, 3, H, W] (``fresh``: the first latent frame's
+        ``t_upscale`` frames all come from ``first``; the decoder keeps only the last of them)."""
+        batch, steps = latents.shape[:2]
+        pixels = self.rest(latents.flatten(0, 1)).unflatten(1, (self.t_upscale, -1)).unflatten(0, (batch, steps))
+        if fresh:  # [N, T, t, 3s², h, w]: frame 0's row from `first`
+            first = self.first(latents[:, 0]).unsqueeze(1).expand(-1, self.t_upscale, -1, -1, -1)
+            pixels = torch.cat([first.unsqueeze(1), pixels[:, 1:]], dim=1)
+        frames = F.pixel_shuffle(pixels.flatten(0, 2), self.scale)
+        return frames.unflatten(0, (batch, steps * self.t_upscale))
+
+
 def _run_blocks(
     blocks: nn.Sequential, x: torch.Tensor, memory: Sequence[torch.Tensor] | None
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -291,6 +325,8 @@ class TinyAutoencoder(nn.Module):
             decoder.append(_conv(n[k], n[k + 1], bias=False))
         decoder += [nn.ReLU(inplace=True), _conv(n[3], pixels)]
         self.decoder = nn.Sequential(*decoder)
+        if config.linear_skip:
+            self.skip = LinearSkip(config.latent_channels, config.t_upscale, config.spatial_scale)
 
     @property
     def frames_to_trim(self) -> int:
@@ -305,11 +341,13 @@ class TinyAutoencoder(nn.Module):
 
         ``memory`` continues a video (see `_run_blocks`); None starts one.
         """
+        fresh = memory is None
         frames, memory = _run_blocks(self.decoder, latents, memory)
-        frames = frames.clamp(0.0, 1.0)
         if self.config.patch_size > 1:
             frames = F.pixel_shuffle(frames, self.config.patch_size)
-        return frames, memory
+        if self.config.linear_skip:
+            frames = frames + self.skip(latents, fresh)
+        return frames.clamp(0.0, 1.0), memory
 
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
         """[N, T, C, h, w] latents → [N, 1 + t_upscale·(T-1), 3, H, W] in [0, 1], parallel over time."""

@@ -112,10 +112,13 @@ def encode_dataset(
     limit: int | None = None,
     latent_frames: int = TRAIN_LATENT_FRAMES,
     batch_size: int = 4,
+    condition_frames: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Encode the first ``latent_frames`` latent frames of every clip of a ``generate_dataset``
-    folder, ``batch_size`` clips per VAE call; saves a dict of tensors to ``out``."""
+    folder, ``batch_size`` clips per VAE call; saves a dict of tensors to ``out``. The conditions
+    are the served ones for a checkpoint whose ``lingbot_ray.json`` says ``condition_frames`` (kept
+    in ``meta``; the DiT run and its assembled checkpoint carry it on)."""
     from ..models.vae_streaming import StreamingWanVAE
     from .dataset import ClipDataset
 
@@ -136,12 +139,13 @@ def encode_dataset(
         frames = np.stack([np.array(frames[:pixel_frames]) for frames, _, _ in clips])
         video = torch.from_numpy(frames).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)
         latents.append(((vae.encode(video).latent_dist.mean - mean) / std).half())
-        condition = streaming.encode_condition(video[:, :, 0], max_frames=latent_frames)
+        condition = streaming.encode_condition(video[:, :, 0], max_frames=latent_frames if condition_frames is None else min(latent_frames, condition_frames))
         conditions.append(condition.slice(0, latent_frames).half())
         poses.extend(torch.from_numpy(block_poses(actions[:latent_frames])) for _, actions, _ in clips)
         bar.update(len(clips))
     bar.close()
-    result = {"latents": torch.cat(latents), "conditions": torch.cat(conditions), "poses": torch.stack(poses), "meta": dict(data.meta)}
+    meta = {**data.meta, "condition_frames": condition_frames}
+    result = {"latents": torch.cat(latents), "conditions": torch.cat(conditions), "poses": torch.stack(poses), "meta": meta}
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(result, out)
     logger.info("encoded %d clips: latents %s to %s", count, tuple(result["latents"].shape), out)
@@ -347,7 +351,7 @@ def train(
     def save() -> None:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                     "step": step, "total": total, "history": history, "probes": probes, "config": dict(model.config),
-                    "focal_per_width": focal_per_width}, state_path.with_suffix(".tmp"))
+                    "focal_per_width": focal_per_width, "condition_frames": data["meta"].get("condition_frames")}, state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
 
     bar = progress_bar(total=total or SPEED_PROBE_STEPS, initial=step, desc="train DiT", enabled=progress)
@@ -433,6 +437,7 @@ def assemble(
         comment=f"lingbot_ray serving defaults of the world model trained on the procedural world ({state['step']} steps)",
         camera_focal=camera_intrinsics(width, height, run_focal_per_width(state)).fx,
         decoder="tiny" if tiny_decoder is not None else None,
+        condition_frames=state.get("condition_frames"),  # the condition the DiT was trained with
     )
     return out
 
@@ -445,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     enc.add_argument("vae", type=Path)
     enc.add_argument("out", type=Path)
     enc.add_argument("--limit", type=int, default=None)
+    enc.add_argument("--condition-frames", type=int, default=None, help="encoded condition latent frames, the last repeated (default: the encoder's fixed point)")
     tr = sub.add_parser("train")
     tr.add_argument("latents", type=Path)
     tr.add_argument("run", type=Path)
@@ -462,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "encode":
-        encode_dataset(args.dataset, args.vae, args.out, limit=args.limit)
+        encode_dataset(args.dataset, args.vae, args.out, limit=args.limit, condition_frames=args.condition_frames)
     elif args.command == "train":
         summary = train(args.latents, args.run, steps=args.steps, minutes=args.minutes, batch_size=args.batch, lr=args.lr, seed=args.seed, resume=args.resume)
         print(f"trained {summary['steps']} steps, loss {summary['loss']:.4f}")

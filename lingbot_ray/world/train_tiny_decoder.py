@@ -75,16 +75,17 @@ def cpu_seconds() -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
-def new_model(latent_channels: int, widths: tuple[int, int, int, int], seed: int) -> TinyAutoencoder:
+def new_model(latent_channels: int, widths: tuple[int, int, int, int], seed: int, linear_skip: bool = False) -> TinyAutoencoder:
     """A fresh tiny autoencoder: the decoder initialised from ``seed`` with its output starting at
     mid-grey (the last conv's bias 0.5; the output is clamped to [0, 1], so a start below 0 gets no
-    gradient where it is clamped), the encoder zero."""
-    config = TinyDecoderConfig(latent_channels=latent_channels, encoder_width=ENCODER_WIDTH, decoder_widths=tuple(widths))
+    gradient where it is clamped), the encoder zero, and a ``linear_skip`` zero (it adds nothing
+    until trained, or set: ``train_vae`` starts it at a linear code)."""
+    config = TinyDecoderConfig(latent_channels=latent_channels, encoder_width=ENCODER_WIDTH, decoder_widths=tuple(widths), linear_skip=linear_skip)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = TinyAutoencoder(config)
     with torch.no_grad():
-        for p in model.encoder.parameters():
+        for p in [*model.encoder.parameters(), *(model.skip.parameters() if linear_skip else ())]:
             p.zero_()
         model.decoder[-1].bias.fill_(0.5)
     return model

@@ -15,6 +15,13 @@ Conventions (the serving path's, see :mod:`lingbot_ray.models.vae_streaming`):
   (:class:`WorldAutoencoder`, ``vae.decoder: tiny``) trained with the encoder; it reads the
   normalised latents and its output is clamped to [0, 1] as served. The Wan decoder is then left as
   initialised, for ``train_decoder`` to train on the DiT's latents.
+* Teacher phase (``teacher_steps``, with ``tiny_widths``): the run's first steps do not train end to
+  end. A linear code of the VAE's latent grid (:class:`~lingbot_ray.world.linear_code.LinearBlockCode`,
+  principal components fitted on ``teacher_clips`` training clips) is the target of both halves: the
+  encoder regresses it and the tiny decoder learns to decode it. Trained from scratch end to end,
+  neither half has anything to learn from for thousands of steps (the encoder's code starts
+  meaningless); the code is good from step 0, so end-to-end training starts from a working
+  autoencoder instead.
 * Latents: the encoder posterior ``N(mu, exp(logvar))``; training decodes a sample, everything
   downstream uses ``mu``. The DiT sees ``z_norm = (mu − latents_mean) / latents_std`` per channel;
   the final config carries ``latents_mean``/``latents_std`` measured on training clips, so
@@ -86,7 +93,7 @@ LOGVAR_INIT = -6.0  # initial posterior log-variance (see build_vae)
 MU_INIT_GAIN = 10.0  # initial scale-up of the posterior mean (see build_vae)
 # Cb and Cr rows of the JPEG (BT.601) RGB → YCbCr matrix: the colour that luminance does not carry.
 _CHROMA = torch.tensor([[-0.1687, -0.3313, 0.5], [0.5, -0.4187, -0.0813]])
-_DATA_SALT, _STATS_SALT, _EVAL_SALT, _CONTEXT_SALT = 0x7A3E, 0x57A7, 0xE7A1, 0xC0A7
+_DATA_SALT, _STATS_SALT, _EVAL_SALT, _CONTEXT_SALT, _TEACHER_SALT = 0x7A3E, 0x57A7, 0xE7A1, 0xC0A7, 0x7EAC
 
 
 def trained_latent_frames(frames: int) -> int:
@@ -109,6 +116,14 @@ class TrainConfig:
     tiny_widths: tuple[int, int, int, int] | None = None
     decoder_base_dim: int | None = None  # the Wan decoder's width (None: base_dim)
     stats_momentum: float = 0.01  # with tiny_widths: EMA rate of the latent statistics (see WorldAutoencoder)
+    # With tiny_widths: the first teacher_steps steps learn from a linear code (linear_code.LinearBlockCode,
+    # fitted on teacher_clips training clips) instead of end to end: the encoder regresses it, the tiny
+    # decoder decodes it.
+    teacher_steps: int = 0
+    teacher_clips: int = 150
+    # With tiny_widths: the tiny decoder gets a linear path from each latent to its pixels
+    # (tiny_decoder.LinearSkip), started at the teacher's linear decode when there is a teacher.
+    tiny_skip: bool = False
     crop: tuple[int, int] = (32, 32)  # (width, height), multiples of 8
     frames: int = 5  # trained pixel frames per clip from frame 0, 1 + 4k (4k after a warm-up)
     max_context: int = 10  # latent frames of no-gradient cache warm-up, up to
@@ -153,6 +168,12 @@ class TrainConfig:
             raise ValueError(f"decoder_base_dim={self.decoder_base_dim}: must be even and >= 2")
         if self.tiny_widths is not None and (len(self.tiny_widths) != 4 or min(self.tiny_widths) < 1):
             raise ValueError(f"tiny_widths={self.tiny_widths}: must be 4 positive widths")
+        if self.teacher_steps < 0 or (self.teacher_steps and self.tiny_widths is None):
+            raise ValueError(f"teacher_steps={self.teacher_steps}: must be >= 0, and needs tiny_widths (the teacher trains the tiny decoder)")
+        if self.tiny_skip and self.tiny_widths is None:
+            raise ValueError("tiny_skip needs tiny_widths (it is part of the tiny decoder)")
+        if self.teacher_steps and self.teacher_clips < 1:
+            raise ValueError(f"teacher_clips={self.teacher_clips}: the linear code needs clips to be fitted on")
         if self.data_dir is not None:
             from .dataset import ClipDataset
 
@@ -209,11 +230,15 @@ class WorldAutoencoder(torch.nn.Module):
     per-channel mean and std of the posterior means, updated before the batch is decoded: the decoder
     is always trained behind the normalisation it will be served with, and at the end of training
     (learning rate annealed, statistics settled) the buffers become the VAE config's
-    ``latents_mean``/``latents_std``. The Wan decoder inside ``vae`` is not trained here."""
+    ``latents_mean``/``latents_std``. The Wan decoder inside ``vae`` is not trained here.
 
-    def __init__(self, vae: AutoencoderKLWan, tiny: torch.nn.Module, momentum: float) -> None:
+    ``teacher`` (a :class:`~lingbot_ray.world.linear_code.LinearBlockCode`, or None) is the linear code
+    the first steps of a run learn from (see :func:`loss_terms`); it is part of the training checkpoint,
+    not of the saved model."""
+
+    def __init__(self, vae: AutoencoderKLWan, tiny: torch.nn.Module, momentum: float, teacher: torch.nn.Module | None = None) -> None:
         super().__init__()
-        self.vae, self.tiny, self.momentum = vae, tiny, momentum
+        self.vae, self.tiny, self.momentum, self.teacher = vae, tiny, momentum, teacher
         self.register_buffer("latents_mean", torch.zeros(Z_DIM))
         self.register_buffer("latents_std", torch.ones(Z_DIM))
         self.register_buffer("observed", torch.zeros((), dtype=torch.long))
@@ -246,10 +271,15 @@ def build_model(cfg: TrainConfig) -> AutoencoderKLWan | WorldAutoencoder:
         return vae
     from .train_tiny_decoder import new_model
 
-    tiny = new_model(Z_DIM, tuple(cfg.tiny_widths), int(torch.randint(2**31, ())))
+    tiny = new_model(Z_DIM, tuple(cfg.tiny_widths), int(torch.randint(2**31, ())), linear_skip=cfg.tiny_skip)
     for p in [*vae.decoder.parameters(), *vae.post_quant_conv.parameters(), *tiny.encoder.parameters()]:
         p.requires_grad_(False)
-    return WorldAutoencoder(vae, tiny, cfg.stats_momentum)
+    teacher = None
+    if cfg.teacher_steps:
+        from .linear_code import LinearBlockCode
+
+        teacher = LinearBlockCode()
+    return WorldAutoencoder(vae, tiny, cfg.stats_momentum, teacher)
 
 
 def _num_cached_convs(module: torch.nn.Module) -> int:
@@ -328,13 +358,22 @@ def loss_terms(
     edge_weight: float,
     context: int = 0,
     chroma_weight: float = 0.0,
+    teach: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Reconstruction of ``clip`` ``[B, 3, T, H, W]`` through posterior samples (the means when
     ``noise`` is None). The first ``context`` latent frames (``1 + 4(context−1)`` pixel frames) only
     fill the encoder's and decoder's caches, without gradients, as a long stream would have them; the
-    rest is the target ``x``. Returns ``loss = l1 + mse + edge_weight·edge + kl_weight·kl``, the terms,
-    ``x`` and its decoded ``recon``. A training :class:`WorldAutoencoder` folds the batch's posterior
-    means into its latent statistics before decoding."""
+    rest is the target ``x``. Returns ``loss = l1 + mse + edge_weight·edge + chroma_weight·chroma +
+    kl_weight·kl``, the terms, ``x`` and its decoded ``recon``. A training :class:`WorldAutoencoder`
+    folds the batch's posterior means into its latent statistics before decoding.
+
+    ``teach`` (a :class:`WorldAutoencoder` with a ``teacher``): the teacher phase instead. The window's
+    linear code is the target of both halves, two separate supervised problems: the encoder's
+    posterior means regress it (``latent``, the mean squared error in normalised units), and the tiny
+    decoder decodes the code itself, not the encoder's output. ``loss = latent + `` the pixel terms;
+    the KL is reported, not trained, and the latent statistics stay the code's (0 and 1)."""
+    if teach:
+        return _teacher_terms(vae, clip, edge_weight, context, chroma_weight)
     encoder = _encoder_of(vae)
     observe = isinstance(vae, WorldAutoencoder) and vae.training
     enc_cache = dec_cache = None
@@ -349,13 +388,44 @@ def loss_terms(
     if observe:
         vae.observe(mu)
     recon, _ = _decode(vae, _sample(mu, logvar, noise), dec_cache)
-    l1 = (recon - x).abs().mean()
-    mse = (recon - x).square().mean()
-    edge = ((recon.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (recon.diff(dim=-2) - x.diff(dim=-2)).abs().mean()) / 2
-    kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
-    colour = chroma(recon - x).abs().mean()
-    loss = l1 + mse + edge_weight * edge + kl_weight * kl + chroma_weight * colour
-    return {"loss": loss, "l1": l1, "mse": mse, "edge": edge, "kl": kl, "chroma": colour, "x": x, "recon": recon}
+    terms = _pixel_terms(recon, x, edge_weight, chroma_weight)
+    terms["kl"] = _kl(mu, logvar)
+    terms["loss"] = terms["loss"] + kl_weight * terms["kl"]
+    return terms
+
+
+def _pixel_terms(recon: torch.Tensor, x: torch.Tensor, edge_weight: float, chroma_weight: float) -> dict[str, torch.Tensor]:
+    error = recon - x
+    l1, mse = error.abs().mean(), error.square().mean()
+    edge = (error.diff(dim=-1).abs().mean() + error.diff(dim=-2).abs().mean()) / 2
+    colour = chroma(error).abs().mean()
+    loss = l1 + mse + edge_weight * edge + chroma_weight * colour
+    return {"loss": loss, "l1": l1, "mse": mse, "edge": edge, "chroma": colour, "x": x, "recon": recon}
+
+
+def _kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL of the posterior to ``N(0, 1)``, averaged over latent elements."""
+    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
+
+
+def _teacher_terms(model: WorldAutoencoder, clip: torch.Tensor, edge_weight: float, context: int, chroma_weight: float) -> dict[str, torch.Tensor]:
+    """:func:`loss_terms` of the teacher phase (``teach``)."""
+    code = model.teacher.encode(clip)  # the window's code as a stream of its own, the grid the encoder sees
+    enc_cache = dec_cache = None
+    x, target = clip, code
+    if context:
+        split = 1 + TEMPORAL_STRIDE * (context - 1)
+        with torch.no_grad():
+            _, _, enc_cache = encode_moments(model.vae, clip[:, :, :split])
+            _, dec_cache = model.decode(code[:, :, :context])
+        x, target = clip[:, :, split:], code[:, :, context:]
+    mu, logvar, _ = encode_moments(model.vae, x, enc_cache)
+    recon, _ = model.decode(target, dec_cache)
+    terms = _pixel_terms(recon, x, edge_weight, chroma_weight)
+    terms["latent"] = ((mu - target) / model.latents_std.view(1, -1, 1, 1, 1)).square().mean()
+    terms["kl"] = _kl(mu, logvar).detach()
+    terms["loss"] = terms["loss"] + terms["latent"]
+    return terms
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -563,8 +633,9 @@ class TrainResult:
 def _log(cfg: TrainConfig, record: dict) -> None:
     with open(Path(cfg.out_dir) / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+    latent = f" latent {record['latent']:.4f}" if "latent" in record else ""
     print(
-        f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} psnr {record['psnr']:.2f} "
+        f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} psnr {record['psnr']:.2f}{latent} "
         f"kl {record['kl']:.3g} lr {record['lr']:.2e} {record['steps_per_s']:.2f} steps/s "
         f"{record['clips_per_s']:.2f} clips/s {record['elapsed_s']:.0f}s",
         flush=True,
@@ -595,6 +666,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         print(f"resumed from {checkpoint} at step {step}", flush=True)
+    elif cfg.teacher_steps:
+        fit_teacher(vae, cfg)
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     batching = {"batch": cfg.batch, "max_context": cfg.max_context, "first_frame_share": cfg.first_frame_share}
@@ -629,21 +702,25 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         for group in opt.param_groups:
             group["lr"] = lr
         context = data.context(step * cfg.batch)
-        terms = loss_terms(vae, x, noise, cfg.kl_weight, cfg.edge_weight, context, cfg.chroma_weight)
+        teach = step < cfg.teacher_steps
+        terms = loss_terms(vae, x, noise, cfg.kl_weight, cfg.edge_weight, context, cfg.chroma_weight, teach=teach)
         if not torch.isfinite(terms["loss"]):  # stop before the optimizer or a checkpoint takes it in
             bar.close()
             raise FloatingPointError(f"train VAE: loss {terms['loss'].item()} at step {step + 1}: the run diverged; "
                                      f"{_checkpoint_dir(cfg.out_dir)} keeps its last checkpoints: resume with a lower --lr (this run: {cfg.lr})")
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        # the teacher phase's two problems are clipped apart: the encoder's gradient does not scale the decoder's
+        for group in ([p for p in _encoder_of(vae).parameters() if p.requires_grad], [p for p in vae.tiny.parameters() if p.requires_grad]) if teach else (params,):
+            torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
         opt.step()
         step += 1
 
-        values = {k: terms[k].item() for k in ("loss", "l1", "mse", "edge", "kl", "chroma")}
+        values = {k: terms[k].item() for k in ("loss", "l1", "mse", "edge", "kl", "chroma", "latent") if k in terms}
         values["psnr"] = psnr(terms["recon"].detach(), terms["x"])
         for key, value in values.items():
-            sums[key] = sums.get(key, 0.0) + value
+            total, count = sums.get(key, (0.0, 0))
+            sums[key] = (total + value, count + 1)
         window_steps += 1
         bar.update(1)
         bar.set_postfix(loss=f"{values['loss']:.4f}", psnr=f"{values['psnr']:.2f}", lr=f"{lr:.1e}")
@@ -664,7 +741,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             bar.total = total_steps
         if step % cfg.log_every == 0 or step == total_steps:
             elapsed = time.perf_counter() - window_start
-            record = {key: value / window_steps for key, value in sums.items()}
+            record = {key: total / count for key, (total, count) in sums.items()}
             record.update(
                 step=step,
                 total_steps=total_steps,
@@ -706,6 +783,33 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
 
 
 # ---------------------------------------------------------------------------------- statistics, eval
+
+
+@torch.no_grad()
+def fit_teacher(model: WorldAutoencoder, cfg: TrainConfig) -> None:
+    """Fit ``model.teacher`` on ``teacher_clips`` full-frame training clips (the dataset's, drawn by
+    the seed, or rendered) and start the latent statistics at the code's (0 and 1)."""
+    rng = np.random.default_rng([cfg.seed, _TEACHER_SALT])
+    if cfg.data_dir is not None:
+        from .dataset import ClipDataset
+
+        dataset = ClipDataset(cfg.data_dir)
+        picks = rng.permutation(len(dataset))[: cfg.teacher_clips]
+        clips = (to_pixels(dataset[int(i)][0]) for i in picks)
+    else:
+        clips = (to_pixels(world_clip(cfg.seed, _TEACHER_SALT, i, cfg.stats_latent_frames, cfg.frame_size, "train")) for i in range(cfg.teacher_clips))
+    model.teacher.fit(clips)
+    if model.tiny.config.linear_skip:  # the decoder starts as the code's linear decoder, its convolutions adding nothing
+        for name in ("first", "rest"):
+            weight, bias = model.teacher.skip_weights(name)
+            conv = getattr(model.tiny.skip, name)
+            conv.weight.copy_(weight[:, :, None, None])
+            conv.bias.copy_(bias)
+        model.tiny.decoder[-1].weight.zero_()
+        model.tiny.decoder[-1].bias.zero_()
+    model.latents_mean.zero_()
+    model.latents_std.fill_(1.0)
+    model.observed.fill_(1)  # the end-to-end phase moves the statistics from the code's, at the EMA rate
 
 
 @torch.no_grad()
@@ -821,6 +925,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--res-blocks", type=int, default=TrainConfig.res_blocks)
     parser.add_argument("--decoder-base-dim", type=int, default=None, help="the Wan decoder's width (default: --base-dim)")
     parser.add_argument("--tiny-widths", default=None, help="train a tiny decoder of these 4 widths, e.g. 96,48,32,32, instead of the Wan decoder")
+    parser.add_argument("--teacher-steps", type=int, default=TrainConfig.teacher_steps, help="first steps learn from a linear code (needs --tiny-widths)")
+    parser.add_argument("--tiny-skip", action="store_true", help="give the tiny decoder a linear path from latents to pixels")
+    parser.add_argument("--teacher-clips", type=int, default=TrainConfig.teacher_clips, help="clips the linear code is fitted on")
     parser.add_argument("--crop", default="32", help="training crop, N or WxH (multiples of 8)")
     parser.add_argument("--frames", type=int, default=TrainConfig.frames, help="pixel frames per clip (1+4k)")
     parser.add_argument("--max-context", type=int, default=TrainConfig.max_context, help="warm-up latent frames, up to")
@@ -855,6 +962,9 @@ def main(argv: list[str] | None = None) -> None:
             res_blocks=args.res_blocks,
             decoder_base_dim=args.decoder_base_dim,
             tiny_widths=_parse_widths(args.tiny_widths),
+            teacher_steps=args.teacher_steps,
+            teacher_clips=args.teacher_clips,
+            tiny_skip=args.tiny_skip,
             crop=_parse_size(args.crop),
             frames=args.frames,
             max_context=args.max_context,

@@ -44,8 +44,15 @@ VAE = {
     "lr": 2e-3,
     "min_lr_ratio": 0.01,
     "edge_weight": 0.5,
+    "teacher_steps": 2000,  # the first steps learn from a linear code (train_vae, "Teacher phase")
+    "tiny_skip": True,  # ... which the tiny decoder's linear path starts at
 }
 VAE_STEPS = 8000
+# The DiT's first-frame condition: the first frame's latent alone, repeated on every later latent frame
+# (lingbot_ray.json "condition_frames"): one encoder step per session instead of running the encoder
+# to its fixed point (30 steps of zero frames with the base-8 encoder, ~3 s per session on 2 cores),
+# and every block sees the first frame's latent.
+CONDITION_FRAMES = 1
 TINY_DECODER_LR = 5e-4  # fine-tuning a trained decoder, not training a fresh one (train_tiny_decoder's 2e-3)
 TINY_ADVERSARIAL_WEIGHT = 0.05  # the patch discriminator's term at the end of training (train_tiny_decoder)
 STAGES = ("data", "vae", "encode", "dit", "decoder", "quality")
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     latents = args.out / "latents.pt"
     if not latents.is_file():
-        train_dit.encode_dataset(data, vae_run / "vae", latents)
+        train_dit.encode_dataset(data, vae_run / "vae", latents, condition_frames=CONDITION_FRAMES)
     if stage("encode"):
         return 0
 

@@ -396,3 +396,20 @@ def test_the_checkpoint_names_the_decoder_sessions_get_unless_the_config_does(ti
     folder = _with_settings(tiny_folder, tmp_path, decoder="taesd")
     with pytest.raises(ValueError, match=r"lingbot_ray.json decoder='taesd': must be one of \['wan', 'tiny'\] or null"):
         VAEStage.from_pretrained(folder)
+
+
+def test_the_checkpoints_condition_frames_bound_the_first_frame_encoding(tiny_folder, tmp_path):
+    from lingbot_ray.engine.stages import VAEStage
+
+    image = np.random.default_rng(0).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    full = VAEStage.from_pretrained(tiny_folder).encode_condition(image)  # no setting: to the encoder's fixed point
+    assert full.num_encoded_frames > 3
+    stage = VAEStage.from_pretrained(_with_settings(tiny_folder, tmp_path, condition_frames=2))
+    assert stage.condition_frames == 2
+    short = stage.encode_condition(image)
+    assert short.num_encoded_frames == 2 and stage.encode_condition(image, max_frames=1).num_encoded_frames == 1
+    torch.testing.assert_close(short.latents, full.latents[:, :, :2])  # the encoded frames are the same ones
+    later = short.slice(0, 5)[:, 4:]  # every later latent frame repeats the last encoded one (mask 0 after frame 0)
+    assert all(torch.equal(later[:, :, t], short.latents[:, :, 1]) for t in range(1, 5))
+    with pytest.raises(ValueError, match=r"lingbot_ray.json condition_frames=0: must be an integer >= 1 or null"):
+        VAEStage.from_pretrained(_with_settings(tiny_folder, tmp_path, condition_frames=0))

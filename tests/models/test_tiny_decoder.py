@@ -278,6 +278,46 @@ def test_batched_sessions_and_patch_size():
     torch.testing.assert_close(streamed, _one_shot(model, latents), atol=1e-5, rtol=0)
 
 
+def _skip_reference(model, latents):
+    """The linear skip written out pixel by pixel: frame ``4(k−1) + 1 + t`` (latent frame k ≥ 1) at
+    (y, x) is ``rest`` row (t, colour, y mod 8, x mod 8) times the latent at (y // 8, x // 8); frame 0 is
+    ``first``'s row (colour, y mod 8, x mod 8) times latent frame 0. [N, C, F, h, w] → [N, 3, T, H, W]."""
+    skip = model.skip
+    first = skip.first.weight[:, :, 0, 0].reshape(3, 8, 8, -1)
+    rest = skip.rest.weight[:, :, 0, 0].reshape(4, 3, 8, 8, -1)
+    b_first, b_rest = skip.first.bias.reshape(3, 8, 8), skip.rest.bias.reshape(4, 3, 8, 8)
+    frame0 = torch.einsum("cyxz,nzhw->nchywx", first, latents[:, :, 0]) + b_first[None, :, None, :, None, :]
+    later = torch.einsum("tcyxz,nzfhw->nfthcywx", rest, latents[:, :, 1:]) + b_rest[None, None, :, None, :, :, None, :]
+    n, _, h, _, w, _ = frame0.shape
+    frame0 = frame0.reshape(n, 3, 1, h * 8, w * 8)
+    later = later.permute(0, 4, 1, 2, 3, 5, 6, 7).reshape(n, 3, -1, h * 8, w * 8)
+    return torch.cat([frame0, later], dim=2)
+
+
+def test_linear_skip_maps_each_latent_to_its_pixels_and_streams(tmp_path):
+    config = TinyDecoderConfig(encoder_width=8, decoder_widths=(16, 8, 8, 8), linear_skip=True)
+    model = _random_model(config, seed=7)
+    latents = _latents(8, frames=6)
+    with torch.no_grad():
+        model.skip.first.weight.mul_(0.05), model.skip.rest.weight.mul_(0.05)
+        model.skip.first.bias.fill_(0.5), model.skip.rest.bias.fill_(0.5)
+        both = _one_shot(model, latents)
+        convs = model.decoder[-1]
+        saved = convs.weight.clone(), convs.bias.clone()
+        convs.weight.zero_(), convs.bias.zero_()  # the decoder's own path adds nothing: the skip alone
+        alone = _one_shot(model, latents)
+        convs.weight.copy_(saved[0]), convs.bias.copy_(saved[1])
+        reference = _skip_reference(model, latents).clamp(0, 1) * 2 - 1
+    torch.testing.assert_close(alone, reference, atol=1e-5, rtol=0)
+    assert 0.02 < (both - alone).abs().mean() and alone.std() > 0.05  # both paths are in the output
+    for chunk in (CHUNK, 1):
+        pieces, _ = _stream(StreamingTinyDecoder(model), latents, chunk=chunk)
+        torch.testing.assert_close(torch.cat(pieces, dim=2), both, atol=1e-5, rtol=0)
+    loaded = load_tiny_autoencoder(save_tiny_autoencoder(model, tmp_path / "tiny"))
+    assert loaded.config.linear_skip and {"skip.first.weight", "skip.rest.bias"} <= set(loaded.state_dict())
+    assert torch.equal(_one_shot(loaded, latents), both)
+
+
 def test_cache_size_is_constant(decoder):
     cache = decoder.new_decode_cache()
     assert cache.nbytes == 0 and len(cache.feat_map) == 9

@@ -91,6 +91,24 @@ def test_a_checkpoint_assembled_with_a_tiny_decoder_decodes_with_it(encoded):
     assert (again / "tiny_decoder" / "config.json").is_file()  # assembling over itself keeps it
 
 
+def test_a_truncated_condition_is_trained_on_and_served_as_the_checkpoints(encoded):
+    """condition_frames: the clips' conditions are the first frames' latents repeated, the DiT run and
+    its checkpoint carry the setting, and the engine's sessions get exactly the trained condition."""
+    data = train_dit.encode_dataset(encoded / "data", encoded / "vae", encoded / "latents1.pt", latent_frames=6, batch_size=3,
+                                      condition_frames=1, progress=False)
+    assert data["meta"]["condition_frames"] == 1
+    full = torch.load(encoded / "latents.pt", weights_only=False)["conditions"]
+    assert torch.equal(data["conditions"][:, :, 0], full[:, :, 0])  # frame 0 as before, the mask on it only
+    assert all(torch.equal(data["conditions"][:, 4:, t], full[:, 4:, 0]) for t in range(1, 6))
+    assert data["conditions"][:, :4, 1:].eq(0).all()
+    train_dit.train(encoded / "latents1.pt", encoded / "cond1", steps=2, batch_size=2, warmup=1, progress=False, model_overrides=SMALL, checkpoint_every=100)
+    out = train_dit.assemble(encoded / "cond1", encoded / "vae", encoded / "cond1_ckpt", width=W, height=H)
+    assert json.loads((out / "lingbot_ray.json").read_text())["condition_frames"] == 1
+    frames, _, _ = ClipDataset(encoded / "data")[2]
+    served = RealtimeEngine.from_pretrained(out).vae.encode_condition(np.asarray(frames[0])).slice(0, 6)
+    torch.testing.assert_close(served[0].half().float(), data["conditions"][2].float(), atol=2e-3, rtol=2e-3)
+
+
 def test_a_run_keeps_the_camera_focal_it_started_with(encoded):
     common = dict(steps=4, batch_size=2, warmup=2, progress=False, model_overrides=SMALL, checkpoint_every=100)
     train_dit.train(encoded / "latents.pt", encoded / "focal", until=2, focal_per_width=0.6, **common)

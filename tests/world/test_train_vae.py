@@ -296,3 +296,43 @@ def test_a_tiny_decoded_run_saves_its_statistics_and_decoder_which_stream_as_tra
     streamed = np.concatenate(pieces)
     assert streamed.shape == trained.shape == frames.shape
     assert np.abs(streamed.astype(int) - trained).mean() < 1.0  # float16 weights: within a level on average
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, one_thread):
+    cfg = tiny_config(tmp_path_factory.mktemp("teacher"), base_dim=4, decoder_base_dim=4, tiny_widths=(8, 8, 4, 4), stats_momentum=0.2,
+                      teacher_steps=6, teacher_clips=3, tiny_skip=True)
+    return cfg, tv.train(cfg)
+
+
+def test_a_taught_run_starts_as_the_linear_code_then_trains_end_to_end_and_resumes_exactly(teacher_run, tmp_path, one_thread):
+    cfg, result = teacher_run
+    torch.manual_seed(cfg.seed)
+    start = tv.build_model(cfg)
+    tv.fit_teacher(start, cfg)
+    clip = tv.to_pixels(make_clip(1_000_005, [[], ["w"], ["l"]], 32, 24).frames)[None]
+    with torch.no_grad():
+        code = start.teacher.encode(clip)
+        decoded, _ = start.decode(code)
+    torch.testing.assert_close(decoded, start.teacher.decode(code).clamp(-1, 1), atol=1e-5, rtol=0)  # step 0: the linear decoder
+
+    log = {r["step"]: r for r in map(json.loads, (Path(cfg.out_dir) / "log.jsonl").read_text().splitlines())}
+    assert "latent" in log[4] and "latent" not in log[12]  # steps 1-6 learn from the code, 7-12 end to end
+    trained = torch.load(tv.latest_checkpoint(cfg.out_dir), weights_only=False)["model"]
+    assert not torch.equal(trained["latents_std"], torch.ones(16))  # the end-to-end steps moved the statistics
+    assert json.loads((Path(cfg.out_dir) / "tiny_decoder" / "config.json").read_text())["linear_skip"] is True
+    assert np.isfinite(result.eval["psnr"])
+
+    settings = {k: getattr(cfg, k) for k in ("base_dim", "decoder_base_dim", "tiny_widths", "stats_momentum", "teacher_steps", "teacher_clips", "tiny_skip")}
+    tv.train(tiny_config(tmp_path, **settings, stop_at=4))
+    resumed = tv.train(tv.config_from_checkpoint(tv.latest_checkpoint(tmp_path), stop_at=None), resume=True)
+    assert resumed.step == STEPS
+    got = torch.load(tv.latest_checkpoint(tmp_path), weights_only=False)["model"]
+    for name, tensor in trained.items():
+        assert torch.equal(tensor, got[name]), name
+
+
+@pytest.mark.parametrize("changes, named", [({"teacher_steps": 5}, "teacher_steps"), ({"tiny_skip": True}, "tiny_skip")])
+def test_a_teacher_or_a_skip_needs_the_tiny_decoder(tmp_path, changes, named):
+    with pytest.raises(ValueError, match=named):
+        tiny_config(tmp_path, **changes).check()
