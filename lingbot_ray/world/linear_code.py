@@ -128,4 +128,3 @@ class LinearBlockCode(torch.nn.Module):
             return values.reshape(-1, steps, BLOCK, BLOCK, 3).permute(0, 1, 4, 2, 3).reshape(values.shape[0], -1)
 
         return (reorder(vectors).T / 2).float(), ((reorder(mean[None])[0] + 1) / 2).float()
-

@@ -6,8 +6,10 @@ Stages (each skipped when its output exists, so an interrupted run continues wit
 
 1. ``data/``: training clips rendered from the procedural world (``dataset.generate_dataset``);
 2. ``vae_run/vae`` and ``vae_run/tiny_decoder``: the VAE's encoder and the tiny temporal decoder of
-   its latents, trained together on crops of those clips (``train_vae``, ``--vae-steps``);
-3. ``latents.pt``: every clip encoded with it (``train_dit.encode_dataset``);
+   its latents, trained together on crops of those clips (``train_vae``, ``--vae-steps``), the first
+   steps from a linear code of the latent grid (the teacher phase);
+3. ``latents.pt``: every clip encoded with it, the first frame's condition truncated to
+   ``CONDITION_FRAMES`` (``train_dit.encode_dataset``);
 4. ``dit_run/``: the causal DiT, teacher-forced for the engine's sampler (``--dit-steps``);
 5. ``checkpoint/``: the serving folder (``train_dit.assemble``), decoding with the tiny decoder, then
    ``tiny_decoder_run/`` (that decoder fine-tuned on the DiT's own served latents,
