@@ -694,6 +694,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     bar = progress_bar(total=total_steps, initial=step, unit="step", enabled=None if cfg.progress else False, desc="vae")
     batches = iter(loader)
     first_step = last_saved = step
+    # the teacher phase's two problems are clipped apart: the encoder's gradient does not scale the decoder's
+    teacher_groups = ([p for p in _encoder_of(vae).parameters() if p.requires_grad], [p for p in vae.tiny.parameters() if p.requires_grad]) if cfg.teacher_steps else ()
     while (total_steps is None or step < total_steps) and time.perf_counter() < deadline:
         if cfg.stop_at is not None and step >= cfg.stop_at:
             break
@@ -710,8 +712,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
                                      f"{_checkpoint_dir(cfg.out_dir)} keeps its last checkpoints: resume with a lower --lr (this run: {cfg.lr})")
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        # the teacher phase's two problems are clipped apart: the encoder's gradient does not scale the decoder's
-        for group in ([p for p in _encoder_of(vae).parameters() if p.requires_grad], [p for p in vae.tiny.parameters() if p.requires_grad]) if teach else (params,):
+        for group in teacher_groups if teach else (params,):
             torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
         opt.step()
         step += 1
