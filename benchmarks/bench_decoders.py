@@ -10,7 +10,7 @@ machine where other work competes for the cores the wall time suffers first, and
 decoder's many small sequential steps; with ``--threads 1`` the CPU time is the steadier number. Rows:
 
 - 160x96 (latents 20x12, the embedded model's size): the embedded checkpoint's trained Wan decoder
-  (base_dim 4), the tiny decoder at the taew2_1 widths (256, 128, 64, 64) and at narrow widths
+  (base_dim 4) and its tiny decoder (the one sessions get), the tiny decoder at the taew2_1 widths (256, 128, 64, 64) and at narrow widths
   (64, 32, 16, 16), and the Wan 2.1 decoder architecture at base_dim 4..32 (random weights), which
   shows how decode cost grows with width;
 - 832x480 (latents 104x60, Wan 2.1's size; ``--skip-large`` leaves it out): the full Wan 2.1 VAE
@@ -37,8 +37,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from torch.utils.flop_counter import FlopCounterMode
 
-from lingbot_ray.checkpoint import checkpoint_folder
-from lingbot_ray.models.tiny_decoder import StreamingTinyDecoder, TinyAutoencoder, TinyDecoderConfig
+from lingbot_ray.checkpoint import TINY_DECODER_FOLDER, checkpoint_folder
+from lingbot_ray.models.tiny_decoder import StreamingTinyDecoder, TinyAutoencoder, TinyDecoderConfig, load_tiny_autoencoder
 from lingbot_ray.models.vae_streaming import StreamingWanVAE
 
 EMBEDDED = "embedded:lingbot-world-tiny"
@@ -79,6 +79,10 @@ def _wan(base_dim: int | None) -> StreamingWanVAE:
 
 def _embedded_wan() -> StreamingWanVAE:
     return StreamingWanVAE.from_pretrained(checkpoint_folder(EMBEDDED))
+
+
+def _embedded_tiny() -> StreamingTinyDecoder:
+    return StreamingTinyDecoder(load_tiny_autoencoder(checkpoint_folder(EMBEDDED) / TINY_DECODER_FOLDER))
 
 
 def _tiny(widths: tuple[int, int, int, int]) -> StreamingTinyDecoder:
@@ -143,6 +147,7 @@ def _plan(repeats: int, large_repeats: int | None) -> Plan:
     """(size, name, builder, latent (h, w), repeats) per row; ``large_repeats`` None leaves out 832x480."""
     plan: Plan = [
         ("160x96", "wan embedded (trained, base_dim 4)", _embedded_wan, SMALL, repeats),
+        ("160x96", "tiny embedded (trained, the served decoder)", _embedded_tiny, SMALL, repeats),
         ("160x96", f"tiny taew2_1 {TAEW2_1_WIDTHS}", lambda: _tiny(TAEW2_1_WIDTHS), SMALL, repeats),
         ("160x96", f"tiny narrow {NARROW_WIDTHS}", lambda: _tiny(NARROW_WIDTHS), SMALL, repeats),
     ]

@@ -25,7 +25,8 @@ Every measure has a target (:data:`TARGETS`); the report is one table of measure
     python -m lingbot_ray.world.quality checkpoints/lingbot-world --worlds 24 --json quality.json
 
 ``--truth-history`` also scores the model with its KV cache written from the truth's latents instead
-of its own blocks: what the model loses to its own history.
+of its own blocks: what the model loses to its own history. ``--strip PNG`` also writes a picture of
+the first session: the renderer's frames over the generated ones.
 """
 
 from __future__ import annotations
@@ -173,6 +174,26 @@ def truth_history(checkpoint: str | Path) -> Generator:
     return generate_fn
 
 
+def held_out_worlds(worlds: int, seed: int) -> list[int]:
+    """The world seeds measured: ``worlds`` of them, all held out from training."""
+    return [EVAL_SEED_START + 7919 * i + seed for i in range(worlds)]
+
+
+def session_script(rng: np.random.Generator) -> list[list[str]]:
+    """A session's held keys, one per latent frame: a random script that keeps the camera moving."""
+    return random_actions(rng, CHUNKS * LATENT_PER_CHUNK, idle=False)
+
+
+def session_strip(generate_fn: Generator, width: int, height: int, *, seed: int = 0, frames: tuple[int, ...] = (0, 11, 22, 33, 44)) -> np.ndarray:
+    """A picture ``[2·H, len(frames)·W, 3]`` of the first measured session (its world and script):
+    the renderer's frames in the top row, the generated ones below, at ``frames`` (frame 0 is the
+    given image and what the session made of it)."""
+    world, actions = held_out_worlds(1, seed)[0], session_script(np.random.default_rng(seed))
+    truth = make_clip(world, actions, width, height).frames
+    generated = generate_fn(world, truth[0], actions, CHUNKS, 0)
+    return np.concatenate([np.concatenate([rows[f] for f in frames], axis=1) for rows in (truth, generated)], axis=0)
+
+
 def measure(
     checkpoint: str | Path, *, worlds: int = DEFAULT_WORLDS, seed: int = 0, decoder: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -222,14 +243,14 @@ def measure_generator(
     from .train_vae import colour_kept, to_pixels
 
     rng = np.random.default_rng(seed)
-    world_seeds = [EVAL_SEED_START + 7919 * i + seed for i in range(worlds)]
+    world_seeds = held_out_worlds(worlds, seed)
     slices = chunk_slices(CHUNKS)
 
     psnr_model, psnr_repeat = np.zeros((worlds, CHUNKS)), np.zeros((worlds, CHUNKS))
     sharpness, colour = np.zeros(worlds), np.zeros(worlds)
     bar = progress_bar(total=worlds * (1 + len(ACTIONS) * fidelity), desc="quality", enabled=progress)
     for n, world in enumerate(world_seeds):
-        actions = random_actions(rng, CHUNKS * LATENT_PER_CHUNK, idle=False)
+        actions = session_script(rng)
         truth = make_clip(world, actions, width, height).frames
         generated = generate_fn(world, truth[0], actions, CHUNKS, n)
         for c, part in enumerate(slices):
@@ -275,6 +296,21 @@ def measure_generator(
     return report
 
 
+def write_strip(checkpoint: str | Path, out: Path, *, seed: int = 0, decoder: str | None = None, scale: int = 2) -> Path:
+    """:func:`session_strip` of a checkpoint served as :func:`measure` serves it, as a PNG, ``scale``× up."""
+    from PIL import Image
+
+    from ..engine import RealtimeEngine
+    from ..engine.stages import served_decoder
+
+    engine = RealtimeEngine.from_pretrained(checkpoint, decoder=served_decoder(checkpoint, decoder))
+    width, height = engine.defaults.width, engine.defaults.height
+    strip = session_strip(lambda world, first, actions, chunks, session_seed: generate(engine, first, actions, chunks, session_seed), width, height, seed=seed)
+    image = Image.fromarray(strip)
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(out)
+    return out
+
+
 def _value(key: str, value: float) -> str:
     unit = TARGETS[key][2]
     if unit == "%":
@@ -308,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--decoder", choices=("wan", "tiny"), default=None, help="vae.decoder (default: the checkpoint's own)")
     parser.add_argument("--truth-history", action="store_true", help="also measure the model with its KV cache written from the truth")
+    parser.add_argument("--strip", type=Path, default=None, help="also write a PNG of the first session: the renderer's frames over the generated ones")
     args = parser.parse_args(argv)
     report = measure(args.checkpoint, worlds=args.worlds, seed=args.seed, decoder=args.decoder)
     print(format_report(report))
+    if args.strip:
+        write_strip(args.checkpoint, args.strip, seed=args.seed, decoder=args.decoder)
     if args.truth_history:
         size = [int(v) for v in report["size"].split("x")]
         oracle = measure_generator(truth_history(args.checkpoint), *size, worlds=args.worlds, seed=args.seed)

@@ -25,7 +25,7 @@ Stages in ``RUN_DIR`` (each kept, so ``--resume`` continues where a run stopped)
    checkpoint's Wan decoder against the renderer on the same DiT latents, both decoding chunk by
    chunk through their streaming classes as served, their ms per chunk, and the CPU minutes per stage.
 
-Measured with the defaults on the embedded checkpoint (one thread, 2-core CPU): 29.1 CPU minutes (30 min
+Measured with the defaults on an earlier embedded checkpoint (commit bb24bb7's, one thread, 2-core CPU): 29.1 CPU minutes (30 min
 wall: 5.2 for the clips and latents, 23.5 training); on 16 held-out clips (528 frames) the tiny decoder
 reaches 18.38 dB against the Wan decoder's 18.37 dB on the same latents, at 52 against 403 ms per
 12-frame chunk, and its folder is 370 KB. Widths: a short probe (48 clips, 200 steps of batch 2) gave

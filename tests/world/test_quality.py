@@ -114,3 +114,25 @@ def test_truth_history_writes_the_cache_from_the_truth_and_nothing_else():
     assert np.array_equal(frames[:9], plain[:9])
     assert not np.array_equal(frames[9:], plain[9:])
     assert np.array_equal(frames, oracle(world, first, actions, 2, 0))
+
+
+def test_the_strip_shows_the_first_measured_session():
+    """Top row the renderer's frames of the first measured world and script, bottom row the
+    generator's for the same session: the renderer's own strip has two equal rows, and the
+    still picture's bottom row repeats the given frame."""
+    seen = []
+
+    def recording(world, first, actions, num_chunks, seed):
+        seen.append((world, actions, seed))
+        return renderer(world, first, actions, num_chunks, seed)
+
+    strip = quality.session_strip(recording, W, H, frames=(0, 20, 44))
+    assert strip.shape == (2 * H, 3 * W, 3) and strip.dtype == np.uint8
+    assert np.array_equal(strip[:H], strip[H:])
+    report_seen = []
+    quality.measure_generator(lambda *a: report_seen.append(a[::2]) or renderer(*a), W, H, worlds=1, progress=False)
+    assert seen[0] == report_seen[0]  # the same world, script and session seed as the measured session
+    truth = make_clip(seen[0][0], seen[0][1], W, H).frames
+    assert np.array_equal(strip[:H, W : 2 * W], truth[20]) and not np.array_equal(truth[20], truth[0])
+    still = quality.session_strip(repeat_first_frame, W, H, frames=(0, 20, 44))
+    assert np.array_equal(still[H:, 2 * W :], truth[0]) and np.array_equal(still[:H], strip[:H])
