@@ -136,3 +136,21 @@ def test_the_strip_shows_the_first_measured_session():
     assert np.array_equal(strip[:H, W : 2 * W], truth[20]) and not np.array_equal(truth[20], truth[0])
     still = quality.session_strip(repeat_first_frame, W, H, frames=(0, 20, 44))
     assert np.array_equal(still[H:, 2 * W :], truth[0]) and np.array_equal(still[:H], strip[:H])
+
+
+def test_the_strip_of_a_checkpoint_is_its_first_measured_session(tmp_path):
+    """``--strip``: the embedded checkpoint served as ``measure`` serves it, scaled 2× as a PNG whose
+    top row is the renderer's frames of the first measured session."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    import lingbot_ray
+
+    checkpoint = Path(lingbot_ray.__file__).parent / "checkpoints" / "lingbot-world-tiny"
+    strip = np.asarray(Image.open(quality.write_strip(checkpoint, tmp_path / "strip.png")))
+    assert strip.shape == (2 * 2 * 96, 5 * 2 * 160, 3)
+    world, actions = quality.held_out_worlds(1, 0)[0], quality.session_script(np.random.default_rng(0))
+    truth = make_clip(world, actions, 160, 96).frames
+    assert np.array_equal(strip[: 2 * 96 : 2, 2 * 160 : 4 * 160 : 2], truth[11])
+    assert float(quality.frame_psnr(strip[2 * 96 :: 2, ::2][:, :160], truth[0])) > 20  # the given frame, through the VAE
