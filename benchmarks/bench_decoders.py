@@ -10,9 +10,9 @@ machine where other work competes for the cores the wall time suffers first, and
 decoder's many small sequential steps; with ``--threads 1`` the CPU time is the steadier number. Rows:
 
 - 160x96 (latents 20x12, the embedded model's size): the embedded checkpoint's trained Wan decoder
-  (base_dim 4) and its tiny decoder (the one sessions get), the tiny decoder at the taew2_1 widths (256, 128, 64, 64) and at narrow widths
-  (64, 32, 16, 16), and the Wan 2.1 decoder architecture at base_dim 4..32 (random weights), which
-  shows how decode cost grows with width;
+  (base_dim 4) and its tiny decoder (the one sessions get), the tiny decoder at the taew2_1 widths
+  (256, 128, 64, 64) and at narrow widths (64, 32, 16, 16), and the Wan 2.1 decoder architecture at
+  base_dim 4..32 (random weights), which shows how decode cost grows with width;
 - 832x480 (latents 104x60, Wan 2.1's size; ``--skip-large`` leaves it out): the full Wan 2.1 VAE
   (base_dim 96) against the taew2_1-width tiny decoder, both with random weights. The Wan VAE needs
   minutes per chunk on a few CPU cores: ``--large-repeats`` (default ``--repeats``) times fewer chunks.
