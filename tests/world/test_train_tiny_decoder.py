@@ -110,7 +110,7 @@ def test_the_shipped_tiny_decoder_decodes_the_checkpoints_latents():
     config = model.config
     assert (config.latent_channels, config.spatial_scale, config.t_upscale) == (
         geometry.latent_channels, geometry.vae_scale_spatial, geometry.vae_scale_temporal)
-    assert sum(p.stat().st_size for p in (CHECKPOINT / "tiny_decoder").iterdir()) < 512 * 2**10
+    assert sum(p.stat().st_size for p in (CHECKPOINT / "tiny_decoder").iterdir()) < 4 * 2**20  # 1.45 M float16 parameters: 2.9 MB
     with torch.no_grad():
         frames = model.decode_video(torch.zeros(1, 3, geometry.latent_channels, 12, 20))
     assert frames.shape == (1, 9, 3, 96, 160)
