@@ -194,6 +194,20 @@ def session_strip(generate_fn: Generator, width: int, height: int, *, seed: int 
     return np.concatenate([np.concatenate([rows[f] for f in frames], axis=1) for rows in (truth, generated)], axis=0)
 
 
+def served_generator(checkpoint: str | Path, decoder: str | None = None) -> tuple[Generator, int, int]:
+    """The checkpoint's sessions run through ``RealtimeEngine`` with ``decoder`` (``vae.decoder``;
+    None: the checkpoint's own, as ``serve_config.yaml`` leaves it), and their width and height."""
+    from ..engine import RealtimeEngine
+    from ..engine.stages import served_decoder
+
+    engine = RealtimeEngine.from_pretrained(checkpoint, decoder=served_decoder(checkpoint, decoder))
+
+    def model(world: int, first: np.ndarray, actions: list[list[str]], num_chunks: int, session_seed: int) -> np.ndarray:
+        return generate(engine, first, actions, num_chunks, session_seed)
+
+    return model, engine.defaults.width, engine.defaults.height
+
+
 def measure(
     checkpoint: str | Path, *, worlds: int = DEFAULT_WORLDS, seed: int = 0, decoder: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -201,16 +215,10 @@ def measure(
     (``vae.decoder``; None: the checkpoint's own, as ``serve_config.yaml`` leaves it), and its VAE's
     round trip of the same held-out frames through the same decoder."""
     from ..checkpoint import TINY_DECODER_FOLDER, read_model_index
-    from ..engine import RealtimeEngine
     from ..engine.stages import served_decoder
 
     decoder = served_decoder(checkpoint, decoder)
-    engine = RealtimeEngine.from_pretrained(checkpoint, decoder=decoder)
-    width, height = engine.defaults.width, engine.defaults.height
-
-    def model(world: int, first: np.ndarray, actions: list[list[str]], num_chunks: int, session_seed: int) -> np.ndarray:
-        return generate(engine, first, actions, num_chunks, session_seed)
-
+    model, width, height = served_generator(checkpoint, decoder)
     report = measure_generator(model, width, height, worlds=worlds, seed=seed, progress=progress)
     vae_dir = read_model_index(checkpoint).component_folder("vae")
     tiny = Path(checkpoint) / TINY_DECODER_FOLDER if decoder == "tiny" else None
@@ -300,13 +308,7 @@ def write_strip(checkpoint: str | Path, out: Path, *, seed: int = 0, decoder: st
     """:func:`session_strip` of a checkpoint served as :func:`measure` serves it, as a PNG, ``scale``× up."""
     from PIL import Image
 
-    from ..engine import RealtimeEngine
-    from ..engine.stages import served_decoder
-
-    engine = RealtimeEngine.from_pretrained(checkpoint, decoder=served_decoder(checkpoint, decoder))
-    width, height = engine.defaults.width, engine.defaults.height
-    strip = session_strip(lambda world, first, actions, chunks, session_seed: generate(engine, first, actions, chunks, session_seed), width, height, seed=seed)
-    image = Image.fromarray(strip)
+    image = Image.fromarray(session_strip(*served_generator(checkpoint, decoder), seed=seed))
     image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(out)
     return out
 
