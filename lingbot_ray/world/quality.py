@@ -10,8 +10,9 @@ same camera path, same decoder):
   camera would make "repeat the first frame" perfect), against the renderer's frames for the same
   script, next to the baseline "repeat the first frame": chunk 0's PSNR, and the mean gain over
   the baseline over chunks 0–3.
-* **Sharpness kept**: the mean gradient magnitude of those generated frames ÷ the renderer's. A blur
-  scores PSNR but not this.
+* **Sharpness kept**: the mean gradient magnitude of those generated frames ÷ the renderer's,
+  away from the lines of the latent grid (8 px: the step edges a decoder draws between latent
+  cells are not detail). A blur scores PSNR but not this; nor do blocks.
 * **Control fidelity**: a session holds nothing for chunk 0, then one action of the table
   (:data:`lingbot_ray.protocol.actions.ACTIONS`) for chunk 1.
   The generated chunk 1 must be closer (MSE) to the renderer's chunk 1 for its own action than to
@@ -54,6 +55,7 @@ SHARPNESS_TARGET = 0.7
 VAE_PSNR_TARGET_DB = 28.0
 VAE_COLOUR_TARGET = 0.85
 DEFAULT_WORLDS = 24
+LATENT_GRID = 8  # pixels per latent cell (the Wan VAE's spatial scale)
 # report key → (what, target, unit): every measure is at least its target
 TARGETS: dict[str, tuple[str, float, str]] = {
     "vae_psnr_db": ("VAE round trip PSNR", VAE_PSNR_TARGET_DB, "dB"),
@@ -73,13 +75,20 @@ def frame_psnr(a: np.ndarray, b: np.ndarray, cap_db: float = 99.0) -> np.ndarray
         return np.minimum(10 * np.log10(255.0**2 / mse), cap_db)
 
 
-def gradient_magnitude(frames: np.ndarray) -> float:
+def gradient_magnitude(frames: np.ndarray, grid: int | None = None) -> float:
     """Mean gradient magnitude of uint8 frames ``[..., H, W, 3]``: ``hypot`` of the horizontal and
-    vertical forward differences, averaged over pixels, channels and frames."""
+    vertical forward differences, averaged over pixels, channels and frames. With ``grid`` (the
+    decoder's latent cell, 8 px), the pixels whose difference crosses a grid line are left out: a
+    decoder that works cell by cell draws step edges there, which are artefacts, not detail."""
     x = frames.astype(np.float32)
     dx = np.diff(x, axis=-2)[..., :-1, :, :]  # [..., H-1, W-1, 3]
     dy = np.diff(x, axis=-3)[..., :, :-1, :]
-    return float(np.hypot(dx, dy).mean())
+    magnitude = np.hypot(dx, dy)
+    if grid:
+        height, width = magnitude.shape[-3:-1]
+        keep_y, keep_x = (np.arange(1, height + 1) % grid != 0), (np.arange(1, width + 1) % grid != 0)
+        magnitude = magnitude[..., keep_y, :, :][..., keep_x, :]
+    return float(magnitude.mean())
 
 
 def chunk_slices(num_chunks: int) -> list[slice]:
@@ -214,15 +223,16 @@ def measure(
     """Every measure of a checkpoint, its sessions run through ``RealtimeEngine`` with ``decoder``
     (``vae.decoder``; None: the checkpoint's own, as ``serve_config.yaml`` leaves it), and its VAE's
     round trip of the same held-out frames through the same decoder."""
-    from ..checkpoint import TINY_DECODER_FOLDER, read_model_index
+    from ..checkpoint import TINY_DECODER_FOLDER, read_geometry, read_model_index
     from ..engine.stages import served_decoder
 
     decoder = served_decoder(checkpoint, decoder)
+    grid = read_geometry(checkpoint).vae_scale_spatial
     model, width, height = served_generator(checkpoint, decoder)
-    report = measure_generator(model, width, height, worlds=worlds, seed=seed, progress=progress)
+    report = measure_generator(model, width, height, worlds=worlds, seed=seed, progress=progress, grid=grid)
     vae_dir = read_model_index(checkpoint).component_folder("vae")
     tiny = Path(checkpoint) / TINY_DECODER_FOLDER if decoder == "tiny" else None
-    ceiling = measure_generator(vae_round_trip(vae_dir, width, height, tiny), width, height, worlds=worlds, seed=seed, progress=progress, fidelity=False)
+    ceiling = measure_generator(vae_round_trip(vae_dir, width, height, tiny), width, height, worlds=worlds, seed=seed, progress=progress, fidelity=False, grid=grid)
     report = {
         "checkpoint": str(checkpoint),
         "decoder": decoder,
@@ -243,9 +253,11 @@ def measure_generator(
     seed: int = 0,
     progress: bool = True,
     fidelity: bool = True,
+    grid: int = LATENT_GRID,
 ) -> dict[str, Any]:
     """The session measures of any video generator (the model, or a baseline in the tests);
-    ``fidelity`` False leaves out control fidelity (and its 8 sessions a world)."""
+    ``fidelity`` False leaves out control fidelity (and its 8 sessions a world); ``grid``: the
+    latent cell in pixels, whose lines the sharpness measure leaves out."""
     import torch
 
     from .train_vae import colour_kept, to_pixels
@@ -266,7 +278,7 @@ def measure_generator(
             psnr_model[n, c] = frame_psnr(generated[frames], truth[frames]).mean()
             psnr_repeat[n, c] = frame_psnr(truth[0], truth[frames]).mean()
         made = list(generated_frames(slice(0, slices[-1].stop)))
-        sharpness[n] = gradient_magnitude(generated[made]) / max(gradient_magnitude(truth[made]), 1e-8)
+        sharpness[n] = gradient_magnitude(generated[made], grid) / max(gradient_magnitude(truth[made], grid), 1e-8)
         with torch.no_grad():
             colour[n] = colour_kept(to_pixels(generated[made])[None], to_pixels(truth[made])[None])
         bar.update(1)

@@ -18,6 +18,7 @@ Three steps, each a function and a sub-command:
 
     python -m lingbot_ray.world.train_dit encode DATASET VAE_DIR LATENTS.pt
     python -m lingbot_ray.world.train_dit train LATENTS.pt RUN_DIR --minutes 40
+    python -m lingbot_ray.world.train_dit train LATENTS.pt RUN_DIR --steps 1500 --lr 3e-4 --warmup 50 --init CHECKPOINT --own-history 0.5
     python -m lingbot_ray.world.train_dit assemble RUN_DIR VAE_DIR CHECKPOINT_DIR
 """
 
@@ -237,6 +238,20 @@ def precompute_plucker(data: dict[str, Any], frames: int = TRAIN_LATENT_FRAMES, 
     data["plucker"] = torch.cat([clip_plucker(data["poses"][i, :frames], height, width, focal_per_width) for i in range(count)])
 
 
+@torch.no_grad()
+def own_estimates(model, clean: torch.Tensor, condition: torch.Tensor, plucker: torch.Tensor, first_t: torch.Tensor,
+                  generator: torch.Generator, *, sink_frames: int, window_frames: int | None) -> torch.Tensor:
+    """The model's own x0 estimate of every block from pure noise (the sampler's first step, σ = 1),
+    each block seeing the true history: a stand-in, one forward for all blocks, for the blocks a
+    session generates and writes to its KV cache. They are blurred and damped where the truth is not,
+    which is what the model meets in a session after its first block and never under teacher forcing."""
+    noise = torch.randn(clean.shape, generator=generator)
+    timesteps = first_t.expand(clean.shape[0], clean.shape[2])
+    flow = teacher_forced_flow(model, clean, noise, timesteps, condition, text_embeds_for(model, clean.shape[0]), plucker,
+                               sink_frames=sink_frames, window_frames=window_frames)
+    return noise - flow  # x0 = x_t − σ·v at σ = 1
+
+
 def x0_loss(estimate: torch.Tensor, clean: torch.Tensor, coarse_weight: float = 0.0) -> torch.Tensor:
     """MSE of the x0 estimate, plus ``coarse_weight`` × the MSE of 2×2- and 4×4-pooled latents.
 
@@ -297,8 +312,15 @@ def train(
     progress: bool = True,
     model_overrides: dict[str, Any] | None = None,
     focal_per_width: float = CAMERA_FOCAL_PER_WIDTH,
+    init: Path | None = None,
+    own_history: float = 0.0,
 ) -> dict[str, Any]:
     """Teacher-forced training; returns a summary (steps, final loss). Checkpoints go to ``run_dir``.
+
+    ``init``: start from this checkpoint folder's transformer (a fine-tune) instead of a fresh one.
+    ``own_history``: the share of steps whose history is the model's own estimate of each block
+    (:func:`own_estimates`) instead of the truth: what a session's KV cache holds, written from the
+    blocks the model generated (docs/EMBEDDED_MODEL.md, "Training on its own history").
 
     ``steps`` is the planned length (it shapes the learning-rate schedule); without it, ``minutes``
     plans it: the speed of the first ``SPEED_PROBE_STEPS`` steps fixes the length that fills the time
@@ -315,6 +337,10 @@ def train(
     precompute_plucker(data, focal_per_width=focal_per_width)
     run_dir.mkdir(parents=True, exist_ok=True)
     model = new_world_transformer(seed, **(model_overrides or {})).train()
+    if init is not None:
+        from ..models.loading import load_transformer
+
+        model.load_state_dict(load_transformer(init, dtype=torch.float32).state_dict())
     schedule = DMDSampler().schedule()  # the engine's default: indices [0, 179, 358, 679], shift 10
     sampler_t = torch.tensor(schedule.timesteps, dtype=torch.float32)
     sampler_sigmas = torch.tensor(schedule.sigmas, dtype=torch.float32)
@@ -351,7 +377,8 @@ def train(
     def save() -> None:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                     "step": step, "total": total, "history": history, "probes": probes, "config": dict(model.config),
-                    "focal_per_width": focal_per_width, "condition_frames": data["meta"].get("condition_frames")}, state_path.with_suffix(".tmp"))
+                    "focal_per_width": focal_per_width, "condition_frames": data["meta"].get("condition_frames"),
+                    "fine_tuned": init is not None, "own_history": own_history}, state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
 
     bar = progress_bar(total=total or SPEED_PROBE_STEPS, initial=step, desc="train DiT", enabled=progress)
@@ -367,7 +394,10 @@ def train(
             group["lr"] = group["lr_scale"] * lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
         indices = torch.randint(count, (batch_size,), generator=generator)
         clean, noisy, t, sigma, condition, plucker = training_batch(data, indices, sampler_sigmas, sampler_t, generator, step_weights=step_weights)
-        flow = teacher_forced_flow(model, clean, noisy, t, condition, text_embeds_for(model, batch_size), plucker,
+        history_latents = clean
+        if own_history and float(torch.rand((), generator=generator)) < own_history:
+            history_latents = own_estimates(model, clean, condition, plucker, sampler_t[0], generator, sink_frames=sink, window_frames=window)
+        flow = teacher_forced_flow(model, history_latents, noisy, t, condition, text_embeds_for(model, batch_size), plucker,
                                    sink_frames=sink, window_frames=window)
         loss = x0_loss(noisy - sigma * flow, clean, coarse_weight)
         if not torch.isfinite(loss):  # stop before the optimizer or a checkpoint takes it in
@@ -434,7 +464,8 @@ def assemble(
         width=width,
         height=height,
         served_model_name=served_model_name,
-        comment=f"lingbot_ray serving defaults of the world model trained on the procedural world ({state['step']} steps)",
+        comment=f"lingbot_ray serving defaults of the world model trained on the procedural world ({state['step']} steps"
+                f"{', a fine-tune of a trained DiT' if state.get('fine_tuned') else ''})",
         camera_focal=camera_intrinsics(width, height, run_focal_per_width(state)).fx,
         decoder="tiny" if tiny_decoder is not None else None,
         condition_frames=state.get("condition_frames"),  # the condition the DiT was trained with
@@ -458,7 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--minutes", type=float, default=None)
     tr.add_argument("--batch", type=int, default=4)
     tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--warmup", type=int, default=200)
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--init", type=Path, default=None, help="fine-tune this checkpoint folder's transformer")
+    tr.add_argument("--own-history", type=float, default=0.0, help="share of batches whose history is the model's own estimates")
+    tr.add_argument("--until", type=int, default=None, help="stop at this step (the schedule keeps its length)")
     tr.add_argument("--resume", action="store_true")
     asm = sub.add_parser("assemble")
     asm.add_argument("run", type=Path)
@@ -470,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "encode":
         encode_dataset(args.dataset, args.vae, args.out, limit=args.limit, condition_frames=args.condition_frames)
     elif args.command == "train":
-        summary = train(args.latents, args.run, steps=args.steps, minutes=args.minutes, batch_size=args.batch, lr=args.lr, seed=args.seed, resume=args.resume)
+        summary = train(args.latents, args.run, steps=args.steps, minutes=args.minutes, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
+                        seed=args.seed, init=args.init, own_history=args.own_history, until=args.until, resume=args.resume)
         print(f"trained {summary['steps']} steps, loss {summary['loss']:.4f}")
     else:
         width, height = (int(v) for v in args.size.split("x"))

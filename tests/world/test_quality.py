@@ -33,9 +33,16 @@ def blurred(world, first, actions, num_chunks, seed):
     return box.round().astype(np.uint8)
 
 
+def blocky(world, first, actions, num_chunks, seed):
+    """The renderer's frames averaged over each 8x8 latent cell: every edge sits on the latent grid."""
+    frames = make_clip(world, actions, W, H).frames.astype(np.float32)
+    cells = frames.reshape(len(frames), H // 8, 8, W // 8, 8, 3).mean(axis=(2, 4), keepdims=True)
+    return np.broadcast_to(cells, (len(frames), H // 8, 8, W // 8, 8, 3)).reshape(frames.shape).round().astype(np.uint8)
+
+
 @pytest.fixture(scope="module")
 def reports():
-    generators = (renderer, repeat_first_frame, mirrored_controls, blurred)
+    generators = (renderer, repeat_first_frame, mirrored_controls, blurred, blocky)
     return {fn.__name__: quality.measure_generator(fn, W, H, worlds=2, progress=False) for fn in generators}
 
 
@@ -66,6 +73,21 @@ def test_a_blur_keeps_its_colour_and_some_psnr_but_not_its_sharpness(reports):
     assert report["sharpness_kept"] < quality.SHARPNESS_TARGET and not report["passed"]
     assert report["colour_kept"] > 0.7 and report["control_fidelity"] == 1.0
     assert report["psnr_chunk0_db"] > 20
+
+
+def test_blocks_are_not_sharpness():
+    """Cell-by-cell frames have their only edges on the latent grid: counted everywhere they would
+    pass for detail; off the grid they are none."""
+    frames = blocky(quality.held_out_worlds(1, 0)[0], None, [["w"]] * 3, 1, 0)
+    truth = renderer(quality.held_out_worlds(1, 0)[0], None, [["w"]] * 3, 1, 0)
+    assert quality.gradient_magnitude(frames) > 0.25 * quality.gradient_magnitude(truth)  # 0.31
+    assert quality.gradient_magnitude(frames, grid=8) == 0.0 < quality.gradient_magnitude(truth, grid=8)
+
+
+def test_blocks_keep_psnr_but_not_sharpness(reports):
+    report = reports["blocky"]
+    assert report["sharpness_kept"] < 0.05 and not report["passed"]
+    assert report["psnr_chunk0_db"] > 15
 
 
 def test_report_text_is_one_table_of_measures_and_targets(reports):

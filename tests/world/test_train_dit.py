@@ -60,6 +60,44 @@ def test_training_lowers_the_loss_and_resumes_exactly(encoded):
     assert np.mean(longer["losses"][-8:]) < np.mean(longer["losses"][:8])
 
 
+def test_own_estimates_see_the_true_history_and_never_their_own_truth(encoded):
+    """A block's own estimate is made from noise and the truth before it: changing a block's truth
+    moves the later blocks' estimates, never its own or an earlier one's."""
+    data = torch.load(encoded / "latents.pt", weights_only=False)
+    train_dit.precompute_plucker(data)
+    model = train_dit.new_world_transformer(0, **SMALL).eval()
+    model.load_state_dict(torch.load(encoded / "longer" / "state.pt", weights_only=False)["model"])  # trained: its output is not zero
+    train_dit.silence_text_attention(model)
+    clean, condition, plucker = data["latents"][:1].float(), data["conditions"][:1].float(), data["plucker"][:1]
+    first_t = torch.tensor(train_dit.DMDSampler().schedule().timesteps[0])
+    sink, window = model.config.sink_size, model.config.sliding_window_num_frames
+
+    def estimates(latents):
+        return train_dit.own_estimates(model, latents, condition, plucker, first_t, torch.Generator().manual_seed(5), sink_frames=sink, window_frames=window)
+
+    changed = clean.clone()
+    changed[:, :, 0:3] += 1.0  # block 0's truth (the clips are 2 blocks long)
+    a, b = estimates(clean), estimates(changed)
+    torch.testing.assert_close(a[:, :, :3], b[:, :, :3])
+    assert not torch.allclose(a[:, :, 3:], b[:, :, 3:])
+
+
+def test_a_fine_tune_starts_from_the_checkpoint_and_trains_on_its_own_history(encoded):
+    from lingbot_ray.models.loading import load_transformer
+
+    ckpt = train_dit.assemble(encoded / "straight", encoded / "vae", encoded / "init_ckpt", width=W, height=H)
+    common = dict(steps=4, batch_size=2, warmup=2, progress=False, model_overrides=SMALL, checkpoint_every=100, init=ckpt)
+    train_dit.train(encoded / "latents.pt", encoded / "frozen", lr=0.0, **common)
+    start = load_transformer(ckpt, dtype=torch.float32).state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in torch.load(encoded / "frozen" / "state.pt", weights_only=False)["model"].items())
+    teacher = train_dit.train(encoded / "latents.pt", encoded / "teacher", lr=1e-3, **common)
+    own = train_dit.train(encoded / "latents.pt", encoded / "own", lr=1e-3, own_history=1.0, **common)
+    assert own["losses"][0] != teacher["losses"][0]  # the same first batch, another history
+    train_dit.train(encoded / "latents.pt", encoded / "own_resumed", lr=1e-3, own_history=1.0, until=2, **common)
+    resumed = train_dit.train(encoded / "latents.pt", encoded / "own_resumed", lr=1e-3, own_history=1.0, resume=True, **common)
+    assert resumed["losses"] == own["losses"]
+
+
 def test_assembled_checkpoint_streams_with_the_camera_input_it_was_trained_on(encoded):
     out = train_dit.assemble(encoded / "straight", encoded / "vae", encoded / "ckpt", width=W, height=H)
     engine = RealtimeEngine.from_pretrained(out)
