@@ -10,9 +10,10 @@ same camera path, same decoder):
   camera would make "repeat the first frame" perfect), against the renderer's frames for the same
   script, next to the baseline "repeat the first frame": chunk 0's PSNR, and the mean gain over
   the baseline over chunks 0–3.
-* **Sharpness kept**: the mean gradient magnitude of those generated frames ÷ the renderer's,
+* **Sharpness kept**: how much of the renderer's gradient those generated frames reproduce
+  (:func:`gradient_kept`: the least-squares gain of their pixel differences on the renderer's),
   away from the lines of the latent grid (8 px: the step edges a decoder draws between latent
-  cells are not detail). A blur scores PSNR but not this; nor do blocks.
+  cells are not detail). A blur scores PSNR but not this; nor do blocks, nor grain.
 * **Control fidelity**: a session holds nothing for chunk 0, then one action of the table
   (:data:`lingbot_ray.protocol.actions.ACTIONS`) for chunk 1.
   The generated chunk 1 must be closer (MSE) to the renderer's chunk 1 for its own action than to
@@ -62,7 +63,7 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     "vae_colour_kept": ("VAE round trip colour kept", VAE_COLOUR_TARGET, "%"),
     "psnr_chunk0_db": ("chunk 0 PSNR vs renderer", CHUNK0_PSNR_TARGET_DB, "dB"),
     "psnr_gain_db": ('gain over "repeat the first frame", chunks 0-3', PSNR_GAIN_TARGET_DB, "dB"),
-    "sharpness_kept": ("sharpness kept (gradient, generated / truth)", SHARPNESS_TARGET, "x"),
+    "sharpness_kept": ("sharpness kept (truth's gradient reproduced)", SHARPNESS_TARGET, "x"),
     "control_fidelity": ("control fidelity", FIDELITY_TARGET, "%"),
 }
 
@@ -75,20 +76,24 @@ def frame_psnr(a: np.ndarray, b: np.ndarray, cap_db: float = 99.0) -> np.ndarray
         return np.minimum(10 * np.log10(255.0**2 / mse), cap_db)
 
 
-def gradient_magnitude(frames: np.ndarray, grid: int | None = None) -> float:
-    """Mean gradient magnitude of uint8 frames ``[..., H, W, 3]``: ``hypot`` of the horizontal and
-    vertical forward differences, averaged over pixels, channels and frames. With ``grid`` (the
-    decoder's latent cell, 8 px), the pixels whose difference crosses a grid line are left out: a
+def gradient_kept(generated: np.ndarray, truth: np.ndarray, grid: int | None = None) -> float:
+    """How much of the truth's detail uint8 frames ``[..., H, W, 3]`` reproduce: the least-squares
+    gain of their horizontal and vertical forward differences on the truth's, ``Σ ∇g·∇t / Σ ∇t·∇t``
+    over pixel pairs, channels and frames. The truth scores 1; a blur scores less, and so does detail
+    in the wrong place. Grain scores nothing: noise is uncorrelated with the truth's gradient, so it
+    adds to neither sum on average, where a ratio of gradient magnitudes counts it as detail. With
+    ``grid`` (the decoder's latent cell, 8 px), the pairs that straddle a grid line are left out: a
     decoder that works cell by cell draws step edges there, which are artefacts, not detail."""
-    x = frames.astype(np.float32)
-    dx = np.diff(x, axis=-2)[..., :-1, :, :]  # [..., H-1, W-1, 3]
-    dy = np.diff(x, axis=-3)[..., :, :-1, :]
-    magnitude = np.hypot(dx, dy)
-    if grid:
-        height, width = magnitude.shape[-3:-1]
-        keep_y, keep_x = (np.arange(1, height + 1) % grid != 0), (np.arange(1, width + 1) % grid != 0)
-        magnitude = magnitude[..., keep_y, :, :][..., keep_x, :]
-    return float(magnitude.mean())
+    g, t = generated.astype(np.float64), truth.astype(np.float64)
+    products, energy = 0.0, 0.0
+    for axis in (-2, -3):  # horizontal, vertical pairs
+        dg, dt = np.diff(g, axis=axis), np.diff(t, axis=axis)
+        if grid:
+            keep = np.arange(1, dt.shape[axis] + 1) % grid != 0  # pair (i, i + 1) crosses a line when i + 1 is a multiple
+            dg, dt = np.compress(keep, dg, axis=axis), np.compress(keep, dt, axis=axis)
+        products += float(np.sum(dg * dt))
+        energy += float(np.sum(dt * dt))
+    return products / max(energy, 1e-8)
 
 
 def chunk_slices(num_chunks: int) -> list[slice]:
@@ -278,7 +283,7 @@ def measure_generator(
             psnr_model[n, c] = frame_psnr(generated[frames], truth[frames]).mean()
             psnr_repeat[n, c] = frame_psnr(truth[0], truth[frames]).mean()
         made = list(generated_frames(slice(0, slices[-1].stop)))
-        sharpness[n] = gradient_magnitude(generated[made], grid) / max(gradient_magnitude(truth[made], grid), 1e-8)
+        sharpness[n] = gradient_kept(generated[made], truth[made], grid)
         with torch.no_grad():
             colour[n] = colour_kept(to_pixels(generated[made])[None], to_pixels(truth[made])[None])
         bar.update(1)

@@ -204,6 +204,7 @@ def train(
     widths: tuple[int, int, int, int] = WIDTHS,
     init: Path | None = None,
     adversarial_weight: float = 0.0,
+    train_skip: bool = False,
     chroma_weight: float = 0.5,
     edge_weight: float = 0.0,
     warmup: int = 50,
@@ -220,7 +221,8 @@ def train(
     ``run_dir/report.json``; returns ``run_dir/tiny_decoder``. ``init``: fine-tune this tiny decoder
     folder (its widths) instead of training a fresh one. ``adversarial_weight`` > 0 adds that weight ×
     a :class:`PatchDiscriminator`'s hinge loss on every other decoded frame (the discriminator trained
-    beside it, at ``ADVERSARIAL_LR``)."""
+    beside it, at ``ADVERSARIAL_LR``). ``train_skip``: the linear skip (``linear_skip`` decoders) trains
+    too; otherwise it stays as the VAE stage left it (the linear code's decode, refined end to end)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     state_file = run_dir / "state.pt"
     if not resume and state_file.is_file():
@@ -233,6 +235,10 @@ def train(
     else:
         model = new_model(read_geometry(checkpoint).latent_channels, widths, seed).train()
     params = list(model.decoder.parameters())
+    if train_skip and model.config.linear_skip:
+        params += list(model.skip.parameters())
+    elif model.config.linear_skip:
+        model.skip.requires_grad_(False)
     for p in model.encoder.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
@@ -319,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edge-weight", type=float, default=0.0, help="weight of the L1 error of horizontal and vertical differences")
     parser.add_argument("--adversarial-weight", type=float, default=0.0, help="weight of a patch discriminator's hinge loss (0: none)")
     parser.add_argument("--init", type=Path, default=None, help="fine-tune this tiny decoder folder instead of a fresh one")
+    parser.add_argument("--train-skip", action="store_true", help="train the linear skip too (decoders with one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -327,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(train(args.checkpoint, args.run, clips=args.clips, steps=args.steps, lr=args.lr, edge_weight=args.edge_weight, init=args.init,
-                adversarial_weight=args.adversarial_weight, seed=args.seed, resume=args.resume))
+                adversarial_weight=args.adversarial_weight, train_skip=args.train_skip, seed=args.seed, resume=args.resume))
     return 0
 
 

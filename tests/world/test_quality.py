@@ -75,13 +75,38 @@ def test_a_blur_keeps_its_colour_and_some_psnr_but_not_its_sharpness(reports):
     assert report["psnr_chunk0_db"] > 20
 
 
+def grainy(world, first, actions, num_chunks, seed):
+    """The blur with strong grain on top: as much gradient as the renderer's, none of its detail."""
+    frames = blurred(world, first, actions, num_chunks, seed).astype(np.float32)
+    noise = np.random.default_rng(seed).normal(0, 24, frames.shape)
+    return np.clip(frames + noise, 0, 255).round().astype(np.uint8)
+
+
+def _frames(generator):
+    return generator(quality.held_out_worlds(1, 0)[0], None, [["w"]] * 3, 1, 0)
+
+
+def _magnitude(frames):
+    """The mean gradient magnitude, the ratio that grain and block edges both pass for sharpness."""
+    x = frames.astype(np.float64)
+    return float(np.hypot(np.diff(x, axis=-2)[..., :-1, :, :], np.diff(x, axis=-3)[..., :, :-1, :]).mean())
+
+
 def test_blocks_are_not_sharpness():
-    """Cell-by-cell frames have their only edges on the latent grid: counted everywhere they would
-    pass for detail; off the grid they are none."""
-    frames = blocky(quality.held_out_worlds(1, 0)[0], None, [["w"]] * 3, 1, 0)
-    truth = renderer(quality.held_out_worlds(1, 0)[0], None, [["w"]] * 3, 1, 0)
-    assert quality.gradient_magnitude(frames) > 0.25 * quality.gradient_magnitude(truth)  # 0.31
-    assert quality.gradient_magnitude(frames, grid=8) == 0.0 < quality.gradient_magnitude(truth, grid=8)
+    """Cell-by-cell frames have their only edges on the latent grid: a ratio of gradient magnitudes
+    counts them as detail; off the grid they are none."""
+    frames, truth = _frames(blocky), _frames(renderer)
+    assert _magnitude(frames) > 0.25 * _magnitude(truth)  # 0.31
+    assert quality.gradient_kept(frames, truth, grid=8) == 0.0 < quality.gradient_kept(frames, truth)
+    assert quality.gradient_kept(truth, truth, grid=8) == 1.0
+
+
+def test_grain_is_not_sharpness():
+    """Noise on a blur has more gradient than the truth, and none of it is the truth's."""
+    frames, truth, blur = _frames(grainy), _frames(renderer), _frames(blurred)
+    assert _magnitude(frames) > _magnitude(truth)
+    assert quality.gradient_kept(frames, truth, grid=8) == pytest.approx(quality.gradient_kept(blur, truth, grid=8), abs=0.05)
+    assert quality.gradient_kept(blur, truth, grid=8) < quality.SHARPNESS_TARGET
 
 
 def test_blocks_keep_psnr_but_not_sharpness(reports):

@@ -84,6 +84,18 @@ def test_fine_tuning_starts_from_the_given_decoder_and_keeps_its_widths(prepared
     assert any(moved)
 
 
+def test_the_linear_skip_trains_only_when_asked(prepared, tmp_path):
+    shipped = load_tiny_autoencoder(CHECKPOINT / "tiny_decoder")
+    assert shipped.config.linear_skip
+    settings = {**COMMON, "lr": 1e-3}
+    for train_skip, name in ((False, "kept"), (True, "trained")):
+        tuned = load_tiny_autoencoder(train_tiny_decoder.train(CHECKPOINT, _run_dir(prepared, tmp_path / name), steps=2,
+                                                               init=CHECKPOINT / "tiny_decoder", train_skip=train_skip, **settings))
+        skip_moved = [not torch.equal(a, b) for a, b in zip(shipped.skip.state_dict().values(), tuned.skip.state_dict().values())]
+        assert any(skip_moved) == train_skip, name
+        assert any(not torch.equal(a, b) for a, b in zip(shipped.decoder.state_dict().values(), tuned.decoder.state_dict().values()))
+
+
 def test_a_run_with_a_patch_discriminator_resumes_exactly_and_it_tells_truth_from_decoded(prepared, tmp_path):
     settings = {**COMMON, "adversarial_weight": 0.1}
     straight = train_tiny_decoder.train(CHECKPOINT, _run_dir(prepared, tmp_path / "straight"), steps=10, **settings)
