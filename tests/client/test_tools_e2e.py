@@ -153,7 +153,7 @@ def test_record_live_keys_from_a_terminal(server, tmp_path):
 def test_bench_for_a_duration_with_another_transport_and_size(server, tmp_path):
     wait_for_free_slot(server)
     out = tmp_path / "bench.json"
-    assert bench_main(["--url", server, "--duration", "5", "--format", "webp", "--size", "192x112", "--warmup", "1",
+    assert bench_main(["--url", server, "--duration", "12", "--format", "webp", "--size", "192x112", "--warmup", "1",
                        "--out", str(out), "--no-progress"]) == 0
     result = json.loads(out.read_text())
     summary, session = result["summary"], result["sessions"][0]
