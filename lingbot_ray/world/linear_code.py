@@ -28,7 +28,7 @@ import torch
 from .render import TEMPORAL_STRIDE
 
 BLOCK = 8  # pixels per latent, each way (the Wan VAE's spatial ratio)
-CHANNELS = 16  # values per latent (the Wan2.1 latent's channels)
+CHANNELS = 16  # values per latent by default (the Wan2.1 latent's channels)
 
 
 def blocks(frames: torch.Tensor) -> torch.Tensor:
@@ -56,15 +56,17 @@ def latent_groups(frames: torch.Tensor, fresh: bool) -> list[torch.Tensor]:
 
 class LinearBlockCode(torch.nn.Module):
     """Principal components of 8×8 blocks of 1 and of 4 frames, divided by their spread (buffers,
-    so a training checkpoint keeps them). Fit with :meth:`fit`; a fresh module codes nothing useful."""
+    so a training checkpoint keeps them), ``channels`` of them per block. Fit with :meth:`fit`; a fresh
+    module codes nothing useful."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int = CHANNELS) -> None:
         super().__init__()
+        self.channels = channels
         for name, steps in (("first", 1), ("rest", TEMPORAL_STRIDE)):
             size = steps * BLOCK * BLOCK * 3
             self.register_buffer(f"{name}_mean", torch.zeros(size))
-            self.register_buffer(f"{name}_basis", torch.zeros(CHANNELS, size))  # rows: components ÷ their std
-            self.register_buffer(f"{name}_scale", torch.ones(CHANNELS))  # the components' std
+            self.register_buffer(f"{name}_basis", torch.zeros(channels, size))  # rows: components ÷ their std
+            self.register_buffer(f"{name}_scale", torch.ones(channels))  # the components' std
 
     @torch.no_grad()
     def fit(self, clips: Iterable[torch.Tensor]) -> LinearBlockCode:
@@ -82,12 +84,12 @@ class LinearBlockCode(torch.nn.Module):
                     total[1] = total[1] + rows.sum(0)
                     total[2] = total[2] + rows.T @ rows
         for name, (count, first, second) in sums.items():
-            if count < CHANNELS + 1:
-                raise ValueError(f"LinearBlockCode.fit: {count} {name} blocks, need more than {CHANNELS}")
+            if count < self.channels + 1:
+                raise ValueError(f"LinearBlockCode.fit: {count} {name} blocks, need more than {self.channels}")
             mean = first / count
             covariance = second / count - torch.outer(mean, mean)
             variance, vectors = torch.linalg.eigh(covariance)  # ascending
-            variance, vectors = variance.flip(0)[:CHANNELS].clamp_min(1e-12), vectors.flip(1)[:, :CHANNELS]
+            variance, vectors = variance.flip(0)[: self.channels].clamp_min(1e-12), vectors.flip(1)[:, : self.channels]
             vectors = vectors * torch.where(vectors.sum(0) < 0, -1.0, 1.0).to(vectors)  # a fixed sign per component
             getattr(self, f"{name}_mean").copy_(mean)
             getattr(self, f"{name}_scale").copy_(variance.sqrt())
@@ -95,7 +97,7 @@ class LinearBlockCode(torch.nn.Module):
         return self
 
     def encode(self, frames: torch.Tensor, fresh: bool = True) -> torch.Tensor:
-        """Pixels ``[B, 3, T, H, W]`` in [−1, 1] → the code ``[B, 16, N, H/8, W/8]``, on the causal
+        """Pixels ``[B, 3, T, H, W]`` in [−1, 1] → the code ``[B, channels, N, H/8, W/8]``, on the causal
         encoder's grid (a fresh stream: ``T = 1 + 4(N−1)``; a continued one: ``T = 4N``)."""
         codes = []
         for index, group in enumerate(latent_groups(frames, fresh)):
@@ -118,11 +120,11 @@ class LinearBlockCode(torch.nn.Module):
 
     def skip_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The linear decode of basis ``name`` ("first" or "rest") as a 1x1 conv's weight ``[t·3·64,
-        16]`` and bias, in pixel-shuffle order (time, colour, row, column) and the tiny decoder's [0, 1]
+        channels]`` and bias, in pixel-shuffle order (time, colour, row, column) and the tiny decoder's [0, 1]
         pixels: what :class:`~lingbot_ray.models.tiny_decoder.LinearSkip` starts from."""
         steps = 1 if name == "first" else TEMPORAL_STRIDE
         mean, basis, scale = (getattr(self, f"{name}_{part}") for part in ("mean", "basis", "scale"))
-        vectors = basis * scale.square()[:, None]  # [16, t·8·8·3], block order (time, row, column, colour)
+        vectors = basis * scale.square()[:, None]  # [channels, t·8·8·3], block order (time, row, column, colour)
 
         def reorder(values: torch.Tensor) -> torch.Tensor:
             return values.reshape(-1, steps, BLOCK, BLOCK, 3).permute(0, 1, 4, 2, 3).reshape(values.shape[0], -1)

@@ -336,7 +336,8 @@ def train(
         focal_per_width = run_focal_per_width(state)
     precompute_plucker(data, focal_per_width=focal_per_width)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = new_world_transformer(seed, **(model_overrides or {})).train()
+    channels = data["latents"].shape[1]  # the VAE's latent width: noisy ⊕ 4 mask ⊕ condition channels in
+    model = new_world_transformer(seed, **{"in_channels": 2 * channels + 4, "out_channels": channels, **(model_overrides or {})}).train()
     if init is not None:
         from ..models.loading import load_transformer
 

@@ -86,7 +86,7 @@ from .progress import progress_bar
 from .render import TEMPORAL_STRIDE, world_intrinsics
 
 FRAME_SIZE = (160, 96)  # (width, height) the trained model serves
-Z_DIM = 16
+Z_DIM = 16  # the latent's channels by default (Wan2.1's); TrainConfig.z_dim sets a run's
 DIM_MULT = (1, 2, 4, 4)
 SPATIAL_RATIO = 8
 LOGVAR_INIT = -6.0  # initial posterior log-variance (see build_vae)
@@ -110,6 +110,7 @@ class TrainConfig:
     minutes: float | None = None  # wall-clock limit of the training loop of one invocation
     base_dim: int = 4
     res_blocks: int = 2
+    z_dim: int = Z_DIM  # latent channels per 8×8-pixel, 4-frame block (docs/EMBEDDED_MODEL.md, "How far this is from the target")
     # Decode the latents with a tiny temporal decoder of these widths (``vae.decoder: tiny``), trained
     # with the encoder: it shapes the latent space, the Wan decoder is left for ``train_decoder``. None:
     # the Wan decoder is trained with the encoder (the layout's own autoencoder).
@@ -189,8 +190,8 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------------ model
 
 
-def build_vae(base_dim: int, res_blocks: int, decoder_base_dim: int | None = None) -> AutoencoderKLWan:
-    """The Wan2.1 layout of :func:`~lingbot_ray.models.tiny_components.build_tiny_vae` (z_dim 16, 8×
+def build_vae(base_dim: int, res_blocks: int, decoder_base_dim: int | None = None, z_dim: int = Z_DIM) -> AutoencoderKLWan:
+    """The Wan2.1 layout of :func:`~lingbot_ray.models.tiny_components.build_tiny_vae` (``z_dim``, 8×
     spatial, 4× temporal, no attention), initialised from the global torch RNG; latent statistics
     are placeholders (0 and 1) until :func:`latent_statistics` measures them.
 
@@ -205,20 +206,20 @@ def build_vae(base_dim: int, res_blocks: int, decoder_base_dim: int | None = Non
     vae = AutoencoderKLWan(
         base_dim=base_dim,
         decoder_base_dim=decoder_base_dim,
-        z_dim=Z_DIM,
+        z_dim=z_dim,
         dim_mult=list(DIM_MULT),
         num_res_blocks=res_blocks,
         attn_scales=[],
         temperal_downsample=[False, True, True],
         dropout=0.0,
-        latents_mean=[0.0] * Z_DIM,
-        latents_std=[1.0] * Z_DIM,
+        latents_mean=[0.0] * z_dim,
+        latents_std=[1.0] * z_dim,
     )
     use_fast_norms(vae)
     with torch.no_grad():
-        vae.quant_conv.weight[:Z_DIM].mul_(MU_INIT_GAIN)
-        vae.quant_conv.bias[:Z_DIM].mul_(MU_INIT_GAIN)
-        vae.quant_conv.bias[Z_DIM:].fill_(LOGVAR_INIT)
+        vae.quant_conv.weight[:z_dim].mul_(MU_INIT_GAIN)
+        vae.quant_conv.bias[:z_dim].mul_(MU_INIT_GAIN)
+        vae.quant_conv.bias[z_dim:].fill_(LOGVAR_INIT)
     return vae
 
 
@@ -239,14 +240,15 @@ class WorldAutoencoder(torch.nn.Module):
     def __init__(self, vae: AutoencoderKLWan, tiny: torch.nn.Module, momentum: float, teacher: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.vae, self.tiny, self.momentum, self.teacher = vae, tiny, momentum, teacher
-        self.register_buffer("latents_mean", torch.zeros(Z_DIM))
-        self.register_buffer("latents_std", torch.ones(Z_DIM))
+        z_dim = vae.config.z_dim
+        self.register_buffer("latents_mean", torch.zeros(z_dim))
+        self.register_buffer("latents_std", torch.ones(z_dim))
         self.register_buffer("observed", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def observe(self, mu: torch.Tensor) -> None:
         """Fold a batch's posterior means ``[B, z, N, h, w]`` into the statistics (the first batch sets them)."""
-        flat = mu.detach().transpose(0, 1).reshape(Z_DIM, -1)
+        flat = mu.detach().transpose(0, 1).reshape(mu.shape[1], -1)
         rate = 1.0 if int(self.observed) == 0 else self.momentum
         self.latents_mean.lerp_(flat.mean(dim=1), rate)
         self.latents_std.lerp_(flat.std(dim=1).clamp_min(1e-6), rate)
@@ -266,19 +268,19 @@ class WorldAutoencoder(torch.nn.Module):
 def build_model(cfg: TrainConfig) -> AutoencoderKLWan | WorldAutoencoder:
     """The model a run trains, initialised from the global torch RNG: the VAE alone, or with
     ``cfg.tiny_widths`` a :class:`WorldAutoencoder` (its tiny decoder's output starting at mid-grey)."""
-    vae = build_vae(cfg.base_dim, cfg.res_blocks, cfg.decoder_base_dim)
+    vae = build_vae(cfg.base_dim, cfg.res_blocks, cfg.decoder_base_dim, cfg.z_dim)
     if cfg.tiny_widths is None:
         return vae
     from .train_tiny_decoder import new_model
 
-    tiny = new_model(Z_DIM, tuple(cfg.tiny_widths), int(torch.randint(2**31, ())), linear_skip=cfg.tiny_skip)
+    tiny = new_model(cfg.z_dim, tuple(cfg.tiny_widths), int(torch.randint(2**31, ())), linear_skip=cfg.tiny_skip)
     for p in [*vae.decoder.parameters(), *vae.post_quant_conv.parameters(), *tiny.encoder.parameters()]:
         p.requires_grad_(False)
     teacher = None
     if cfg.teacher_steps:
         from .linear_code import LinearBlockCode
 
-        teacher = LinearBlockCode()
+        teacher = LinearBlockCode(cfg.z_dim)
     return WorldAutoencoder(vae, tiny, cfg.stats_momentum, teacher)
 
 
@@ -817,13 +819,13 @@ def fit_teacher(model: WorldAutoencoder, cfg: TrainConfig) -> None:
 def latent_statistics(vae: AutoencoderKLWan, cfg: TrainConfig) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the posterior mean over ``stats_clips`` full-frame training clips
     (a stream of their own, not the training batches), all latent frames and positions."""
-    total = torch.zeros(Z_DIM, dtype=torch.float64)
-    total_sq = torch.zeros(Z_DIM, dtype=torch.float64)
+    total = torch.zeros(vae.config.z_dim, dtype=torch.float64)
+    total_sq = torch.zeros(vae.config.z_dim, dtype=torch.float64)
     count = 0
     for i in range(cfg.stats_clips):
         frames = world_clip(cfg.seed, _STATS_SALT, i, cfg.stats_latent_frames, cfg.frame_size, "train")
         mu, _, _ = encode_moments(vae, to_pixels(frames)[None])
-        flat = mu.double().transpose(0, 1).reshape(Z_DIM, -1)
+        flat = mu.double().transpose(0, 1).reshape(mu.shape[1], -1)
         total += flat.sum(dim=1)
         total_sq += flat.square().sum(dim=1)
         count += flat.shape[1]
@@ -866,7 +868,7 @@ def evaluate(vae_dir: str | Path, cfg: TrainConfig, png_path: str | Path | None 
         positions = [x[:, :, :1]] + list(x[:, :, 1:].split(TEMPORAL_STRIDE, dim=2))
         recon_positions = [recon[:, :, :1]] + list(recon[:, :, 1:].split(TEMPORAL_STRIDE, dim=2))
         per_position.append([psnr(r, t) for r, t in zip(recon_positions, positions, strict=True)])
-        norm_latents.append(z.transpose(0, 1).reshape(Z_DIM, -1))
+        norm_latents.append(z.transpose(0, 1).reshape(z.shape[1], -1))
         if png_path is not None and i < 3:
             recon_u8 = ((recon[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
             pick = [t for t in (0, 1, 4, 8, 20, 32, frames.shape[0] - 1) if t < frames.shape[0]]
@@ -924,6 +926,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock limit of this invocation's training")
     parser.add_argument("--base-dim", type=int, default=TrainConfig.base_dim)
     parser.add_argument("--res-blocks", type=int, default=TrainConfig.res_blocks)
+    parser.add_argument("--z-dim", type=int, default=TrainConfig.z_dim, help="latent channels")
     parser.add_argument("--decoder-base-dim", type=int, default=None, help="the Wan decoder's width (default: --base-dim)")
     parser.add_argument("--tiny-widths", default=None, help="train a tiny decoder of these 4 widths, e.g. 96,48,32,32, instead of the Wan decoder")
     parser.add_argument("--teacher-steps", type=int, default=TrainConfig.teacher_steps, help="first steps learn from a linear code (needs --tiny-widths)")
@@ -961,6 +964,7 @@ def main(argv: list[str] | None = None) -> None:
             minutes=args.minutes,
             base_dim=args.base_dim,
             res_blocks=args.res_blocks,
+            z_dim=args.z_dim,
             decoder_base_dim=args.decoder_base_dim,
             tiny_widths=_parse_widths(args.tiny_widths),
             teacher_steps=args.teacher_steps,

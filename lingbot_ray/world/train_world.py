@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 # is a step count, so two runs of the command train the same model on any machine.
 VAE = {
     "base_dim": 8,  # the encoder; it runs once per session (the first frame), so it may be wide
+    "z_dim": 16,  # latent channels (Wan2.1's); the DiT's input and output follow
     "decoder_base_dim": 4,  # the Wan decoder (vae.decoder: wan), trained by the decoder stage
     "tiny_widths": (96, 48, 32, 32),
     "crop": (64, 48),
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny-decoder-clips", type=int, default=200, help="training clips the DiT generates for the tiny decoder")
     parser.add_argument("--decoder-steps", type=int, default=600, help="Wan decoder training steps (0: keep the VAE's, untrained)")
     parser.add_argument("--decoder-clips", type=int, default=400, help="training clips the DiT generates for the Wan decoder")
+    parser.add_argument("--z-dim", type=int, default=VAE["z_dim"], help="the VAE's latent channels (the DiT's width in and out follows)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue the VAE, DiT and decoder runs found in OUT")
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if checkpoint is not None:
             cfg = train_vae.config_from_checkpoint(checkpoint)
         else:
-            cfg = train_vae.TrainConfig(out_dir=str(vae_run), steps=args.vae_steps, seed=args.seed, data_dir=str(data), **VAE)
+            cfg = train_vae.TrainConfig(out_dir=str(vae_run), steps=args.vae_steps, seed=args.seed, data_dir=str(data), **{**VAE, "z_dim": args.z_dim})
         train_vae.train(cfg, resume=checkpoint is not None)
     if stage("vae"):
         return 0

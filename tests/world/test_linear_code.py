@@ -58,6 +58,15 @@ def test_decode_is_a_projection_and_keeps_most_of_the_picture(code):
     assert tv.psnr(recon, clip) > 20  # a held-out world: the 16 components carry the picture
 
 
+def test_a_wider_code_keeps_more_of_the_picture(code):
+    wide = LinearBlockCode(48).fit(_clips(12))
+    clip = _clips(1, seed=200)[0][None]
+    z = wide.encode(clip)
+    assert z.shape[1] == 48
+    torch.testing.assert_close(wide.encode(wide.decode(z)), z, atol=1e-4, rtol=0)
+    assert tv.psnr(wide.decode(z), clip) > tv.psnr(code.decode(code.encode(clip)), clip) + 1
+
+
 def test_blocks_the_code_can_hold_are_reconstructed_exactly():
     """Clips whose every 8x8 block is one colour (3 values per block) are inside 16 components."""
     g = torch.Generator().manual_seed(0)

@@ -129,6 +129,23 @@ def test_a_checkpoint_assembled_with_a_tiny_decoder_decodes_with_it(encoded):
     assert (again / "tiny_decoder" / "config.json").is_file()  # assembling over itself keeps it
 
 
+def test_a_wider_latent_sets_the_dits_channels_and_serves(encoded):
+    """A VAE of 24 latent channels (train_vae's z_dim): the DiT takes 24 noisy ⊕ 4 mask ⊕ 24 condition
+    channels in and gives 24 out, and its checkpoint streams through the engine."""
+    from lingbot_ray.world.train_vae import build_vae
+
+    torch.manual_seed(0)
+    build_vae(2, 1, z_dim=24).save_pretrained(encoded / "vae24")
+    train_dit.encode_dataset(encoded / "data", encoded / "vae24", encoded / "latents24.pt", latent_frames=6, progress=False)
+    train_dit.train(encoded / "latents24.pt", encoded / "wide", steps=2, batch_size=2, warmup=1, progress=False, model_overrides=SMALL, checkpoint_every=100)
+    out = train_dit.assemble(encoded / "wide", encoded / "vae24", encoded / "wide_ckpt", width=W, height=H)
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert (config["in_channels"], config["out_channels"]) == (52, 24)
+    engine = RealtimeEngine.from_pretrained(out)
+    state = engine.new_session(SessionSpec(prompt="anything", image=np.zeros((H, W, 3), np.uint8), width=W, height=H))
+    assert engine.step(state, ConditionQueue([["w"]] * 3).sample(3, 0)).frames.shape == (9, H, W, 3)
+
+
 def test_a_truncated_condition_is_trained_on_and_served_as_the_checkpoints(encoded):
     """condition_frames: the clips' conditions are the first frames' latents repeated, the DiT run and
     its checkpoint carry the setting, and the engine's sessions get exactly the trained condition."""
