@@ -252,20 +252,53 @@ def own_estimates(model, clean: torch.Tensor, condition: torch.Tensor, plucker: 
     return noise - flow  # x0 = x_t − σ·v at σ = 1
 
 
-def x0_loss(estimate: torch.Tensor, clean: torch.Tensor, coarse_weight: float = 0.0) -> torch.Tensor:
-    """MSE of the x0 estimate, plus ``coarse_weight`` × the MSE of 2×2- and 4×4-pooled latents.
+def x0_loss(
+    estimate: torch.Tensor, clean: torch.Tensor, coarse_weight: float = 0.0, channel_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MSE of the x0 estimate, plus ``coarse_weight`` × the MSE of 2×2- and 4×4-pooled latents;
+    with ``channel_weights`` (one per latent channel, mean 1) each channel's error weighs that much.
 
     At 160×96 a latent pixel covers 8×8 px of detailed texture that a camera step shifts by a pixel
     or more, so fine detail is barely predictable, and a blur that ignores the camera is nearly as
     good as one that follows it. Where the sky, the floor and the objects go is predictable, and it
     is what the camera decides: the pooled terms weigh that up.
     """
-    loss = torch.nn.functional.mse_loss(estimate, clean)
+    weights = None if channel_weights is None else channel_weights.to(estimate).view(1, -1, *([1] * (estimate.dim() - 2)))
+
+    def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        squared = (a - b).square()
+        return (squared if weights is None else squared * weights).mean()
+
+    loss = mse(estimate, clean)
     if coarse_weight:
         for size in (2, 4):
             pooled = [torch.nn.functional.avg_pool3d(x, (1, size, size), ceil_mode=True) for x in (estimate, clean)]
-            loss = loss + coarse_weight * torch.nn.functional.mse_loss(*pooled)
+            loss = loss + coarse_weight * mse(*pooled)
     return loss
+
+
+@torch.no_grad()
+def pixel_channel_weights(tiny_decoder: Path, latents: torch.Tensor, *, share: float = 1.0, step: float = 0.1) -> torch.Tensor:
+    """How much each normalised latent channel moves the decoded pixels: the mean squared pixel change
+    when channel ``c`` of ``latents`` (``[N, C, F, h, w]``, a few real clips) moves by ``step``, divided
+    by their mean (so the mean
+    weight is 1); ``share`` < 1 blends them with uniform weights (``1 − share + share·w``). Measured through the decoder sessions get (a tiny decoder folder), so it holds for
+    its convolutions as well as its linear skip. A latent space whose channels differ in what they
+    carry (the VAE's teacher was a principal-component code: the first channels carry the coarse
+    picture) gets a loss that weighs a channel by what it does to the frames, not 1 each."""
+    from ..models.tiny_decoder import load_tiny_autoencoder
+
+    decoder = load_tiny_autoencoder(tiny_decoder)
+    x = latents.float().movedim(2, 1)  # [N, F, C, h, w]
+    base, _ = decoder.decode_frames(x)
+    changes = []
+    for channel in range(x.shape[2]):
+        moved = x.clone()
+        moved[:, :, channel] += step
+        frames, _ = decoder.decode_frames(moved)
+        changes.append(float((frames - base).square().mean()))
+    weights = torch.tensor(changes)
+    return 1 - share + share * weights / weights.mean()
 
 
 @torch.no_grad()
@@ -314,9 +347,12 @@ def train(
     focal_per_width: float = CAMERA_FOCAL_PER_WIDTH,
     init: Path | None = None,
     own_history: float = 0.0,
+    channel_weights: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Teacher-forced training; returns a summary (steps, final loss). Checkpoints go to ``run_dir``.
 
+    ``channel_weights``: the loss's weight per latent channel (:func:`x0_loss`, e.g. from
+    :func:`pixel_channel_weights`); a resumed run keeps the weights it started with.
     ``init``: start from this checkpoint folder's transformer (a fine-tune) instead of a fresh one.
     ``own_history``: the share of steps whose history is the model's own estimate of each block
     (:func:`own_estimates`) instead of the truth: what a session's KV cache holds, written from the
@@ -332,8 +368,9 @@ def train(
     data = torch.load(latents_file, weights_only=False)
     state_path = run_dir / "state.pt"
     state = torch.load(state_path, weights_only=False) if resume and state_path.is_file() else None
-    if state is not None:  # the camera input the run was started with
+    if state is not None:  # the camera input and the loss the run was started with
         focal_per_width = run_focal_per_width(state)
+        channel_weights = state.get("channel_weights")
     precompute_plucker(data, focal_per_width=focal_per_width)
     run_dir.mkdir(parents=True, exist_ok=True)
     channels = data["latents"].shape[1]  # the VAE's latent width: noisy ⊕ 4 mask ⊕ condition channels in
@@ -379,7 +416,8 @@ def train(
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                     "step": step, "total": total, "history": history, "probes": probes, "config": dict(model.config),
                     "focal_per_width": focal_per_width, "condition_frames": data["meta"].get("condition_frames"),
-                    "fine_tuned": init is not None, "own_history": own_history}, state_path.with_suffix(".tmp"))
+                    "fine_tuned": init is not None, "own_history": own_history, "channel_weights": channel_weights},
+                   state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
 
     bar = progress_bar(total=total or SPEED_PROBE_STEPS, initial=step, desc="train DiT", enabled=progress)
@@ -400,7 +438,7 @@ def train(
             history_latents = own_estimates(model, clean, condition, plucker, sampler_t[0], generator, sink_frames=sink, window_frames=window)
         flow = teacher_forced_flow(model, history_latents, noisy, t, condition, text_embeds_for(model, batch_size), plucker,
                                    sink_frames=sink, window_frames=window)
-        loss = x0_loss(noisy - sigma * flow, clean, coarse_weight)
+        loss = x0_loss(noisy - sigma * flow, clean, coarse_weight, channel_weights)
         if not torch.isfinite(loss):  # stop before the optimizer or a checkpoint takes it in
             bar.close()
             raise FloatingPointError(f"train DiT: loss {loss.item()} at step {step + 1}: the run diverged; {state_path} "
@@ -494,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--init", type=Path, default=None, help="fine-tune this checkpoint folder's transformer")
     tr.add_argument("--own-history", type=float, default=0.0, help="share of batches whose history is the model's own estimates")
+    tr.add_argument("--pixel-weights", type=Path, default=None, help="weigh each latent channel's loss by what it does to this tiny decoder's pixels")
+    tr.add_argument("--pixel-share", type=float, default=1.0, help="with --pixel-weights: their share against uniform weights")
     tr.add_argument("--until", type=int, default=None, help="stop at this step (the schedule keeps its length)")
     tr.add_argument("--resume", action="store_true")
     asm = sub.add_parser("assemble")
@@ -506,8 +546,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "encode":
         encode_dataset(args.dataset, args.vae, args.out, limit=args.limit, condition_frames=args.condition_frames)
     elif args.command == "train":
+        weights = None
+        if args.pixel_weights is not None:
+            sample = torch.load(args.latents, weights_only=False)["latents"][:4, :, :BLOCK]
+            weights = pixel_channel_weights(args.pixel_weights, sample, share=args.pixel_share)
+            logger.info("channel weights: %s", [round(w, 3) for w in weights.tolist()])
         summary = train(args.latents, args.run, steps=args.steps, minutes=args.minutes, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
-                        seed=args.seed, init=args.init, own_history=args.own_history, until=args.until, resume=args.resume)
+                        seed=args.seed, init=args.init, own_history=args.own_history, until=args.until, resume=args.resume,
+                        channel_weights=weights)
         print(f"trained {summary['steps']} steps, loss {summary['loss']:.4f}")
     else:
         width, height = (int(v) for v in args.size.split("x"))

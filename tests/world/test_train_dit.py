@@ -146,6 +146,48 @@ def test_a_wider_latent_sets_the_dits_channels_and_serves(encoded):
     assert engine.step(state, ConditionQueue([["w"]] * 3).sample(3, 0)).frames.shape == (9, H, W, 3)
 
 
+def test_a_weighted_run_resumes_with_the_weights_it_started_with(encoded):
+    weights = torch.linspace(0.2, 1.8, 16)
+    common = dict(steps=4, batch_size=2, warmup=2, progress=False, model_overrides=SMALL, checkpoint_every=100)
+    straight = train_dit.train(encoded / "latents.pt", encoded / "weighted", channel_weights=weights, **common)
+    plain = train_dit.train(encoded / "latents.pt", encoded / "unweighted", **common)
+    assert straight["losses"][0] != plain["losses"][0]
+    train_dit.train(encoded / "latents.pt", encoded / "weighted_resumed", channel_weights=weights, until=2, **common)
+    resumed = train_dit.train(encoded / "latents.pt", encoded / "weighted_resumed", resume=True, **common)  # weights from the run
+    assert resumed["losses"] == straight["losses"]
+
+
+def test_channel_weights_weigh_each_channels_error():
+    clean = torch.zeros(1, 2, 1, 4, 4)
+    clean[:, 0] = 1.0  # the estimate (zeros) misses channel 0 only
+    estimate = torch.zeros_like(clean)
+    assert train_dit.x0_loss(estimate, clean).item() == pytest.approx(0.5)
+    assert train_dit.x0_loss(estimate, clean, channel_weights=torch.tensor([2.0, 0.0])).item() == pytest.approx(1.0)
+    assert train_dit.x0_loss(estimate, clean, channel_weights=torch.tensor([0.0, 2.0])).item() == 0.0
+    # the pooled terms are weighed the same way (a constant channel pools to itself)
+    assert train_dit.x0_loss(estimate, clean, 4.0, torch.tensor([2.0, 0.0])).item() == pytest.approx(9.0)
+
+
+def test_pixel_weights_are_what_a_channel_does_to_the_decoded_frames(tmp_path):
+    """A decoder whose pixels are a linear skip with gains 2, 1 and 0 per channel: the pixel change of
+    a step in channel c is its gain squared, so the weights are (4, 1, 0) over their mean."""
+    from lingbot_ray.models.tiny_decoder import TinyAutoencoder, TinyDecoderConfig, save_tiny_autoencoder
+
+    model = TinyAutoencoder(TinyDecoderConfig(latent_channels=3, encoder_width=1, decoder_widths=(8, 8, 4, 4), linear_skip=True))
+    with torch.no_grad():
+        last = model.decoder[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+        for conv in (model.skip.first, model.skip.rest):
+            direction = torch.randn(conv.weight.shape[0], generator=torch.Generator().manual_seed(0)) * 0.05
+            conv.weight.copy_(torch.stack([2 * direction, direction, 0 * direction], dim=1)[:, :, None, None])
+            conv.bias.fill_(0.5)
+    folder = save_tiny_autoencoder(model, tmp_path / "tiny")
+    latents = torch.zeros(2, 3, 3, 2, 3)
+    torch.testing.assert_close(train_dit.pixel_channel_weights(folder, latents), torch.tensor([2.4, 0.6, 0.0]), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(train_dit.pixel_channel_weights(folder, latents, share=0.5), torch.tensor([1.7, 0.8, 0.5]), atol=1e-3, rtol=1e-3)
+
+
 def test_a_truncated_condition_is_trained_on_and_served_as_the_checkpoints(encoded):
     """condition_frames: the clips' conditions are the first frames' latents repeated, the DiT run and
     its checkpoint carry the setting, and the engine's sessions get exactly the trained condition."""
