@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-steps", type=int, default=VAE_STEPS, help="autoencoder steps (the learning-rate schedule's length)")
     parser.add_argument("--dit-minutes", type=float, default=None, help="wall-clock cap of the DiT run (default: none)")
     parser.add_argument("--dit-steps", type=int, default=DIT_STEPS, help="DiT steps (the learning-rate schedule's length)")
+    parser.add_argument("--dit-pixel-share", type=float, default=0.0,
+                        help="weigh the DiT loss per latent channel by what it does to the decoded frames (train_dit.pixel_channel_weights), this much against uniform weights")
     parser.add_argument("--tiny-decoder-steps", type=int, default=600, help="tiny decoder fine-tuning steps (0: keep the autoencoder's)")
     parser.add_argument("--tiny-decoder-clips", type=int, default=200, help="training clips the DiT generates for the tiny decoder")
     parser.add_argument("--decoder-steps", type=int, default=600, help="Wan decoder training steps (0: keep the VAE's, untrained)")
@@ -122,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     dit_run = args.out / "dit_run"
-    train_dit.train(latents, dit_run, steps=args.dit_steps, minutes=args.dit_minutes, seed=args.seed, resume=args.resume)
+    weights = None
+    if args.dit_pixel_share:  # the loss weighs each latent channel by what it does to the frames
+        sample = torch.load(latents, weights_only=False)["latents"][:4, :, : train_dit.BLOCK]
+        weights = train_dit.pixel_channel_weights(vae_run / TINY_DECODER_FOLDER, sample, share=args.dit_pixel_share)
+    train_dit.train(latents, dit_run, steps=args.dit_steps, minutes=args.dit_minutes, seed=args.seed, resume=args.resume,
+                    channel_weights=weights)
     if stage("dit"):
         return 0
 
