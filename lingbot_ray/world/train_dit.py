@@ -280,12 +280,13 @@ def x0_loss(
 @torch.no_grad()
 def pixel_channel_weights(tiny_decoder: Path, latents: torch.Tensor, *, share: float = 1.0, step: float = 0.1) -> torch.Tensor:
     """How much each normalised latent channel moves the decoded pixels: the mean squared pixel change
-    when channel ``c`` of ``latents`` (``[N, C, F, h, w]``, a few real clips) moves by ``step``, divided
-    by their mean (so the mean
-    weight is 1); ``share`` < 1 blends them with uniform weights (``1 − share + share·w``). Measured through the decoder sessions get (a tiny decoder folder), so it holds for
-    its convolutions as well as its linear skip. A latent space whose channels differ in what they
-    carry (the VAE's teacher was a principal-component code: the first channels carry the coarse
-    picture) gets a loss that weighs a channel by what it does to the frames, not 1 each."""
+    when channel ``c`` of ``latents`` (``[N, C, F, h, w]``, a few real clips) moves by ``step``,
+    divided by their mean (so the mean weight is 1); ``share`` < 1 blends them with uniform weights
+    (``1 − share + share·w``). Measured through the decoder sessions get (a tiny decoder folder), so
+    it holds for its convolutions as well as its linear skip. A latent space whose channels differ in
+    what they carry (the VAE's teacher was a principal-component code: the first channels carry the
+    coarse picture) gets a loss that weighs a channel by what it does to the frames, not 1 each
+    (docs/EMBEDDED_MODEL.md, "Weighing the DiT's loss by what each channel does to the picture")."""
     from ..models.tiny_decoder import load_tiny_autoencoder
 
     decoder = load_tiny_autoencoder(tiny_decoder)
@@ -299,6 +300,14 @@ def pixel_channel_weights(tiny_decoder: Path, latents: torch.Tensor, *, share: f
         changes.append(float((frames - base).square().mean()))
     weights = torch.tensor(changes)
     return 1 - share + share * weights / weights.mean()
+
+
+def pixel_weights_for(latents_file: Path, tiny_decoder: Path, share: float = 1.0) -> torch.Tensor:
+    """:func:`pixel_channel_weights` on the first block of 4 clips of an encoded dataset."""
+    sample = torch.load(latents_file, weights_only=False)["latents"][:4, :, :BLOCK]
+    weights = pixel_channel_weights(tiny_decoder, sample, share=share)
+    logger.info("loss weights per latent channel: %s", [round(w, 3) for w in weights.tolist()])
+    return weights
 
 
 @torch.no_grad()
@@ -546,11 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "encode":
         encode_dataset(args.dataset, args.vae, args.out, limit=args.limit, condition_frames=args.condition_frames)
     elif args.command == "train":
-        weights = None
-        if args.pixel_weights is not None:
-            sample = torch.load(args.latents, weights_only=False)["latents"][:4, :, :BLOCK]
-            weights = pixel_channel_weights(args.pixel_weights, sample, share=args.pixel_share)
-            logger.info("channel weights: %s", [round(w, 3) for w in weights.tolist()])
+        weights = None if args.pixel_weights is None else pixel_weights_for(args.latents, args.pixel_weights, args.pixel_share)
         summary = train(args.latents, args.run, steps=args.steps, minutes=args.minutes, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
                         seed=args.seed, init=args.init, own_history=args.own_history, until=args.until, resume=args.resume,
                         channel_weights=weights)

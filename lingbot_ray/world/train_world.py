@@ -124,10 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     dit_run = args.out / "dit_run"
-    weights = None
-    if args.dit_pixel_share:  # the loss weighs each latent channel by what it does to the frames
-        sample = torch.load(latents, weights_only=False)["latents"][:4, :, : train_dit.BLOCK]
-        weights = train_dit.pixel_channel_weights(vae_run / TINY_DECODER_FOLDER, sample, share=args.dit_pixel_share)
+    # with --dit-pixel-share the loss weighs each latent channel by what it does to the frames
+    weights = train_dit.pixel_weights_for(latents, vae_run / TINY_DECODER_FOLDER, args.dit_pixel_share) if args.dit_pixel_share else None
     train_dit.train(latents, dit_run, steps=args.dit_steps, minutes=args.dit_minutes, seed=args.seed, resume=args.resume,
                     channel_weights=weights)
     if stage("dit"):

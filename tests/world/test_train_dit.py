@@ -147,7 +147,12 @@ def test_a_wider_latent_sets_the_dits_channels_and_serves(encoded):
 
 
 def test_a_weighted_run_resumes_with_the_weights_it_started_with(encoded):
-    weights = torch.linspace(0.2, 1.8, 16)
+    from lingbot_ray.models.tiny_decoder import TinyAutoencoder, TinyDecoderConfig, save_tiny_autoencoder
+
+    torch.manual_seed(0)
+    tiny = save_tiny_autoencoder(TinyAutoencoder(TinyDecoderConfig(encoder_width=1, decoder_widths=(8, 8, 4, 4), linear_skip=True)), encoded / "tiny16")
+    weights = train_dit.pixel_weights_for(encoded / "latents.pt", tiny)
+    assert weights.shape == (16,) and weights.mean().item() == pytest.approx(1.0) and weights.std() > 0
     common = dict(steps=4, batch_size=2, warmup=2, progress=False, model_overrides=SMALL, checkpoint_every=100)
     straight = train_dit.train(encoded / "latents.pt", encoded / "weighted", channel_weights=weights, **common)
     plain = train_dit.train(encoded / "latents.pt", encoded / "unweighted", **common)
