@@ -68,6 +68,7 @@ def build_tiny_checkpoint(
     height: int = DEFAULT_TINY_HEIGHT,
     force: bool = False,
     transformer_overrides: dict[str, Any] | None = None,
+    condition_frames: int | None = None,
 ) -> Path:
     """Write a complete tiny checkpoint folder at ``path`` and return it.
 
@@ -78,6 +79,9 @@ def build_tiny_checkpoint(
         width, height: Serving default size written to ``lingbot_ray.json`` (multiples of 16).
         transformer_overrides: Config keys to change on the tiny transformer (tests use this, e.g. a
             small ``rope_max_seq_len``).
+        condition_frames: ``lingbot_ray.json``'s ``condition_frames`` (None: the first frame's
+            condition runs the encoder to its fixed point, as the published checkpoints do; 1: one
+            encoder step, as the embedded world model does).
     """
     target = Path(path)
     for name, value in (("width", width), ("height", height)):
@@ -93,7 +97,8 @@ def build_tiny_checkpoint(
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp's 0o700 would make the checkpoint private
     try:
-        _write_components(staging, seed=seed, width=width, height=height, overrides=transformer_overrides or {})
+        _write_components(staging, seed=seed, width=width, height=height, overrides=transformer_overrides or {},
+                          condition_frames=condition_frames)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -121,7 +126,9 @@ def _check_target(target: Path, *, force: bool) -> None:
         )
 
 
-def _write_components(root: Path, *, seed: int, width: int, height: int, overrides: dict[str, Any]) -> None:
+def _write_components(
+    root: Path, *, seed: int, width: int, height: int, overrides: dict[str, Any], condition_frames: int | None = None
+) -> None:
     # 1. Transformer: original (Wan) tensor names, sharded with an index, like the published folder
     transformer = build_tiny_transformer(seed=seed, **overrides)
     loading.save_transformer(
@@ -141,6 +148,7 @@ def _write_components(root: Path, *, seed: int, width: int, height: int, overrid
         height=height,
         served_model_name=TINY_SERVED_MODEL_NAME,
         comment="lingbot_ray serving defaults of this tiny random checkpoint",
+        condition_frames=condition_frames,
     )
 
 
