@@ -19,7 +19,11 @@ sessions. Scaling therefore takes two parts, with a board between them:
    replica Serve stops. No replica that holds a session is ever stopped by scaling.
 
 When load comes back, drained replicas that have not retired are taken off the board first, then
-the target rises. docs/DEPLOYING.md ("Scaling") has the settings and what an operator sees.
+the target rises. The choice of which replica drains is kept up to date: a draining replica that
+still holds sessions swaps with a serving one that holds fewer (a session may land on a replica just
+before its mark is read). The policy never drains on a guess: while a running replica has not
+reported its session count (just started, or its report timed out on a busy host), it scales up
+but does not drain. docs/DEPLOYING.md ("Scaling") has the settings and what an operator sees.
 """
 
 from __future__ import annotations
@@ -54,10 +58,6 @@ class DrainBoard:
         _internal_kv_put(self.key, json.dumps(sorted(replicas)).encode(), overwrite=True, namespace=_NAMESPACE)
 
 
-def _latest(series) -> float:
-    return float(series[-1].value) if series else 0.0
-
-
 class SessionSlotPolicy:
     """Serve custom autoscaling policy (a class: Serve builds it once with ``policy_kwargs``)."""
 
@@ -75,9 +75,11 @@ class SessionSlotPolicy:
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
         state = dict(ctx.policy_state or {})
         running = [replica.unique_id for replica in ctx.running_replicas]
-        raw = (ctx.raw_metrics or {}).get("sessions", {})
-        sessions = {replica.unique_id: _latest(series) for replica, series in raw.items()}
-        retired = {replica.unique_id for replica, series in (ctx.raw_metrics or {}).get("retired", {}).items() if _latest(series)}
+        metrics = ctx.raw_metrics or {}
+        # a replica's latest report; one with none yet is unknown, never taken for empty
+        sessions = {replica.unique_id: float(series[-1].value) for replica, series in metrics.get("sessions", {}).items() if series}
+        retired = {replica.unique_id for replica, series in metrics.get("retired", {}).items() if series and series[-1].value}
+        known = all(uid in sessions for uid in running)
         marked = set(state.get("draining", ()))
         # replicas marked before and gone now have retired (or died): the target drops by one each,
         # so that Serve stops the replacement it scheduled rather than a replica with sessions
@@ -87,6 +89,12 @@ class SessionSlotPolicy:
         wanted = self.wanted(
             sum(sessions.get(uid, 0.0) for uid in running), ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
         )
+        if known:
+            # a draining replica that holds more sessions than a serving one swaps with it
+            for uid in sorted(marked - retired, key=lambda uid: -sessions[uid]):
+                emptiest = min((u for u in running if u not in marked), key=lambda u: (sessions[u], u), default=None)
+                if emptiest is not None and sessions[emptiest] < sessions[uid]:
+                    marked = (marked - {uid}) | {emptiest}
         serving = [uid for uid in running if uid not in marked]
         starting = max(0, target - len(running))
         available = len(serving) + starting
@@ -96,13 +104,13 @@ class SessionSlotPolicy:
                 marked.discard(uid)
                 available += 1
             target += wanted - available
-        elif wanted < available:
+        elif wanted < available and known:
             surplus = available - wanted
             # replicas not running yet hold no session, and Serve stops those first
             cut = min(starting, surplus)
             target -= cut
             surplus -= cut
-            marked |= set(sorted(serving, key=lambda uid: (sessions.get(uid, 0.0), uid))[:surplus])
+            marked |= set(sorted(serving, key=lambda uid: (sessions[uid], uid))[:surplus])
         if marked != set(state.get("draining", ())) or gone:
             key = (ctx.app_name or "", ctx.deployment_name)
             board = self._boards.setdefault(key, DrainBoard(*key))

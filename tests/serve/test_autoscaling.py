@@ -53,7 +53,8 @@ def series(value: float):
     return [types.SimpleNamespace(timestamp=time.time(), value=value)]
 
 
-def context(sessions: dict[str, float], target: int, state: dict, low=1, high=4, retired=()):
+def context(sessions: dict[str, float | None], target: int, state: dict, low=1, high=4, retired=()):
+    """A policy context; a replica whose count is ``None`` is running but has not reported yet."""
     replicas = {uid: ReplicaID(uid) for uid in sessions}
     return types.SimpleNamespace(
         app_name="app",
@@ -64,7 +65,7 @@ def context(sessions: dict[str, float], target: int, state: dict, low=1, high=4,
         capacity_adjusted_max_replicas=high,
         policy_state=state,
         raw_metrics={
-            "sessions": {replicas[uid]: series(n) for uid, n in sessions.items()},
+            "sessions": {replicas[uid]: series(n) for uid, n in sessions.items() if n is not None},
             "retired": {replicas[uid]: series(float(uid in retired)) for uid in sessions},
         },
     )
@@ -98,6 +99,31 @@ def test_policy_takes_drained_replicas_back_before_starting_more(board):
     assert target == 3 and state["draining"] == ["c"]
     target, state = policy(context({"a": 1, "b": 1, "c": 1}, 3, state, retired=("c",)))
     assert target == 4 and state["draining"] == ["c"]  # c retires anyway: one more starts
+
+
+def test_policy_never_drains_on_a_missing_count_but_still_scales_up(board):
+    policy = SessionSlotPolicy(slots_per_replica=2, target_free_slots=1)
+    # b's report is missing (just started, or it timed out on a busy host): it may hold sessions
+    assert policy(context({"a": 0, "b": None}, 2, {})) == (2, {"draining": []})
+    assert board.marks == set()
+    # what is known already needs more: the scale-up does not wait
+    wide = SessionSlotPolicy(slots_per_replica=1, target_free_slots=2)
+    assert wide(context({"a": 1, "b": None}, 2, {}))[0] == 3
+    # once b reports, the empty one drains
+    assert policy(context({"a": 0, "b": 1}, 2, {})) == (2, {"draining": ["a"]})
+
+
+def test_a_draining_replica_that_holds_sessions_swaps_with_an_emptier_serving_one(board):
+    policy = SessionSlotPolicy(slots_per_replica=4, target_free_slots=1)
+    # b was drained while empty, but a session landed on it before it read its mark; a's ended since
+    target, state = policy(context({"a": 0, "b": 1}, 2, {"draining": ["b"]}))
+    assert (target, state["draining"], board.marks) == (2, ["a"], {"a"})
+    # equal counts: no swap back and forth
+    target, state = policy(context({"a": 1, "b": 1}, 2, state))
+    assert (target, state["draining"]) == (2, ["a"])
+    # a retiring replica is not taken back: it takes no session any more
+    target, state = policy(context({"a": 1, "b": 0}, 2, {"draining": ["a"]}, retired=("a",)))
+    assert state["draining"] == ["a"]
 
 
 def test_policy_cuts_replicas_still_starting_first(board):
@@ -272,7 +298,7 @@ def controller_log(logs: str, lines: int = 25) -> str:
     """The controller's last DiTGroup lines: what it scaled, drained and stopped, for a failure message."""
     found = [
         line.rstrip()[:220]
-        for path in sorted(pathlib.Path(logs).glob("session_*/logs/serve/controller_*.log"))
+        for path in sorted({path.resolve() for path in pathlib.Path(logs).glob("session_*/logs/serve/controller_*.log")})
         for line in path.read_text(errors="replace").splitlines()
         if "DiTGroup" in line
     ]
