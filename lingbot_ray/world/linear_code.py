@@ -54,6 +54,14 @@ def latent_groups(frames: torch.Tensor, fresh: bool) -> list[torch.Tensor]:
     return ([frames[:, :, :1]] if fresh else []) + list(rest.split(TEMPORAL_STRIDE, dim=2))
 
 
+def blend_with_uniform(weights: torch.Tensor, share: float) -> torch.Tensor:
+    """Per-channel loss weights ``weights`` divided by their mean (mean 1), blended with uniform
+    weights: ``1 − share + share·w``. ``share`` 0 gives every channel 1, ``share`` 1 the weights alone."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share={share}: must be within [0, 1]")
+    return 1 - share + share * weights / weights.mean()
+
+
 class LinearBlockCode(torch.nn.Module):
     """Principal components of 8×8 blocks of 1 and of 4 frames, divided by their spread (buffers,
     so a training checkpoint keeps them), ``channels`` of them per block. Fit with :meth:`fit`; a fresh
@@ -117,6 +125,18 @@ class LinearBlockCode(torch.nn.Module):
             values = code[:, :, index].permute(0, 2, 3, 1).to(basis) @ (basis * scale.square()[:, None]) + mean
             pieces.append(unblocks(values, 1 if first else TEMPORAL_STRIDE))
         return torch.cat(pieces, dim=2).to(code.dtype)
+
+    def pixel_weights(self, latent_frames: int, fresh: bool = True, share: float = 1.0) -> torch.Tensor:
+        """``[channels, latent_frames]``: what an error of one unit in each code channel costs in pixels.
+        The components are orthonormal, so a code error ``e`` in channel ``c`` adds ``scale_c²·e²`` to
+        the linear decode's squared pixel error: the weights are the components' variances, divided
+        by their mean per basis and blended with uniform ones by ``share``
+        (:func:`blend_with_uniform`). A fresh stream's first latent frame uses the single-frame basis."""
+        columns = [
+            blend_with_uniform(getattr(self, f"{'first' if fresh and index == 0 else 'rest'}_scale").square(), share)
+            for index in range(latent_frames)
+        ]
+        return torch.stack(columns, dim=1)
 
     def skip_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The linear decode of basis ``name`` ("first" or "rest") as a 1x1 conv's weight ``[t·3·64,

@@ -40,6 +40,7 @@ from ..engine.plucker import plucker_map
 from ..engine.sampler import DMDSampler
 from ..models.attention import LingBotCrossAttnProcessor
 from ..models.tiny_components import TINY_TRANSFORMER_CONFIG
+from .linear_code import blend_with_uniform
 from .progress import progress_bar
 from .render import world_intrinsics
 from .teacher_forcing import teacher_forced_flow
@@ -298,8 +299,7 @@ def pixel_channel_weights(tiny_decoder: Path, latents: torch.Tensor, *, share: f
         moved[:, :, channel] += step
         frames, _ = decoder.decode_frames(moved)
         changes.append(float((frames - base).square().mean()))
-    weights = torch.tensor(changes)
-    return 1 - share + share * weights / weights.mean()
+    return blend_with_uniform(torch.tensor(changes), share)
 
 
 def pixel_weights_for(latents_file: Path, tiny_decoder: Path, share: float = 1.0) -> torch.Tensor:

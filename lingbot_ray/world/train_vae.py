@@ -122,6 +122,10 @@ class TrainConfig:
     # decoder decodes it.
     teacher_steps: int = 0
     teacher_clips: int = 150
+    # The encoder's regression of the code weighs each channel by what its error costs in pixels (the
+    # component's variance, LinearBlockCode.pixel_weights) with this share, against 1 each: with many
+    # channels most carry almost nothing, and uniform weights spend the encoder on them.
+    teacher_pixel_share: float = 0.0
     # With tiny_widths: the tiny decoder gets a linear path from each latent to its pixels
     # (tiny_decoder.LinearSkip), started at the teacher's linear decode when there is a teacher.
     tiny_skip: bool = False
@@ -173,6 +177,8 @@ class TrainConfig:
             raise ValueError(f"teacher_steps={self.teacher_steps}: must be >= 0, and needs tiny_widths (the teacher trains the tiny decoder)")
         if self.tiny_skip and self.tiny_widths is None:
             raise ValueError("tiny_skip needs tiny_widths (it is part of the tiny decoder)")
+        if not 0.0 <= self.teacher_pixel_share <= 1.0:
+            raise ValueError(f"teacher_pixel_share={self.teacher_pixel_share}: must be within [0, 1]")
         if self.teacher_steps and self.teacher_clips < 1:
             raise ValueError(f"teacher_clips={self.teacher_clips}: the linear code needs clips to be fitted on")
         if self.data_dir is not None:
@@ -361,6 +367,7 @@ def loss_terms(
     context: int = 0,
     chroma_weight: float = 0.0,
     teach: bool = False,
+    teacher_pixel_share: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Reconstruction of ``clip`` ``[B, 3, T, H, W]`` through posterior samples (the means when
     ``noise`` is None). The first ``context`` latent frames (``1 + 4(context−1)`` pixel frames) only
@@ -371,11 +378,12 @@ def loss_terms(
 
     ``teach`` (a :class:`WorldAutoencoder` with a ``teacher``): the teacher phase instead. The window's
     linear code is the target of both halves, two separate supervised problems: the encoder's
-    posterior means regress it (``latent``, the mean squared error in normalised units), and the tiny
-    decoder decodes the code itself, not the encoder's output. ``loss = latent + `` the pixel terms;
-    the KL is reported, not trained, and the latent statistics stay the code's (0 and 1)."""
+    posterior means regress it (``latent``, the mean squared error in normalised units, each channel
+    weighed by ``teacher_pixel_share`` of its pixel cost), and the tiny decoder decodes the code
+    itself, not the encoder's output. ``loss = latent + `` the pixel terms; the KL is reported, not
+    trained, and the latent statistics stay the code's (0 and 1)."""
     if teach:
-        return _teacher_terms(vae, clip, edge_weight, context, chroma_weight)
+        return _teacher_terms(vae, clip, edge_weight, context, chroma_weight, teacher_pixel_share)
     encoder = _encoder_of(vae)
     observe = isinstance(vae, WorldAutoencoder) and vae.training
     enc_cache = dec_cache = None
@@ -410,7 +418,9 @@ def _kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
 
 
-def _teacher_terms(model: WorldAutoencoder, clip: torch.Tensor, edge_weight: float, context: int, chroma_weight: float) -> dict[str, torch.Tensor]:
+def _teacher_terms(
+    model: WorldAutoencoder, clip: torch.Tensor, edge_weight: float, context: int, chroma_weight: float, pixel_share: float = 0.0
+) -> dict[str, torch.Tensor]:
     """:func:`loss_terms` of the teacher phase (``teach``)."""
     code = model.teacher.encode(clip)  # the window's code as a stream of its own, the grid the encoder sees
     enc_cache = dec_cache = None
@@ -424,7 +434,10 @@ def _teacher_terms(model: WorldAutoencoder, clip: torch.Tensor, edge_weight: flo
     mu, logvar, _ = encode_moments(model.vae, x, enc_cache)
     recon, _ = model.decode(target, dec_cache)
     terms = _pixel_terms(recon, x, edge_weight, chroma_weight)
-    terms["latent"] = ((mu - target) / model.latents_std.view(1, -1, 1, 1, 1)).square().mean()
+    # the target's latent frames: with a warm-up, none is the stream's first (single-frame) one
+    weights = model.teacher.pixel_weights(code.shape[2], share=pixel_share)[:, context:].to(mu)
+    error = ((mu - target) / model.latents_std.view(1, -1, 1, 1, 1)).square()
+    terms["latent"] = (error * weights[None, :, :, None, None]).mean()
     terms["kl"] = _kl(mu, logvar).detach()
     terms["loss"] = terms["loss"] + terms["latent"]
     return terms
@@ -707,7 +720,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             group["lr"] = lr
         context = data.context(step * cfg.batch)
         teach = step < cfg.teacher_steps
-        terms = loss_terms(vae, x, noise, cfg.kl_weight, cfg.edge_weight, context, cfg.chroma_weight, teach=teach)
+        terms = loss_terms(vae, x, noise, cfg.kl_weight, cfg.edge_weight, context, cfg.chroma_weight, teach=teach,
+                           teacher_pixel_share=cfg.teacher_pixel_share)
         if not torch.isfinite(terms["loss"]):  # stop before the optimizer or a checkpoint takes it in
             bar.close()
             raise FloatingPointError(f"train VAE: loss {terms['loss'].item()} at step {step + 1}: the run diverged; "
@@ -932,6 +946,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher-steps", type=int, default=TrainConfig.teacher_steps, help="first steps learn from a linear code (needs --tiny-widths)")
     parser.add_argument("--tiny-skip", action="store_true", help="give the tiny decoder a linear path from latents to pixels")
     parser.add_argument("--teacher-clips", type=int, default=TrainConfig.teacher_clips, help="clips the linear code is fitted on")
+    parser.add_argument("--teacher-pixel-share", type=float, default=TrainConfig.teacher_pixel_share,
+                        help="the encoder's regression of the code weighs each channel by its pixel cost, with this share against 1 each")
     parser.add_argument("--crop", default="32", help="training crop, N or WxH (multiples of 8)")
     parser.add_argument("--frames", type=int, default=TrainConfig.frames, help="pixel frames per clip (1+4k)")
     parser.add_argument("--max-context", type=int, default=TrainConfig.max_context, help="warm-up latent frames, up to")
@@ -969,6 +985,7 @@ def main(argv: list[str] | None = None) -> None:
             tiny_widths=_parse_widths(args.tiny_widths),
             teacher_steps=args.teacher_steps,
             teacher_clips=args.teacher_clips,
+            teacher_pixel_share=args.teacher_pixel_share,
             tiny_skip=args.tiny_skip,
             crop=_parse_size(args.crop),
             frames=args.frames,

@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder-steps", type=int, default=600, help="Wan decoder training steps (0: keep the VAE's, untrained)")
     parser.add_argument("--decoder-clips", type=int, default=400, help="training clips the DiT generates for the Wan decoder")
     parser.add_argument("--z-dim", type=int, default=VAE["z_dim"], help="the VAE's latent channels (the DiT's width in and out follows)")
+    parser.add_argument("--vae-teacher-pixel-share", type=float, default=0.0,
+                        help="the VAE's teacher phase: weigh the encoder's regression of each code channel by its pixel cost, this much against uniform weights")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue the VAE, DiT and decoder runs found in OUT")
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         if checkpoint is not None:
             cfg = train_vae.config_from_checkpoint(checkpoint)
         else:
-            cfg = train_vae.TrainConfig(out_dir=str(vae_run), steps=args.vae_steps, seed=args.seed, data_dir=str(data), **{**VAE, "z_dim": args.z_dim})
+            cfg = train_vae.TrainConfig(out_dir=str(vae_run), steps=args.vae_steps, seed=args.seed, data_dir=str(data), **{**VAE, "z_dim": args.z_dim},
+                                        teacher_pixel_share=args.vae_teacher_pixel_share)
         train_vae.train(cfg, resume=checkpoint is not None)
     if stage("vae"):
         return 0

@@ -7,7 +7,7 @@ import torch
 from lingbot_ray.models.tiny_decoder import LinearSkip
 from lingbot_ray.world import train_vae as tv
 from lingbot_ray.world.dataset import make_clip
-from lingbot_ray.world.linear_code import LinearBlockCode, blocks, unblocks
+from lingbot_ray.world.linear_code import LinearBlockCode, blend_with_uniform, blocks, unblocks
 
 
 def _clips(count: int, seed: int = 0) -> list[torch.Tensor]:
@@ -95,3 +95,28 @@ def test_a_linear_skip_started_at_the_code_decodes_as_the_code(code):
         z_next = code.encode(clip[:, :, 1:], fresh=False)
         later = skip(z_next.movedim(2, 1), fresh=False)
         torch.testing.assert_close(later.movedim(1, 2) * 2 - 1, code.decode(z_next, fresh=False), atol=1e-5, rtol=0)
+
+
+def test_pixel_weights_are_what_a_code_error_costs_in_pixels(code):
+    """An error of one unit in channel c of a latent frame changes the linear decode's pixels by the
+    component's variance (summed squares): the weights are those, with mean 1 per basis."""
+    clip = _clips(1, seed=400)[0][None]
+    z = code.encode(clip)
+    weights = code.pixel_weights(z.shape[2])
+    assert weights.shape == (16, 3)
+    torch.testing.assert_close(weights.mean(dim=0), torch.ones(3), atol=1e-5, rtol=0)
+    base = code.decode(z)
+    for frame, (pixels, name) in enumerate(((slice(0, 1), "first"), (slice(1, 5), "rest"))):
+        cost = []
+        for channel in range(16):
+            moved = z.clone()
+            moved[:, channel, frame, 1, 2] += 1.0  # one latent: one block
+            cost.append(float((code.decode(moved) - base)[:, :, pixels].square().sum()))
+        cost = torch.tensor(cost)
+        torch.testing.assert_close(cost / cost.mean(), weights[:, frame], atol=1e-4, rtol=1e-4)
+    assert weights[0, 1] > 5 * weights[-1, 1]  # the first components carry the picture
+    torch.testing.assert_close(weights[:, 2], weights[:, 1])  # every later latent frame: the four-frame basis
+    torch.testing.assert_close(code.pixel_weights(3, share=0.0), torch.ones(16, 3))
+    torch.testing.assert_close(code.pixel_weights(2, fresh=False), weights[:, 1:])
+    with pytest.raises(ValueError, match="share=1.5"):
+        blend_with_uniform(torch.ones(4), 1.5)

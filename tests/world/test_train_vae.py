@@ -332,6 +332,24 @@ def test_a_taught_run_starts_as_the_linear_code_then_trains_end_to_end_and_resum
         assert torch.equal(tensor, got[name]), name
 
 
+def test_the_teacher_phase_weighs_the_encoders_code_error_by_its_pixel_cost(teacher_run, one_thread):
+    cfg, _ = teacher_run
+    torch.manual_seed(cfg.seed)
+    model = tv.build_model(cfg)
+    tv.fit_teacher(model, cfg)
+    clip = tv.to_pixels(make_clip(1_000_007, [[], ["w"]], 32, 24).frames)[None]
+    with torch.no_grad():
+        code = model.teacher.encode(clip)
+        mu, _, _ = tv.encode_moments(model.vae, clip)
+        error = ((mu - code) / model.latents_std.view(1, -1, 1, 1, 1)).square()
+        for share in (0.0, 0.5, 1.0):
+            terms = tv.loss_terms(model, clip, None, cfg.kl_weight, cfg.edge_weight, 0, cfg.chroma_weight, teach=True, teacher_pixel_share=share)
+            weights = model.teacher.pixel_weights(code.shape[2], share=share)
+            torch.testing.assert_close(terms["latent"], (error * weights[None, :, :, None, None]).mean())
+    with pytest.raises(ValueError, match="teacher_pixel_share=2"):
+        tiny_config(Path(cfg.out_dir), teacher_pixel_share=2.0).check()
+
+
 @pytest.mark.parametrize("changes, named", [({"teacher_steps": 5}, "teacher_steps"), ({"tiny_skip": True}, "tiny_skip")])
 def test_a_teacher_or_a_skip_needs_the_tiny_decoder(tmp_path, changes, named):
     with pytest.raises(ValueError, match=named):
