@@ -132,11 +132,8 @@ class LinearBlockCode(torch.nn.Module):
         the linear decode's squared pixel error: the weights are the components' variances, divided
         by their mean per basis and blended with uniform ones by ``share``
         (:func:`blend_with_uniform`). A fresh stream's first latent frame uses the single-frame basis."""
-        columns = [
-            blend_with_uniform(getattr(self, f"{'first' if fresh and index == 0 else 'rest'}_scale").square(), share)
-            for index in range(latent_frames)
-        ]
-        return torch.stack(columns, dim=1)
+        first, rest = (blend_with_uniform(scale.square(), share) for scale in (self.first_scale, self.rest_scale))
+        return torch.stack([first if fresh and index == 0 else rest for index in range(latent_frames)], dim=1)
 
     def skip_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The linear decode of basis ``name`` ("first" or "rest") as a 1x1 conv's weight ``[t·3·64,

@@ -106,7 +106,7 @@ def test_pixel_weights_are_what_a_code_error_costs_in_pixels(code):
     assert weights.shape == (16, 3)
     torch.testing.assert_close(weights.mean(dim=0), torch.ones(3), atol=1e-5, rtol=0)
     base = code.decode(z)
-    for frame, (pixels, name) in enumerate(((slice(0, 1), "first"), (slice(1, 5), "rest"))):
+    for frame, pixels in enumerate((slice(0, 1), slice(1, 5))):  # the single-frame block, then a four-frame one
         cost = []
         for channel in range(16):
             moved = z.clone()
