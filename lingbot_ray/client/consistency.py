@@ -10,7 +10,11 @@ system checks its own (docs/PROTOCOL.md, last section):
   difference ≤ 10; the sha256 of *every* frame is stored too, so the report says whether the output
   is bit-exact (it is on the machine that wrote the ground truth, same torch, same thread count);
 * latency guards from ``chunk_stats``: ignoring 2 warm-up chunks, p95 ``chunk_total_ms`` and p95
-  ``scheduler_forward_ms`` under the limits for this machine class (``tests/consistency/latency_guards.yaml``).
+  ``scheduler_forward_ms`` under the limits for this machine class (``tests/consistency/latency_guards.yaml``);
+* machines of one class differ about 2x in speed, and a shared one can be busy: when the server runs
+  on this machine, a speed probe (a fixed workload shaped like a slice of a chunk, timed before and
+  after the session) scales those limits in proportion to the machine's speed now, so that a slower
+  or busy host is not read as a regression of the code, nor a faster one allowed one.
 
 Command line (against a running server, e.g. ``serve run serve_config.yaml``)::
 
@@ -29,10 +33,12 @@ import math
 import os
 import platform
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import yaml
@@ -71,11 +77,27 @@ class FrameCheck:
 class LatencyCheck:
     field: str
     p95_ms: float
-    limit_ms: float
+    limit_ms: float  # the class's limit times ``scale``
+    scale: float = 1.0  # the speed probe's time on this machine ÷ on the machine the limits describe
 
     @property
     def passed(self) -> bool:
         return self.p95_ms <= self.limit_ms
+
+
+@dataclass(frozen=True)
+class Guards:
+    """One machine class's p95 limits (ms per guarded field), and what the speed probe takes on the quiet
+    machine they were set on, its server running and idle (``None``: the limits are used as they are)."""
+
+    limits: dict[str, float]
+    speed_probe_ms: float | None = None
+
+    def scale(self, probe_ms: float | None) -> float:
+        """How much slower this machine is now than the one the limits were set on (< 1: faster)."""
+        if probe_ms is None or self.speed_probe_ms is None:
+            return 1.0
+        return probe_ms / self.speed_probe_ms
 
 
 @dataclass
@@ -85,6 +107,7 @@ class CheckReport:
     total_frames: int = 0
     latency: list[LatencyCheck] = field(default_factory=list)
     machine_class: str | None = None
+    speed_probe_ms: float | None = None  # the probe's time on this machine around the session (None: not probed)
     problems: list[str] = field(default_factory=list)  # session errors, missing guards, count mismatches
 
     @property
@@ -111,7 +134,10 @@ class CheckReport:
         ]
         out.append(f"bit-exact: {'yes' if self.bit_exact else 'no'} ({self.exact_frames}/{self.total_frames} frames match their sha256)")
         for c in self.latency:
-            out.append(f"p95 {c.field} {c.p95_ms:.0f} ms (≤ {c.limit_ms:.0f} for {self.machine_class})  {'ok' if c.passed else 'FAIL'}")
+            scaled = f" = {c.limit_ms / c.scale:.0f} × {c.scale:.2f} for this machine's speed" if c.scale != 1.0 else ""
+            out.append(f"p95 {c.field} {c.p95_ms:.0f} ms (≤ {c.limit_ms:.0f}{scaled} for {self.machine_class})  {'ok' if c.passed else 'FAIL'}")
+        if self.speed_probe_ms is not None:
+            out.append(f"speed probe: {self.speed_probe_ms:.1f} ms on this machine")
         out.extend(f"problem: {p}" for p in self.problems)
         out.append("PASSED" if self.passed else "FAILED")
         return out
@@ -224,20 +250,69 @@ def machine_class() -> str:
     return os.environ.get("LINGBOT_MACHINE_CLASS") or f"cpu-{_cpu_count()}core"
 
 
-def load_guards(path: Path, name: str) -> dict[str, float] | None:
+def load_guards(path: Path, name: str) -> Guards | None:
     classes = yaml.safe_load(path.read_text()) or {}
-    guards = classes.get(name)
-    if guards is None:
+    entry = classes.get(name)
+    if entry is None:
         return None
-    unknown = set(guards) - {f"{f}_p95" for f in GUARDED_FIELDS}
+    limits = {f"{f}_p95" for f in GUARDED_FIELDS}
+    unknown = set(entry) - limits - {"speed_probe_ms"}
     if unknown:
         raise ValueError(f"{path}: machine class {name!r} has unknown guard keys {sorted(unknown)}")
-    return {key.removesuffix("_p95"): float(value) for key, value in guards.items()}
+    probe = entry.get("speed_probe_ms")
+    return Guards(
+        {key.removesuffix("_p95"): float(value) for key, value in entry.items() if key in limits},
+        None if probe is None else float(probe),
+    )
 
 
-def latency_checks(stats: list[dict], guards: dict[str, float], warmup: int = WARMUP_CHUNKS) -> list[LatencyCheck]:
+def latency_checks(
+    stats: list[dict], guards: Guards, probe_ms: float | None = None, warmup: int = WARMUP_CHUNKS
+) -> list[LatencyCheck]:
+    """p95 of each guarded field over the chunks after ``warmup``, against its limit scaled to the
+    machine's speed (``probe_ms``: :func:`speed_probe_ms` measured around the session)."""
     steady = stats[warmup:]
-    return [LatencyCheck(name, p95([s[name] for s in steady]), limit) for name, limit in guards.items()]
+    scale = guards.scale(probe_ms)
+    return [LatencyCheck(name, p95([s[name] for s in steady]), limit * scale, scale) for name, limit in guards.limits.items()]
+
+
+def speed_probe_ms(repeats: int = 15) -> float:
+    """Median wall time (ms) of a fixed workload shaped like a slice of one chunk of the embedded
+    default: 4 transformer blocks (width 128, 4 heads, FFN 512) over 384 new tokens attending to
+    1,152 cached ones, then two 3×3 convolutions at a decoder width. It runs with torch's threads in this
+    process, so it sees what the server's stages see when they share this machine."""
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    width, heads, new, cached = 128, 4, 384, 1152
+    x = torch.randn(1, new, width, generator=generator)
+    keys = torch.randn(1, heads, cached + new, width // heads, generator=generator)
+    w_qkv = torch.randn(width, 3 * width, generator=generator) / width**0.5
+    w_up = torch.randn(width, 4 * width, generator=generator) / width**0.5
+    w_down = torch.randn(4 * width, width, generator=generator) / (4 * width) ** 0.5
+    image = torch.randn(1, 32, 60, 80, generator=generator)
+    conv = torch.randn(32, 32, 3, 3, generator=generator) / 96
+
+    def once() -> None:
+        h = x
+        for _ in range(4):
+            q = (h @ w_qkv)[..., :width].reshape(1, new, heads, -1).transpose(1, 2)
+            attended = F.scaled_dot_product_attention(q, keys, keys).transpose(1, 2).reshape(1, new, width)
+            h = h + attended
+            h = h + F.gelu(h @ w_up) @ w_down
+        y = image
+        for _ in range(2):
+            y = F.relu(F.conv2d(y, conv, padding=1))
+
+    times = []
+    with torch.inference_mode():
+        once()  # warm-up: allocations, kernels
+        for _ in range(repeats):
+            start = time.perf_counter()
+            once()
+            times.append(1000 * (time.perf_counter() - start))
+    return float(np.median(times))
 
 
 def check(
@@ -249,17 +324,22 @@ def check(
     seed: int | None = None,
     script: str | None = None,
     api_key: str | None = None,
+    speed_probe: bool = False,
 ) -> tuple[CheckReport, SessionResult]:
     """The whole check; ``seed`` and ``script`` (``parse_actions`` syntax) override the stored ones
-    (another camera script must fail it)."""
+    (another camera script must fail it). ``speed_probe``: time :func:`speed_probe_ms` before and
+    after the session and scale the latency limits with it (only meaningful when the server runs here)."""
     manifest = json.loads((ground_truth / "manifest.json").read_text())
     init = dict(manifest["init"], first_frame=(ground_truth / manifest["first_frame"]).read_bytes())
     if seed is not None:
         init["seed"] = seed
     if script is not None:
         init["condition_inputs"] = {"camera_actions": [list(a) for a in parse_actions(script)]}
+    before = speed_probe_ms() if speed_probe else None
     frames, result = run_check_session(url, init, api_key=api_key)
     report = CheckReport(machine_class=machine or machine_class())
+    if before is not None:
+        report.speed_probe_ms = (before + speed_probe_ms()) / 2
     if not result.completed:
         report.problems.append(f"session ended with close {result.close_code} {result.close_reason!r}, errors {result.errors}")
     compare_frames(frames, ground_truth, report)
@@ -268,7 +348,7 @@ def check(
         if guards is None:
             report.problems.append(f"no latency guards for machine class {report.machine_class!r} in {guards_path}")
         else:
-            report.latency = latency_checks(result.stats, guards)
+            report.latency = latency_checks(result.stats, guards, report.speed_probe_ms)
     return report, result
 
 
@@ -280,6 +360,12 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def is_local(url: str) -> bool:
+    """Whether ``url`` names this machine (a loopback host), so a speed probe here describes the server."""
+    host = urlsplit(url if "://" in url else f"ws://{url}").hostname or ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def _version(package: str) -> str:
@@ -298,6 +384,10 @@ def check_main(argv: list[str]) -> int:
     parser.add_argument("--guards", type=Path, default=DEFAULT_GUARDS, help="latency guards per machine class (YAML)")
     parser.add_argument("--machine-class", default=None, help="guard entry to use (default: $LINGBOT_MACHINE_CLASS or cpu-<N>core)")
     parser.add_argument("--no-latency", action="store_true", help="skip the latency guards")
+    parser.add_argument(
+        "--speed-probe", action=argparse.BooleanOptionalAction, default=None,
+        help="scale the latency limits to this machine's speed, timed around the session (default: on when the server is on this machine)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="override the stored seed (to see the check fail)")
     parser.add_argument("--api-key", default=os.environ.get("LINGBOT_API_KEY"))
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
@@ -314,6 +404,7 @@ def check_main(argv: list[str]) -> int:
         machine=args.machine_class,
         seed=args.seed,
         api_key=args.api_key,
+        speed_probe=is_local(args.url) if args.speed_probe is None else args.speed_probe,
     )
     print("\n".join(report.lines()))
     if args.json:

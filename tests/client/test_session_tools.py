@@ -67,11 +67,11 @@ def test_load_script(tmp_path):
 
 
 def test_latency_guard_file(tmp_path):
-    from lingbot_ray.client.consistency import latency_checks, load_guards
+    from lingbot_ray.client.consistency import Guards, latency_checks, load_guards
 
     path = tmp_path / "guards.yaml"
     path.write_text("cpu-2core:\n  chunk_total_ms_p95: 100\n  scheduler_forward_ms_p95: 90\n")
-    assert load_guards(path, "cpu-2core") == {"chunk_total_ms": 100.0, "scheduler_forward_ms": 90.0}
+    assert load_guards(path, "cpu-2core") == Guards({"chunk_total_ms": 100.0, "scheduler_forward_ms": 90.0})
     assert load_guards(path, "gpu-h100") is None
     stats = [{"chunk_total_ms": v, "scheduler_forward_ms": v} for v in (500, 500, 80, 95)]  # 2 warm-up chunks
     checks = {c.field: c for c in latency_checks(stats, load_guards(path, "cpu-2core"))}
@@ -79,3 +79,32 @@ def test_latency_guard_file(tmp_path):
     path.write_text("cpu-2core:\n  chunk_total_ms_p50: 100\n")
     with pytest.raises(ValueError, match=r"unknown guard keys \['chunk_total_ms_p50'\]"):
         load_guards(path, "cpu-2core")
+
+
+def test_latency_limits_scale_with_the_machine_speed_the_probe_measures(tmp_path):
+    """A machine the probe finds twice as slow as the one the limits were set on gets twice the limits,
+    one twice as fast half of them; a class without a probe figure ignores the probe."""
+    from lingbot_ray.client.consistency import latency_checks, load_guards
+
+    path = tmp_path / "guards.yaml"
+    path.write_text("cpu-2core:\n  chunk_total_ms_p95: 100\n  speed_probe_ms: 40\nplain:\n  chunk_total_ms_p95: 100\n")
+    guards = load_guards(path, "cpu-2core")
+    assert guards.speed_probe_ms == 40.0 and guards.scale(None) == 1.0
+    stats = [{"chunk_total_ms": v} for v in (500, 500, 150, 190)]
+    (slow,) = latency_checks(stats, guards, probe_ms=80.0)
+    assert slow.passed and (slow.limit_ms, slow.scale) == (200.0, 2.0)
+    quick = [{"chunk_total_ms": v} for v in (250, 250, 28, 30)]
+    (fast,) = latency_checks(quick, guards, probe_ms=20.0)
+    assert fast.passed and (fast.limit_ms, fast.scale) == (50.0, 0.5)
+    (regressed,) = latency_checks([{"chunk_total_ms": 3 * s["chunk_total_ms"]} for s in quick], guards, probe_ms=20.0)
+    assert not regressed.passed  # 3x as slow on the fast machine: within the class's limit as written, not within its own
+    (plain,) = latency_checks(stats, load_guards(path, "plain"), probe_ms=80.0)
+    assert not plain.passed and plain.scale == 1.0
+
+
+def test_the_speed_probe_and_the_local_server_test():
+    from lingbot_ray.client.consistency import is_local, speed_probe_ms
+
+    assert speed_probe_ms(repeats=3) > 0
+    assert is_local("ws://127.0.0.1:8000") and is_local("localhost:8000") and is_local("http://[::1]:8000/v1/realtime")
+    assert not is_local("wss://world.example.com") and not is_local("ws://10.0.0.5:8000")

@@ -59,7 +59,7 @@ def url():
 
 @pytest.fixture(scope="module")
 def checked(url):
-    return check(url, GROUND_TRUTH, guards_path=None)
+    return check(url, GROUND_TRUTH, guards_path=None, speed_probe=True)
 
 
 def test_embedded_default_matches_its_ground_truth(checked):
@@ -86,25 +86,29 @@ def test_another_camera_script_fails_the_check(url):
 
 
 def test_latency_within_the_guards_of_this_machine_class(url, checked):
-    """Up to 3 sessions: a stall of the shared machine slows one session (a clean-clone CI run once
-    measured p95 1800 ms where quiet runs measure 450-990 ms); a regression slows every one."""
+    """The limits scale with the machine's speed, which the speed probe measures around each session
+    (without it, a clean-clone CI run on a slower host measured p95 995-1191 ms against limits set
+    where quiet runs measured 451-482). Up to 3 sessions: a stall between probes slows one session; a
+    regression slows every one."""
     guards = load_guards(GUARDS, machine_class())
     if guards is None:
         pytest.skip(f"no latency guards for machine class {machine_class()!r} in {GUARDS} (set LINGBOT_MACHINE_CLASS)")
-    _, result = checked
-    attempts = [latency_checks(result.stats, guards)]
+    report, result = checked
+    attempts = [latency_checks(result.stats, guards, report.speed_probe_ms)]
     assert {c.field for c in attempts[0]} == {"chunk_total_ms", "scheduler_forward_ms"}
     while not all(c.passed for c in attempts[-1]) and len(attempts) < 3:
-        attempts.append(latency_checks(check(url, GROUND_TRUTH, guards_path=None)[1].stats, guards))
-    measured = [[(c.field, c.p95_ms, c.limit_ms) for c in checks] for checks in attempts]
+        again, rerun = check(url, GROUND_TRUTH, guards_path=None, speed_probe=True)
+        attempts.append(latency_checks(rerun.stats, guards, again.speed_probe_ms))
+    measured = [[(c.field, c.p95_ms, round(c.limit_ms), round(c.scale, 2)) for c in checks] for checks in attempts]
     assert all(c.passed for c in attempts[-1]), measured
     if len(attempts) > 1:
-        warnings.warn(f"latency guards met on session {len(attempts)} of 3: {measured}", stacklevel=1)
+        warnings.warn(f"latency guards met on session {len(attempts)} of 3 (field, p95, limit, speed scale): {measured}", stacklevel=1)
 
 
 def test_a_threefold_latency_regression_fails_the_guards(checked):
-    """The guards are tight enough to matter: the same session with every chunk 3x as slow fails them."""
+    """The guards are tight enough to matter: the same session with every chunk 3x as slow fails them,
+    at the limits scaled to this machine's speed."""
     guards = load_guards(GUARDS, "cpu-2core")
-    _, result = checked
+    report, result = checked
     slower = [{k: (3 * v if k.endswith("_ms") else v) for k, v in s.items()} for s in result.stats]
-    assert not any(c.passed for c in latency_checks(slower, guards))
+    assert not any(c.passed for c in latency_checks(slower, guards, report.speed_probe_ms))
