@@ -279,8 +279,8 @@ def latency_checks(
 def speed_probe_ms(repeats: int = 15) -> float:
     """Median wall time (ms) of a fixed workload shaped like a slice of one chunk of the embedded
     default: 4 transformer blocks (width 128, 4 heads, FFN 512) over 384 new tokens attending to
-    1,152 cached ones, then two 3×3 convolutions at a decoder width. It runs with torch's threads in this
-    process, so it sees what the server's stages see when they share this machine."""
+    1,152 cached ones, then two 3×3 convolutions at a decoder width. It runs on as many threads as
+    this process may use cores, so it sees what the server's stages see when they share the machine."""
     import torch
     import torch.nn.functional as F
 
@@ -297,7 +297,7 @@ def speed_probe_ms(repeats: int = 15) -> float:
     def once() -> None:
         h = x
         for _ in range(4):
-            q = (h @ w_qkv)[..., :width].reshape(1, new, heads, -1).transpose(1, 2)
+            q = (h @ w_qkv)[..., :width].reshape(1, new, heads, -1).transpose(1, 2)  # keys and values: the cache
             attended = F.scaled_dot_product_attention(q, keys, keys).transpose(1, 2).reshape(1, new, width)
             h = h + attended
             h = h + F.gelu(h @ w_up) @ w_down
@@ -305,13 +305,17 @@ def speed_probe_ms(repeats: int = 15) -> float:
         for _ in range(2):
             y = F.relu(F.conv2d(y, conv, padding=1))
 
-    times = []
-    with torch.inference_mode():
-        once()  # warm-up: allocations, kernels
-        for _ in range(repeats):
-            start = time.perf_counter()
-            once()
-            times.append(1000 * (time.perf_counter() - start))
+    times, threads = [], torch.get_num_threads()
+    torch.set_num_threads(_cpu_count())  # the same on every run, whatever this process set before
+    try:
+        with torch.inference_mode():
+            once()  # warm-up: allocations, kernels
+            for _ in range(repeats):
+                start = time.perf_counter()
+                once()
+                times.append(1000 * (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(threads)
     return float(np.median(times))
 
 

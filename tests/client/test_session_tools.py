@@ -103,8 +103,15 @@ def test_latency_limits_scale_with_the_machine_speed_the_probe_measures(tmp_path
 
 
 def test_the_speed_probe_and_the_local_server_test():
+    import torch
+
     from lingbot_ray.client.consistency import is_local, speed_probe_ms
 
-    assert speed_probe_ms(repeats=3) > 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert speed_probe_ms(repeats=3) > 0 and torch.get_num_threads() == 1  # runs on its own threads, then puts them back
+    finally:
+        torch.set_num_threads(threads)
     assert is_local("ws://127.0.0.1:8000") and is_local("localhost:8000") and is_local("http://[::1]:8000/v1/realtime")
     assert not is_local("wss://world.example.com") and not is_local("ws://10.0.0.5:8000")
