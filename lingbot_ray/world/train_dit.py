@@ -63,6 +63,14 @@ WORLD_TRANSFORMER_CONFIG: dict[str, Any] = {
     "sink_size": 0,
     "sliding_window_num_frames": 9,
 }
+
+
+def width_overrides(heads: int) -> dict[str, int]:
+    """The world transformer ``heads`` heads wide (32 channels each), its FFN 4x the width: the one
+    knob of its size that train_world exposes (docs/EMBEDDED_MODEL.md, "A 64-channel latent")."""
+    if heads < 1:
+        raise ValueError(f"heads: {heads} (want >= 1)")
+    return {"num_attention_heads": heads, "ffn_dim": 4 * heads * WORLD_TRANSFORMER_CONFIG["attention_head_dim"]}
 SPEED_PROBE_STEPS = 30
 # Training clips: the session's first 3 blocks (the first block, then 1 and 2 blocks of context).
 TRAIN_LATENT_FRAMES = 9
@@ -377,9 +385,10 @@ def train(
     data = torch.load(latents_file, weights_only=False)
     state_path = run_dir / "state.pt"
     state = torch.load(state_path, weights_only=False) if resume and state_path.is_file() else None
-    if state is not None:  # the camera input and the loss the run was started with
+    if state is not None:  # the camera input, the loss and the model's shape the run was started with
         focal_per_width = run_focal_per_width(state)
         channel_weights = state.get("channel_weights")
+        model_overrides = {k: v for k, v in state["config"].items() if not k.startswith("_")}
     precompute_plucker(data, focal_per_width=focal_per_width)
     run_dir.mkdir(parents=True, exist_ok=True)
     channels = data["latents"].shape[1]  # the VAE's latent width: noisy ⊕ 4 mask ⊕ condition channels in
@@ -544,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--pixel-weights", type=Path, default=None, help="weigh each latent channel's loss by what it does to this tiny decoder's pixels")
     tr.add_argument("--pixel-share", type=float, default=1.0, help="with --pixel-weights: their share against uniform weights")
     tr.add_argument("--until", type=int, default=None, help="stop at this step (the schedule keeps its length)")
-    tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--heads", type=int, default=WORLD_TRANSFORMER_CONFIG["num_attention_heads"], help="the DiT's width in heads of 32 channels")
+    tr.add_argument("--resume", action="store_true", help="continue the run in RUN (its model's shape, camera input and loss as it started)")
     asm = sub.add_parser("assemble")
     asm.add_argument("run", type=Path)
     asm.add_argument("vae", type=Path)
@@ -558,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = None if args.pixel_weights is None else pixel_weights_for(args.latents, args.pixel_weights, args.pixel_share)
         summary = train(args.latents, args.run, steps=args.steps, minutes=args.minutes, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
                         seed=args.seed, init=args.init, own_history=args.own_history, until=args.until, resume=args.resume,
-                        channel_weights=weights)
+                        channel_weights=weights, model_overrides=width_overrides(args.heads))
         print(f"trained {summary['steps']} steps, loss {summary['loss']:.4f}")
     else:
         width, height = (int(v) for v in args.size.split("x"))

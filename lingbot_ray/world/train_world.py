@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny-decoder-clips", type=int, default=200, help="training clips the DiT generates for the tiny decoder")
     parser.add_argument("--decoder-steps", type=int, default=600, help="Wan decoder training steps (0: keep the VAE's, untrained)")
     parser.add_argument("--decoder-clips", type=int, default=400, help="training clips the DiT generates for the Wan decoder")
+    parser.add_argument("--dit-heads", type=int, default=None,
+                        help="the DiT's width in heads of 32 channels, its FFN 4x the width (default: train_dit.WORLD_TRANSFORMER_CONFIG's 4)")
     parser.add_argument("--z-dim", type=int, default=VAE["z_dim"], help="the VAE's latent channels (the DiT's width in and out follows)")
     parser.add_argument("--vae-teacher-pixel-share", type=float, default=0.0,
                         help="the VAE's teacher phase: weigh the encoder's regression of each code channel by its pixel cost, this much against uniform weights")
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     # with --dit-pixel-share the loss weighs each latent channel by what it does to the frames
     weights = train_dit.pixel_weights_for(latents, vae_run / TINY_DECODER_FOLDER, args.dit_pixel_share) if args.dit_pixel_share else None
     train_dit.train(latents, dit_run, steps=args.dit_steps, minutes=args.dit_minutes, seed=args.seed, resume=args.resume,
-                    channel_weights=weights)
+                    channel_weights=weights, 
+                    model_overrides=None if args.dit_heads is None else train_dit.width_overrides(args.dit_heads))
     if stage("dit"):
         return 0
 

@@ -225,6 +225,23 @@ def test_a_run_keeps_the_camera_focal_it_started_with(encoded):
     assert RealtimeEngine.from_pretrained(out).dit.intrinsics(W, H).fx == pytest.approx(500 * W / 832)
 
 
+def test_a_run_keeps_the_width_it_started_with(encoded):
+    """``--heads`` sets the DiT's width (FFN 4x); a resumed run rebuilds the model it saved, whatever
+    width the resuming call asks for, and continues it exactly."""
+    wide = {**SMALL, **train_dit.width_overrides(3)}
+    assert (wide["num_attention_heads"], wide["ffn_dim"]) == (3, 3 * 32 * 4)
+    common = dict(steps=4, batch_size=2, warmup=2, progress=False, checkpoint_every=100)
+    straight = train_dit.train(encoded / "latents.pt", encoded / "wide3", model_overrides=wide, **common)
+    train_dit.train(encoded / "latents.pt", encoded / "wide3_resumed", model_overrides=wide, until=2, **common)
+    resumed = train_dit.train(encoded / "latents.pt", encoded / "wide3_resumed", model_overrides=SMALL, resume=True, **common)
+    assert resumed["losses"] == straight["losses"]
+    out = train_dit.assemble(encoded / "wide3_resumed", encoded / "vae", encoded / "wide3_ckpt", width=W, height=H)
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["ffn_dim"]) == (3, 384)
+    with pytest.raises(ValueError, match="heads: 0"):
+        train_dit.width_overrides(0)
+
+
 def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(encoded, monkeypatch):
     real, calls = train_dit.x0_loss, []
 
