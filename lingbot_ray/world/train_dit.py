@@ -71,6 +71,8 @@ def width_overrides(heads: int) -> dict[str, int]:
     if heads < 1:
         raise ValueError(f"heads: {heads} (want >= 1)")
     return {"num_attention_heads": heads, "ffn_dim": 4 * heads * WORLD_TRANSFORMER_CONFIG["attention_head_dim"]}
+
+
 SPEED_PROBE_STEPS = 30
 # Training clips: the session's first 3 blocks (the first block, then 1 and 2 blocks of context).
 TRAIN_LATENT_FRAMES = 9

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     # with --dit-pixel-share the loss weighs each latent channel by what it does to the frames
     weights = train_dit.pixel_weights_for(latents, vae_run / TINY_DECODER_FOLDER, args.dit_pixel_share) if args.dit_pixel_share else None
     train_dit.train(latents, dit_run, steps=args.dit_steps, minutes=args.dit_minutes, seed=args.seed, resume=args.resume,
-                    channel_weights=weights, 
+                    channel_weights=weights,
                     model_overrides=None if args.dit_heads is None else train_dit.width_overrides(args.dit_heads))
     if stage("dit"):
         return 0
