@@ -90,6 +90,11 @@ CAMERA_FOCAL_PER_WIDTH = 5.0
 RENDERER_FOCAL_PER_WIDTH = world_intrinsics(832, 480).fx / 832
 
 
+def run_model_config(state: dict[str, Any]) -> dict[str, Any]:
+    """The world transformer's arguments a training run's ``state.pt`` saved (its shape)."""
+    return {k: v for k, v in state["config"].items() if not k.startswith("_")}
+
+
 def camera_intrinsics(width: int, height: int, focal_per_width: float = CAMERA_FOCAL_PER_WIDTH) -> Intrinsics:
     """The intrinsics of the world model's camera input at ``width`` x ``height``."""
     return Intrinsics.default(width, height, focal=focal_per_width * width)
@@ -390,7 +395,7 @@ def train(
     if state is not None:  # the camera input, the loss and the model's shape the run was started with
         focal_per_width = run_focal_per_width(state)
         channel_weights = state.get("channel_weights")
-        model_overrides = {k: v for k, v in state["config"].items() if not k.startswith("_")}
+        model_overrides = run_model_config(state)
     precompute_plucker(data, focal_per_width=focal_per_width)
     run_dir.mkdir(parents=True, exist_ok=True)
     channels = data["latents"].shape[1]  # the VAE's latent width: noisy ⊕ 4 mask ⊕ condition channels in
@@ -506,7 +511,7 @@ def assemble(
     from ..models import loading
     from ..models.tiny_components import write_shared_components
     state = torch.load(run_dir / "state.pt", weights_only=False)
-    model = new_world_transformer(0, **{k: v for k, v in state["config"].items() if not k.startswith("_")})
+    model = new_world_transformer(0, **run_model_config(state))
     model.load_state_dict(state["model"])
     out.mkdir(parents=True, exist_ok=True)
     loading.save_transformer(model.eval(), out / "transformer", layout=loading.ORIGINAL)
