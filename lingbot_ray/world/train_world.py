@@ -15,9 +15,12 @@ Stages (each skipped when its output exists, so an interrupted run continues wit
    ``tiny_decoder_run/`` (that decoder fine-tuned on the DiT's own served latents,
    ``train_tiny_decoder``) and ``decoder_run/`` (the Wan decoder, ``vae.decoder: wan``, trained on
    them, ``train_decoder``) put into it;
-6. ``quality.json``: the held-out measurements (``quality.measure``).
+6. ``dit_tune_run/``: the DiT fine-tuned with its loss weighed per latent channel by what the
+   channel does to the served decoder's frames (``train_dit.pixel_channel_weights``,
+   ``--dit-tune-steps``), put into ``checkpoint/``;
+7. ``quality.json``: the held-out measurements (``quality.measure``).
 
-``--until STAGE`` stops after a stage (of ``data vae encode dit decoder quality``); ``--resume``
+``--until STAGE`` stops after a stage (of ``data vae encode dit decoder tune quality``); ``--resume``
 continues from there.
 """
 
@@ -62,7 +65,14 @@ DIT_STEPS = 6000
 CONDITION_FRAMES = 1
 TINY_DECODER_LR = 5e-4  # fine-tuning a trained decoder, not training a fresh one (train_tiny_decoder's 2e-3)
 TINY_ADVERSARIAL_WEIGHT = 0.05  # the patch discriminator's term at the end of training (train_tiny_decoder)
-STAGES = ("data", "vae", "encode", "dit", "decoder", "quality")
+# The last stage fine-tunes the DiT with its loss weighed per latent channel by what the channel does
+# to the served decoder's frames: channel 0 carries most of the picture, and a uniform loss gives it
+# 1/16 of its weight. Over the same 1,500 steps with uniform weights it adds 0.1-0.3 dB to every chunk
+# (docs/EMBEDDED_MODEL.md, "Weighing the DiT's loss by what each channel does to the picture").
+DIT_TUNE_STEPS = 1500
+DIT_TUNE_LR = 3e-4  # a trained model: a third of the DiT stage's rate, after a short warm-up
+DIT_TUNE_WARMUP = 50
+STAGES = ("data", "vae", "encode", "dit", "decoder", "tune", "quality")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dit-steps", type=int, default=DIT_STEPS, help="DiT steps (the learning-rate schedule's length)")
     parser.add_argument("--dit-pixel-share", type=float, default=0.0,
                         help="weigh the DiT loss per latent channel by what it does to the decoded frames (train_dit.pixel_channel_weights), this much against uniform weights")
+    parser.add_argument("--dit-tune-steps", type=int, default=DIT_TUNE_STEPS,
+                        help="the last stage: DiT fine-tuning steps with the loss weighed by the served decoder's pixels (0: none)")
     parser.add_argument("--tiny-decoder-steps", type=int, default=600, help="tiny decoder fine-tuning steps (0: keep the autoencoder's)")
     parser.add_argument("--tiny-decoder-clips", type=int, default=200, help="training clips the DiT generates for the tiny decoder")
     parser.add_argument("--decoder-steps", type=int, default=600, help="Wan decoder training steps (0: keep the VAE's, untrained)")
@@ -129,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     dit_run = args.out / "dit_run"
+    width = None if args.dit_heads is None else train_dit.width_overrides(args.dit_heads)
     # with --dit-pixel-share the loss weighs each latent channel by what it does to the frames
     weights = train_dit.pixel_weights_for(latents, vae_run / TINY_DECODER_FOLDER, args.dit_pixel_share) if args.dit_pixel_share else None
     train_dit.train(latents, dit_run, steps=args.dit_steps, minutes=args.dit_minutes, seed=args.seed, resume=args.resume,
                     channel_weights=weights,
-                    model_overrides=None if args.dit_heads is None else train_dit.width_overrides(args.dit_heads))
+                    model_overrides=width)
     if stage("dit"):
         return 0
 
@@ -153,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
                                   resume=args.resume)
     checkpoint = train_dit.assemble(dit_run, wan, checkpoint, width=160, height=96, tiny_decoder=tiny)
     if stage("decoder"):
+        return 0
+
+    if args.dit_tune_steps:  # the checkpoint's DiT, the one the decoders were trained on, is the start
+        tune_run = args.out / "dit_tune_run"
+        train_dit.train(latents, tune_run, steps=args.dit_tune_steps, lr=DIT_TUNE_LR, warmup=DIT_TUNE_WARMUP, seed=args.seed, resume=args.resume,
+                        init=checkpoint, channel_weights=train_dit.pixel_weights_for(latents, tiny), model_overrides=width)
+        checkpoint = train_dit.assemble(tune_run, wan, checkpoint, width=160, height=96, tiny_decoder=tiny)
+    if stage("tune"):
         return 0
     report = quality.measure(checkpoint)
     stage("quality")
@@ -179,7 +200,7 @@ part (cross-attention outputs are zero).
 
 - DiT: {config["num_layers"]} layers, {config["num_attention_heads"]} heads × {config["attention_head_dim"]}, \
 sink {config["sink_size"]}, window {config["sliding_window_num_frames"]} latent frames; \
-trained teacher-forced for the engine's DMD sampler on {train_dit.TRAIN_LATENT_FRAMES}-latent-frame clips.
+trained teacher-forced for the engine's DMD sampler on {train_dit.TRAIN_LATENT_FRAMES}-latent-frame clips, then fine-tuned with its loss weighed per latent channel by what the channel does to the served decoder's frames.
 - VAE: the `AutoencoderKLWan` encoder trained with a tiny temporal decoder (`tiny_decoder/`, the decoder sessions get: `"decoder": "tiny"` in `lingbot_ray.json`) on the rendered clips; the tiny decoder is then fine-tuned, and the Wan decoder (`vae.decoder: wan`) trained, on the DiT's own served latents (the encoder, hence the latent space, is unchanged).
 - Camera input: the Plücker map at focal length {focal:g} px (`camera_focal` in `lingbot_ray.json`), not the renderer's: rays far enough apart to say where a token is (walking forward is a radial flow), close enough that a turn does not look like a move across the picture (see `lingbot_ray/world/train_dit.py`, `CAMERA_FOCAL_PER_WIDTH`).
 - Made by: `{command}` (stages done at, minutes: {minutes}).
