@@ -67,8 +67,9 @@ TINY_DECODER_LR = 5e-4  # fine-tuning a trained decoder, not training a fresh on
 TINY_ADVERSARIAL_WEIGHT = 0.05  # the patch discriminator's term at the end of training (train_tiny_decoder)
 # The last stage fine-tunes the DiT with its loss weighed per latent channel by what the channel does
 # to the served decoder's frames: channel 0 carries most of the picture, and a uniform loss gives it
-# 1/16 of its weight. Over the same 1,500 steps with uniform weights it adds 0.1-0.3 dB to every chunk
-# (docs/EMBEDDED_MODEL.md, "Weighing the DiT's loss by what each channel does to the picture").
+# 1/16 of its weight. Over the same 1,500 steps with uniform weights it adds 0.14-0.25 dB to every
+# chunk; over the DiT stage's model, 0.25-0.37 dB and 4 of 192 control cases (docs/EMBEDDED_MODEL.md,
+# "Weighing the DiT's loss by what each channel does to the picture").
 DIT_TUNE_STEPS = 1500
 DIT_TUNE_LR = 3e-4  # a trained model: a third of the DiT stage's rate, after a short warm-up
 DIT_TUNE_WARMUP = 50
@@ -178,18 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     report = quality.measure(checkpoint)
     stage("quality")
     (args.out / "quality.json").write_text(json.dumps({**report, "minutes": times}, indent=1) + "\n")
-    write_model_card(checkpoint, report, times, " ".join(["python -m lingbot_ray.world.train_world", *(argv or sys.argv[1:])]))
+    write_model_card(checkpoint, report, times, " ".join(["python -m lingbot_ray.world.train_world", *(argv or sys.argv[1:])]),
+                     tuned=bool(args.dit_tune_steps))
     print(quality.format_report(report))
     print(f"stages done at (minutes): {times}; checkpoint {checkpoint}")
     return 0
 
 
-def write_model_card(checkpoint: Path, report: dict, minutes: dict[str, float], command: str) -> Path:
+def write_model_card(checkpoint: Path, report: dict, minutes: dict[str, float], command: str, *, tuned: bool = True) -> Path:
     """``README.md`` of the checkpoint folder: what it is, how it was made, what it measures."""
     from . import quality, train_dit
 
     config = json.loads((checkpoint / "transformer" / "config.json").read_text())
     focal = json.loads((checkpoint / "lingbot_ray.json").read_text()).get("camera_focal")
+    tune = ", then fine-tuned with its loss weighed per latent channel by what the channel does to the served decoder's frames" if tuned else ""
     text = f"""# lingbot-world-tiny
 
 A tiny LingBot World fast — the real classes (`CausalLingBotWorldTransformer3DModel`, the
@@ -200,7 +203,7 @@ part (cross-attention outputs are zero).
 
 - DiT: {config["num_layers"]} layers, {config["num_attention_heads"]} heads × {config["attention_head_dim"]}, \
 sink {config["sink_size"]}, window {config["sliding_window_num_frames"]} latent frames; \
-trained teacher-forced for the engine's DMD sampler on {train_dit.TRAIN_LATENT_FRAMES}-latent-frame clips, then fine-tuned with its loss weighed per latent channel by what the channel does to the served decoder's frames.
+trained teacher-forced for the engine's DMD sampler on {train_dit.TRAIN_LATENT_FRAMES}-latent-frame clips{tune}.
 - VAE: the `AutoencoderKLWan` encoder trained with a tiny temporal decoder (`tiny_decoder/`, the decoder sessions get: `"decoder": "tiny"` in `lingbot_ray.json`) on the rendered clips; the tiny decoder is then fine-tuned, and the Wan decoder (`vae.decoder: wan`) trained, on the DiT's own served latents (the encoder, hence the latent space, is unchanged).
 - Camera input: the Plücker map at focal length {focal:g} px (`camera_focal` in `lingbot_ray.json`), not the renderer's: rays far enough apart to say where a token is (walking forward is a radial flow), close enough that a turn does not look like a move across the picture (see `lingbot_ray/world/train_dit.py`, `CAMERA_FOCAL_PER_WIDTH`).
 - Made by: `{command}` (stages done at, minutes: {minutes}).
