@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_model_card(checkpoint: Path, report: dict, minutes: dict[str, float], command: str, *, tuned: bool = True) -> Path:
+def write_model_card(checkpoint: Path, report: dict, minutes: dict[str, float], command: str, *, tuned: bool) -> Path:
     """``README.md`` of the checkpoint folder: what it is, how it was made, what it measures."""
     from . import quality, train_dit
 

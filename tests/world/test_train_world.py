@@ -17,8 +17,8 @@ from lingbot_ray.world import train_dit, train_tiny_decoder, train_world
 from lingbot_ray.world.dataset import generate_dataset
 
 # a DiT of one 32-channel head; a tiny decoder of the recipe's layout, narrower
-ARGS = ["--dit-steps", "3", "--dit-heads", "1", "--tiny-decoder-steps", "2", "--tiny-decoder-clips", "1", "--decoder-steps", "0",
-        "--dit-tune-steps", "3", "--until", "tune"]
+STAGES = ["--dit-steps", "3", "--dit-heads", "1", "--tiny-decoder-steps", "2", "--tiny-decoder-clips", "1", "--decoder-steps", "0"]
+ARGS = [*STAGES, "--dit-tune-steps", "3", "--until", "tune"]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_no_tuning_serves_the_dit_stages_weights(recipe, tmp_path):
 
     for name in ("data", "vae_run", "latents.pt", "dit_run", "tiny_decoder_run"):
         (shutil.copytree if (recipe / name).is_dir() else shutil.copy)(recipe / name, tmp_path / name)
-    assert train_world.main([str(tmp_path), *ARGS[:-4], "--dit-tune-steps", "0", "--until", "tune", "--resume"]) == 0
+    assert train_world.main([str(tmp_path), *STAGES, "--dit-tune-steps", "0", "--until", "tune", "--resume"]) == 0
     served = weights(tmp_path / "checkpoint")
     trained = torch.load(recipe / "dit_run" / "state.pt", weights_only=False)["model"]
     assert not (tmp_path / "dit_tune_run").exists()
