@@ -8,11 +8,7 @@ the WebSocket, against the ground truth in ``ground_truth/`` (frames) and ``test
 
 from __future__ import annotations
 
-import os
 import pathlib
-import shutil
-import socket
-import tempfile
 import warnings
 
 import pytest
@@ -31,6 +27,7 @@ from lingbot_ray.client.consistency import (
     machine_class,
 )
 from lingbot_ray.serve.app import build_app
+from tests.cluster import serve_cluster
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GROUND_TRUTH = ROOT / "tests" / "consistency" / "ground_truth"
@@ -44,17 +41,9 @@ def url():
     args = app["args"]
     if not args["model"]["path"].startswith("embedded:"):
         args["model"]["path"] = str(ROOT / args["model"]["path"])  # serve run resolves it from the repository root
-    root = tempfile.mkdtemp(prefix="lrc")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(include_dashboard=False, _temp_dir=os.path.join(root, "ray"), log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name=app["name"], route_prefix=app["route_prefix"])
-    yield f"ws://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
-    shutil.rmtree(root, ignore_errors=True)
+    with serve_cluster("lrc") as cluster:
+        serve.run(build_app(args), name=app["name"], route_prefix=app["route_prefix"])
+        yield f"ws://127.0.0.1:{cluster.port}"
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ with references computed here, in the test process, without any process group.
 """
 
 import datetime
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 from lingbot_ray.models.kv_cache import block_causal_frame_mask
 from lingbot_ray.models.sequence_parallel import SequenceParallel
 from lingbot_ray.models.transformer_lingbot import CAMERA_CHANNELS, CausalLingBotWorldTransformer3DModel
+from tests.cluster import free_port
 
 
 WORLD = 2
@@ -171,16 +171,10 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("sp")
-    mp.start_processes(_rank_main, args=(_free_port(), str(out_dir)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_rank_main, args=(free_port(), str(out_dir)), nprocs=WORLD, start_method="spawn")
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 

@@ -7,9 +7,6 @@ import asyncio
 import dataclasses
 import os
 import pathlib
-import shutil
-import socket
-import tempfile
 import time
 import types
 
@@ -20,6 +17,7 @@ from lingbot_ray.protocol import CapacityError
 from lingbot_ray.serve import autoscaling
 from lingbot_ray.serve.autoscaling import Drain, SessionSlotPolicy
 from lingbot_ray.serve.config import load_config
+from tests.cluster import serve_cluster
 
 
 class Board:
@@ -200,47 +198,37 @@ def test_autoscaling_config_becomes_serve_options():
 # ------------------------------------------------------------------------------ a real cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 APP = "scaling"
 SAMPLE = pathlib.Path(autoscaling.__file__).parents[1] / "webui" / "samples" / "world-bricks.png"
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     from ray import serve
 
     from lingbot_ray.serve.app import build_app
 
-    root = tempfile.mkdtemp(prefix="la")
     # replicas push their session counts to the controller every 0.5 s (Serve's default: 10 s)
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-    port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=os.path.join(root, "ray"), log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {
-        "model": {"torch_threads": 1},
-        "dit": {
-            "sessions_per_group": 2,
-            "num_cpus_per_rank": 0.5,
-            "compile": "default",  # each new group compiles and warms up before it is ready
-            "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_free_slots": 1, "drain_s": 1, "health_check_period_s": 1},
-        },
-        "vae": {"num_cpus": 0.5, "sessions_per_replica": 8},
-        "text_encoder": {"num_cpus": 0.1},
-        "ingress": {"num_cpus": 0.1},
-    }
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    yield {"url": f"ws://127.0.0.1:{port}/v1/realtime_video/generate", "serve": serve, "logs": os.path.join(root, "ray")}
-    serve.shutdown()
-    ray.shutdown()
-    os.environ.pop("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", None)
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        with serve_cluster("la", num_cpus=4) as ray_cluster:
+            args = {
+                "model": {"torch_threads": 1},
+                "dit": {
+                    "sessions_per_group": 2,
+                    "num_cpus_per_rank": 0.5,
+                    "compile": "default",  # each new group compiles and warms up before it is ready
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_free_slots": 1, "drain_s": 1, "health_check_period_s": 1},
+                },
+                "vae": {"num_cpus": 0.5, "sessions_per_replica": 8},
+                "text_encoder": {"num_cpus": 0.1},
+                "ingress": {"num_cpus": 0.1},
+            }
+            serve.run(build_app(args), name=APP, route_prefix="/")
+            yield {"url": f"ws://127.0.0.1:{ray_cluster.port}/v1/realtime_video/generate", "serve": serve, "logs": os.path.join(ray_cluster.root, "ray")}
+    finally:
+        os.environ.pop("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", None)
 
 
 class Stream:

@@ -10,10 +10,7 @@ import asyncio
 import io
 import json
 import os
-import shutil
 import signal
-import socket
-import tempfile
 import time
 import urllib.request
 
@@ -36,16 +33,11 @@ from lingbot_ray.serve.app import build_app  # noqa: E402
 from lingbot_ray.serve.media import MediaPolicy, load_first_frame  # noqa: E402
 from lingbot_ray.transport import FrameDecoder  # noqa: E402
 from tests.models.weights import save_realesrgan, save_rife  # noqa: E402
+from tests.cluster import serve_cluster  # noqa: E402
 from tests.msgpack_subset import walk  # noqa: E402
 
 APP = "lingbot"
 STAGE_TIMEOUT_S = 300  # the reference client asks for 832x480, slow for the CPU tiny model
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(color=(40, 110, 190), size=(180, 110)) -> bytes:
@@ -59,52 +51,41 @@ def png(color=(40, 110, 190), size=(180, 110)) -> bytes:
 
 @pytest.fixture(scope="module")
 def cluster():
-    root = tempfile.mkdtemp(prefix="lr")  # short: Ray's socket paths must stay under 107 bytes
-    checkpoint = os.path.join(root, "ckpt")
-    # the first frame's condition in one encoder step, as the embedded default serves it (a 832x480
-    # session would otherwise run the encoder to its fixed point: over a minute on one thread)
-    build_tiny_checkpoint(checkpoint, condition_frames=1)
-    models = os.path.join(root, "models")
-    os.makedirs(models)
-    torch.manual_seed(0)
-    save_rife(IFNet("4.22.lite"), os.path.join(models, "flownet.pkl"))
-    save_realesrgan(SRVGGNetCompact(upscale=2, num_feat=8, num_conv=2), os.path.join(models, "esrgan.pth"), key="params_ema")
-    port, metrics_port = _free_port(), _free_port()
-    ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        _temp_dir=os.path.join(root, "ray"),
-        _metrics_export_port=metrics_port,
-        log_to_driver=False,
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {
-        "model": {"path": checkpoint, "torch_threads": 1},
-        "dit": {"num_groups": 2, "sessions_per_group": 1, "num_cpus_per_rank": 0.5},
-        "vae": {"num_replicas": 1, "num_cpus": 0.5, "sessions_per_replica": 8},
-        "text_encoder": {"num_cpus": 0.1},
-        # WebRTC media on loopback only, as the test's peer (tests/serve/test_webrtc.py)
-        "ingress": {"num_cpus": 0.1, "stage_timeout_s": STAGE_TIMEOUT_S, "webrtc_host_addresses": ["127.0.0.1"]},
-        "postprocess": {
-            "num_cpus": 0.1,
-            "rife_model_path": os.path.join(models, "flownet.pkl"),
-            "esrgan_model_path": os.path.join(models, "esrgan.pth"),
-            "model_dirs": [models],
-        },
-    }
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    yield {
-        "url": f"ws://127.0.0.1:{port}/v1/realtime_video/generate",
-        "http": f"http://127.0.0.1:{port}",
-        "port": port,
-        "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
-        "checkpoint": checkpoint,
-        "args": args,
-        "models": models,
-    }
-    serve.shutdown()
-    ray.shutdown()
-    shutil.rmtree(root, ignore_errors=True)
+    with serve_cluster("lr", num_cpus=8, metrics=True) as ray_cluster:
+        root, port = ray_cluster.root, ray_cluster.port
+        checkpoint = os.path.join(root, "ckpt")
+        # the first frame's condition in one encoder step, as the embedded default serves it (a 832x480
+        # session would otherwise run the encoder to its fixed point: over a minute on one thread)
+        build_tiny_checkpoint(checkpoint, condition_frames=1)
+        models = os.path.join(root, "models")
+        os.makedirs(models)
+        torch.manual_seed(0)
+        save_rife(IFNet("4.22.lite"), os.path.join(models, "flownet.pkl"))
+        save_realesrgan(SRVGGNetCompact(upscale=2, num_feat=8, num_conv=2), os.path.join(models, "esrgan.pth"), key="params_ema")
+        args = {
+            "model": {"path": checkpoint, "torch_threads": 1},
+            "dit": {"num_groups": 2, "sessions_per_group": 1, "num_cpus_per_rank": 0.5},
+            "vae": {"num_replicas": 1, "num_cpus": 0.5, "sessions_per_replica": 8},
+            "text_encoder": {"num_cpus": 0.1},
+            # WebRTC media on loopback only, as the test's peer (tests/serve/test_webrtc.py)
+            "ingress": {"num_cpus": 0.1, "stage_timeout_s": STAGE_TIMEOUT_S, "webrtc_host_addresses": ["127.0.0.1"]},
+            "postprocess": {
+                "num_cpus": 0.1,
+                "rife_model_path": os.path.join(models, "flownet.pkl"),
+                "esrgan_model_path": os.path.join(models, "esrgan.pth"),
+                "model_dirs": [models],
+            },
+        }
+        serve.run(build_app(args), name=APP, route_prefix="/")
+        yield {
+            "url": f"ws://127.0.0.1:{port}/v1/realtime_video/generate",
+            "http": f"http://127.0.0.1:{port}",
+            "port": port,
+            "metrics": f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics",
+            "checkpoint": checkpoint,
+            "args": args,
+            "models": models,
+        }
 
 
 def init_message(**fields):

@@ -7,9 +7,6 @@ sums: within 2 uint8 levels, as tests/engine/test_fastpath.py states)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +25,8 @@ from lingbot_ray.models.tiny import build_tiny_checkpoint  # noqa: E402
 from lingbot_ray.models.tiny_decoder import TinyAutoencoder, TinyDecoderConfig, save_tiny_autoencoder  # noqa: E402
 from lingbot_ray.serve.app import build_app  # noqa: E402
 from lingbot_ray.serve.media import MediaPolicy, load_first_frame  # noqa: E402
-from tests.serve.test_v2_serving import _free_port, _stream, png  # noqa: E402
+from tests.cluster import serve_cluster  # noqa: E402
+from tests.serve.test_v2_serving import _stream, png  # noqa: E402
 
 APP = "lingbot-fast"
 WIDTH, HEIGHT = 64, 48
@@ -37,25 +35,19 @@ TIMEOUT_S = 300
 
 @pytest.fixture(scope="module")
 def cluster():
-    root = tempfile.mkdtemp(prefix="lf")  # short: Ray's socket paths must stay under 107 bytes
-    folder = build_tiny_checkpoint(Path(root) / "tiny", width=WIDTH, height=HEIGHT)
-    torch.manual_seed(0)
-    save_tiny_autoencoder(TinyAutoencoder(TinyDecoderConfig(decoder_widths=(32, 16, 8, 8), encoder_width=8)), folder / "tiny_decoder")
-    port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=os.path.join(root, "ray"), log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {
-        "model": {"path": str(folder), "torch_threads": 1, "attention_backend": "native"},
-        "dit": {"sessions_per_group": 1, "num_cpus_per_rank": 0.5, "fp8": "rowwise", "compile": "default"},
-        "vae": {"num_cpus": 0.5, "sessions_per_replica": 1, "decoder": "tiny"},
-        "text_encoder": {"num_cpus": 0.1},
-        "ingress": {"num_cpus": 0.1, "max_sessions": 1, "stage_timeout_s": TIMEOUT_S},
-    }
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    yield {"url": f"ws://127.0.0.1:{port}/v1/realtime_video/generate", "folder": folder}
-    serve.shutdown()
-    ray.shutdown()
-    shutil.rmtree(root, ignore_errors=True)
+    with serve_cluster("lf", num_cpus=4) as ray_cluster:
+        folder = build_tiny_checkpoint(Path(ray_cluster.root) / "tiny", width=WIDTH, height=HEIGHT)
+        torch.manual_seed(0)
+        save_tiny_autoencoder(TinyAutoencoder(TinyDecoderConfig(decoder_widths=(32, 16, 8, 8), encoder_width=8)), folder / "tiny_decoder")
+        args = {
+            "model": {"path": str(folder), "torch_threads": 1, "attention_backend": "native"},
+            "dit": {"sessions_per_group": 1, "num_cpus_per_rank": 0.5, "fp8": "rowwise", "compile": "default"},
+            "vae": {"num_cpus": 0.5, "sessions_per_replica": 1, "decoder": "tiny"},
+            "text_encoder": {"num_cpus": 0.1},
+            "ingress": {"num_cpus": 0.1, "max_sessions": 1, "stage_timeout_s": TIMEOUT_S},
+        }
+        serve.run(build_app(args), name=APP, route_prefix="/")
+        yield {"url": f"ws://127.0.0.1:{ray_cluster.port}/v1/realtime_video/generate", "folder": folder}
 
 
 def test_fp8_compiled_dit_and_tiny_decoder_serve_a_session_as_the_engine_runs_them(cluster):

@@ -20,7 +20,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 import urllib.request
 
@@ -33,7 +32,8 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from lingbot_ray.checkpoint import checkpoint_folder  # noqa: E402
-from tests.serve.test_e2e import _free_port, collect, init_message  # noqa: E402
+from tests.cluster import serve_cluster  # noqa: E402
+from tests.serve.test_e2e import collect, init_message  # noqa: E402
 
 APP = "lingbot"
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "serve_config.yaml")
@@ -44,35 +44,29 @@ SLOTS_FREE_WITHIN_S = 30.0
 
 @pytest.fixture(scope="module")
 def server():
-    root = tempfile.mkdtemp(prefix="la")  # short: Ray's socket paths must stay under 107 bytes
-    port, metrics_port = _free_port(), _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=os.path.join(root, "ray"), _metrics_export_port=metrics_port, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    with open(CONFIG) as handle:
-        args = yaml.safe_load(handle)["applications"][0]["args"]
-    checkpoint = os.path.join(root, "lingbot-world-tiny")
-    shutil.copytree(checkpoint_folder(args["model"]["path"]), checkpoint)
-    config_file = os.path.join(checkpoint, "transformer", "config.json")
-    with open(config_file) as handle:
-        transformer = json.load(handle)
-    with open(config_file, "w") as handle:
-        json.dump({**transformer, "rope_max_seq_len": 4096}, handle)
-    args["model"]["path"] = checkpoint
-    frames = os.path.join(root, "frames")  # a folder first_frame paths may name, with a FIFO in it
-    os.makedirs(frames)
-    os.mkfifo(os.path.join(frames, "fifo.png"))
-    args["media"]["allowed_dirs"] = [frames]
-    deploy(args)
-    yield {
-        "url": f"ws://127.0.0.1:{port}/v1/realtime_video/generate",
-        "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
-        "logs": os.path.join(root, "ray", "session_latest", "logs", "serve"),
-        "frames": frames,
-        "args": args,
-    }
-    serve.shutdown()
-    ray.shutdown()
-    shutil.rmtree(root, ignore_errors=True)
+    with serve_cluster("la", num_cpus=4, metrics=True) as cluster:
+        with open(CONFIG) as handle:
+            args = yaml.safe_load(handle)["applications"][0]["args"]
+        checkpoint = os.path.join(cluster.root, "lingbot-world-tiny")
+        shutil.copytree(checkpoint_folder(args["model"]["path"]), checkpoint)
+        config_file = os.path.join(checkpoint, "transformer", "config.json")
+        with open(config_file) as handle:
+            transformer = json.load(handle)
+        with open(config_file, "w") as handle:
+            json.dump({**transformer, "rope_max_seq_len": 4096}, handle)
+        args["model"]["path"] = checkpoint
+        frames = os.path.join(cluster.root, "frames")  # a folder first_frame paths may name, with a FIFO in it
+        os.makedirs(frames)
+        os.mkfifo(os.path.join(frames, "fifo.png"))
+        args["media"]["allowed_dirs"] = [frames]
+        deploy(args)
+        yield {
+            "url": f"ws://127.0.0.1:{cluster.port}/v1/realtime_video/generate",
+            "metrics": f"http://127.0.0.1:{cluster.metrics_port}/metrics",
+            "logs": os.path.join(cluster.root, "ray", "session_latest", "logs", "serve"),
+            "frames": frames,
+            "args": args,
+        }
 
 
 def deploy(args: dict, deployments: list | None = None) -> None:

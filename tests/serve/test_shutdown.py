@@ -8,7 +8,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,14 +21,10 @@ import yaml
 pytest.importorskip("ray")
 websockets = pytest.importorskip("websockets")
 
+from tests.cluster import free_port  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "lingbot_ray" / "webui" / "samples" / "world-bricks.png"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
@@ -48,7 +43,7 @@ def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
 
 def test_sigint_ends_a_streaming_session_with_1001_then_the_service_stops():
     root = tempfile.mkdtemp(prefix="ls")
-    port = _free_port()
+    port = free_port()
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     path = pathlib.Path(root) / "serve.yaml"

@@ -12,10 +12,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
-import shutil
-import socket
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -34,18 +30,13 @@ from lingbot_ray.engine import RealtimeEngine, SessionSpec  # noqa: E402
 from lingbot_ray.serve.app import build_app  # noqa: E402
 from lingbot_ray.serve.media import MediaPolicy, load_first_frame  # noqa: E402
 from lingbot_ray.transport import FrameDecoder  # noqa: E402
+from tests.cluster import serve_cluster  # noqa: E402
 from tests.models.v2_layouts import build_shared, build_v2_1p3b  # noqa: E402
 
 APP = "lingbot-v2"
 SERVED_NAME = "lingbot-world-v2-1.3b-tiny"
 WIDTH, HEIGHT = 64, 48
 TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(size=(180, 110)) -> bytes:
@@ -59,25 +50,20 @@ def png(size=(180, 110)) -> bytes:
 
 @pytest.fixture(scope="module")
 def cluster():
-    root = tempfile.mkdtemp(prefix="lv")  # short: Ray's socket paths must stay under 107 bytes
-    shared = build_shared(Path(root) / "shared", width=WIDTH, height=HEIGHT)
-    folder = Path(root) / "small"
-    build_v2_1p3b(folder, shared=shared, width=WIDTH, height=HEIGHT, served_model_name=SERVED_NAME)
-    port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=os.path.join(root, "ray"), log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {
-        "model": {"path": str(folder), "torch_threads": 1},
-        "dit": {"sessions_per_group": 1, "num_cpus_per_rank": 0.5},
-        "vae": {"num_cpus": 0.5, "sessions_per_replica": 1},
-        "text_encoder": {"num_cpus": 0.1},
-        "ingress": {"num_cpus": 0.1, "max_sessions": 1, "stage_timeout_s": TIMEOUT_S},
-    }
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    yield {"url": f"ws://127.0.0.1:{port}/v1/realtime_video/generate", "http": f"http://127.0.0.1:{port}", "folder": folder}
-    serve.shutdown()
-    ray.shutdown()
-    shutil.rmtree(root, ignore_errors=True)
+    with serve_cluster("lv", num_cpus=4) as ray_cluster:
+        root, port = ray_cluster.root, ray_cluster.port
+        shared = build_shared(Path(root) / "shared", width=WIDTH, height=HEIGHT)
+        folder = Path(root) / "small"
+        build_v2_1p3b(folder, shared=shared, width=WIDTH, height=HEIGHT, served_model_name=SERVED_NAME)
+        args = {
+            "model": {"path": str(folder), "torch_threads": 1},
+            "dit": {"sessions_per_group": 1, "num_cpus_per_rank": 0.5},
+            "vae": {"num_cpus": 0.5, "sessions_per_replica": 1},
+            "text_encoder": {"num_cpus": 0.1},
+            "ingress": {"num_cpus": 0.1, "max_sessions": 1, "stage_timeout_s": TIMEOUT_S},
+        }
+        serve.run(build_app(args), name=APP, route_prefix="/")
+        yield {"url": f"ws://127.0.0.1:{port}/v1/realtime_video/generate", "http": f"http://127.0.0.1:{port}", "folder": folder}
 
 
 async def _stream(url: str, init: dict):
