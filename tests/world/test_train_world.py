@@ -1,6 +1,7 @@
 """The recipe's command, stage by stage, on two clips and a few steps of each stage: the DiT stage, the
 decoder stage and the last stage (the DiT fine-tuned with its loss weighed by the served decoder's
-pixels) chain into a checkpoint that serves, and ``--resume`` rebuilds the same checkpoint."""
+pixels, in two rounds of its schedule) chain into a checkpoint that serves, and ``--resume`` rebuilds
+the same checkpoint."""
 
 import functools
 
@@ -49,9 +50,16 @@ def test_the_last_stage_fine_tunes_the_dit_the_decoders_were_trained_on(recipe):
     trained = torch.load(recipe / "dit_run" / "state.pt", weights_only=False)["model"]
     moved = max((tuned["model"][k] - v).abs().max().item() for k, v in trained.items())
     assert 0 < moved < 1e-3
-    # the checkpoint serves the fine-tuned DiT with the fine-tuned decoder
+    # the second round runs the same schedule from the first round's weights, with the next seed
+    second = torch.load(recipe / "dit_tune_run_2" / "state.pt", weights_only=False)
+    assert second["step"] == 3 and second["fine_tuned"]
+    torch.testing.assert_close(second["channel_weights"], tuned["channel_weights"])
+    moved = max((second["model"][k] - v).abs().max().item() for k, v in tuned["model"].items())
+    assert 0 < moved < 1e-3
+    assert not torch.equal(second["generator"], tuned["generator"])
+    # the checkpoint serves the last round's DiT with the fine-tuned decoder
     served = weights(recipe / "checkpoint")
-    assert all(torch.equal(served[k], v) for k, v in tuned["model"].items())
+    assert all(torch.equal(served[k], v) for k, v in second["model"].items())
     engine = RealtimeEngine.from_pretrained(recipe / "checkpoint")
     state = engine.new_session(SessionSpec(prompt="anything", image=np.zeros((96, 160, 3), np.uint8), width=160, height=96))
     assert engine.step(state, ConditionQueue([["w"]] * 3).sample(3, 0)).frames.shape == (9, 96, 160, 3)
@@ -64,6 +72,19 @@ def test_resuming_a_finished_run_rebuilds_the_same_checkpoint(recipe):
     after = weights(recipe / "checkpoint")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert (recipe / "checkpoint" / "tiny_decoder" / "model.safetensors").read_bytes() == tiny
+
+
+def test_one_round_serves_the_first_rounds_weights(recipe, tmp_path):
+    """``--dit-tune-rounds 1``: the checkpoint is the first round's (the recipe before the second)."""
+    import shutil
+
+    for name in ("data", "vae_run", "latents.pt", "dit_run", "tiny_decoder_run", "dit_tune_run"):
+        (shutil.copytree if (recipe / name).is_dir() else shutil.copy)(recipe / name, tmp_path / name)
+    assert train_world.main([str(tmp_path), *ARGS, "--dit-tune-rounds", "1", "--resume"]) == 0
+    served = weights(tmp_path / "checkpoint")
+    first = torch.load(recipe / "dit_tune_run" / "state.pt", weights_only=False)["model"]
+    assert not (tmp_path / "dit_tune_run_2").exists()
+    assert all(torch.equal(served[k], v) for k, v in first.items())
 
 
 def test_no_tuning_serves_the_dit_stages_weights(recipe, tmp_path):
