@@ -19,10 +19,7 @@ def test_a_cluster_whose_serve_fails_to_start_leaves_ray_shut_down(monkeypatch):
     with pytest.raises(TimeoutError, match="proxy"):
         with serve_cluster("lt", num_cpus=1) as cluster:
             pytest.fail(f"the block ran on a cluster without Serve ({cluster})")
-    assert not ray.is_initialized()
-    monkeypatch.undo()
-    with serve_cluster("lt", num_cpus=1) as cluster:  # the next module's cluster starts, Serve and all
-        assert serve.status().proxies
+    assert not ray.is_initialized()  # so the next module's ray.init is not refused
 
 
 def test_a_failure_inside_the_block_shuts_the_cluster_down_and_removes_its_dir():
