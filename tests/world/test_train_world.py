@@ -4,6 +4,7 @@ pixels, in two rounds of its schedule) chain into a checkpoint that serves, and 
 the same checkpoint."""
 
 import functools
+import shutil
 
 import numpy as np
 import pytest
@@ -41,6 +42,12 @@ def weights(folder):
     return load_transformer(folder, dtype=torch.float32).state_dict()
 
 
+def copy_run(recipe, out, names):
+    """The named outputs of the recipe's run folder, copied into ``out`` (a run to go on from there)."""
+    for name in names:
+        (shutil.copytree if (recipe / name).is_dir() else shutil.copy)(recipe / name, out / name)
+
+
 def test_the_last_stage_fine_tunes_the_dit_the_decoders_were_trained_on(recipe):
     tuned = torch.load(recipe / "dit_tune_run" / "state.pt", weights_only=False)
     assert tuned["step"] == 3
@@ -76,10 +83,7 @@ def test_resuming_a_finished_run_rebuilds_the_same_checkpoint(recipe):
 
 def test_one_round_serves_the_first_rounds_weights(recipe, tmp_path):
     """``--dit-tune-rounds 1``: the checkpoint is the first round's (the recipe before the second)."""
-    import shutil
-
-    for name in ("data", "vae_run", "latents.pt", "dit_run", "tiny_decoder_run", "dit_tune_run"):
-        (shutil.copytree if (recipe / name).is_dir() else shutil.copy)(recipe / name, tmp_path / name)
+    copy_run(recipe, tmp_path, ("data", "vae_run", "latents.pt", "dit_run", "tiny_decoder_run", "dit_tune_run"))
     assert train_world.main([str(tmp_path), *ARGS, "--dit-tune-rounds", "1", "--resume"]) == 0
     served = weights(tmp_path / "checkpoint")
     first = torch.load(recipe / "dit_tune_run" / "state.pt", weights_only=False)["model"]
@@ -89,10 +93,7 @@ def test_one_round_serves_the_first_rounds_weights(recipe, tmp_path):
 
 def test_no_tuning_serves_the_dit_stages_weights(recipe, tmp_path):
     """``--dit-tune-steps 0``: the checkpoint is the DiT stage's (the recipe before the last stage)."""
-    import shutil
-
-    for name in ("data", "vae_run", "latents.pt", "dit_run", "tiny_decoder_run"):
-        (shutil.copytree if (recipe / name).is_dir() else shutil.copy)(recipe / name, tmp_path / name)
+    copy_run(recipe, tmp_path, ("data", "vae_run", "latents.pt", "dit_run", "tiny_decoder_run"))
     assert train_world.main([str(tmp_path), *STAGES, "--dit-tune-steps", "0", "--until", "tune", "--resume"]) == 0
     served = weights(tmp_path / "checkpoint")
     trained = torch.load(recipe / "dit_run" / "state.pt", weights_only=False)["model"]
